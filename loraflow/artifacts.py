@@ -1,0 +1,90 @@
+"""Handles, fingerprints and atomic artifact folders shared by every stage.
+
+A stage writes its artifacts into `<output_dir>/<stage>/<fingerprint>/` and returns a small `Handle`
+(path + fingerprint + a few numbers). Folders are written under a temporary name and renamed into
+place with a `manifest.json`, so a stage killed halfway leaves nothing a later run would accept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import BaseModel, Field
+
+MANIFEST = "manifest.json"
+
+
+class Handle(BaseModel):
+    """What a stage returns: where its output lives and what determines it. Small and JSON-serialisable."""
+
+    stage: str = Field(description="Stage name (data, tokenize, model, train, evaluate).")
+    path: str = Field(description="Absolute path of the stage's artifact folder.")
+    fingerprint: str = Field(description="Hash of everything that determines the output.")
+    info: dict[str, Any] = Field(default_factory=dict, description="A few numbers worth logging.")
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (dicts are key-sorted)."""
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, or of every file below a folder (names and bytes, sorted)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def stage_dir(output_dir: str | Path, stage: str, key: str) -> Path:
+    return Path(output_dir).expanduser().resolve() / stage / key
+
+
+def is_complete(path: str | Path) -> bool:
+    """True when a stage folder was renamed into place with its manifest."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+@contextmanager
+def atomic_dir(final: str | Path, meta: dict[str, Any] | None = None) -> Iterator[Path]:
+    """Yield a scratch folder; on success write a manifest and rename it to `final`.
+
+    An existing complete `final` is replaced (the caller decided to recompute).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        (tmp / MANIFEST).write_text(json.dumps({"files": files, **(meta or {})}, indent=2, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_cache_dir(cache_dir: str | None) -> Path:
+    """The shared cache folder: the config's, else $LORAFLOW_CACHE, else ~/.cache/loraflow."""
+    root = cache_dir or os.environ.get("LORAFLOW_CACHE") or "~/.cache/loraflow"
+    return Path(root).expanduser().resolve()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")

