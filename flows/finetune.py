@@ -1,0 +1,47 @@
+"""The fine-tune flow: data -> tokenize -> model -> train -> evaluate.
+
+Its one parameter is the whole validated config, so the Prefect UI renders a nested form with
+descriptions and choices. Each stage is a cached task: a rerun recomputes only what changed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.cache_policies import CacheKeyFnPolicy
+
+from loraflow.artifacts import default_cache_dir
+from loraflow.config import PipelineConfig
+from loraflow.report import results_table
+from tasks.stages import data_task, evaluate_task, model_task, tokenize_task, train_task
+
+
+def _configured(task_obj, cfg: PipelineConfig):
+    """Keep the task's cache records in the configured cache folder; honour `run.refresh`."""
+    store = default_cache_dir(cfg.run.cache_dir) / "prefect-cache"
+    policy = CacheKeyFnPolicy(cache_key_fn=task_obj.cache_policy.cache_key_fn).configure(key_storage=store)
+    return task_obj.with_options(cache_policy=policy, refresh_cache=cfg.run.refresh or None)
+
+
+@flow(name="loraflow-finetune", log_prints=True)
+def finetune(cfg: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
+    """QLoRA fine-tune a causal LM and score it with ROUGE against its base model."""
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(Path(cfg.run.output_dir).expanduser().resolve())})})
+    data = _configured(data_task, cfg)(cfg.data, cfg.run)
+    tokenized = _configured(tokenize_task, cfg)(data, cfg.prompt, cfg.model, cfg.run)
+    model = _configured(model_task, cfg)(cfg.model, cfg.quantization, cfg.lora, cfg.run)
+    trained = _configured(train_task, cfg)(cfg, tokenized, model)
+    scores = _configured(evaluate_task, cfg)(cfg, tokenized, model, trained)
+
+    adapter = str(Path(trained.path) / "adapter")
+    print(results_table(scores.info))
+    print(f"adapter: {adapter}\nmetrics: {Path(scores.path) / 'metrics.json'}")
+    return {
+        "adapter": adapter,
+        "metrics": scores.info,
+        "metrics_file": str(Path(scores.path) / "metrics.json"),
+        "train": trained.info,
+        "stages": {h.stage: h.fingerprint for h in (data, tokenized, model, trained, scores)},
+    }

