@@ -40,10 +40,12 @@ def run_logs() -> Iterator[None]:
     handler = Forward()
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    propagate, logger.propagate = logger.propagate, False  # Prefect's logger already prints to the console
     try:
         yield
     finally:
         logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def _key(stage: str, sections: tuple[str, ...], *modules: str):
