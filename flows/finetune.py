@@ -10,22 +10,20 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.logging import get_run_logger
 
-from loraflow.artifacts import default_cache_dir
 from loraflow.config import PipelineConfig
 from loraflow.report import results_table
 from tasks.stages import data_task, evaluate_task, model_task, tokenize_task, train_task
 
 
 def _configured(task_obj, cfg: PipelineConfig):
-    """Keep the task's cache records in the configured cache folder; honour `run.refresh`."""
-    store = default_cache_dir(cfg.run.cache_dir) / "prefect-cache"
-    policy = CacheKeyFnPolicy(cache_key_fn=task_obj.cache_policy.cache_key_fn).configure(key_storage=store)
-    return task_obj.with_options(cache_policy=policy, refresh_cache=cfg.run.refresh or None)
+    """Honour `run.refresh`. Cache records and results live in Prefect's result storage
+    (PREFECT_LOCAL_STORAGE_PATH, or a storage block via PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK)."""
+    return task_obj.with_options(refresh_cache=cfg.run.refresh or None)
 
 
-@flow(name="loraflow-finetune", log_prints=True)
+@flow(name="loraflow-finetune")
 def finetune(cfg: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     """QLoRA fine-tune a causal LM and score it with ROUGE against its base model."""
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(Path(cfg.run.output_dir).expanduser().resolve())})})
@@ -36,8 +34,9 @@ def finetune(cfg: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     scores = _configured(evaluate_task, cfg)(cfg, tokenized, model, trained)
 
     adapter = str(Path(trained.path) / "adapter")
-    print(results_table(scores.info))
-    print(f"adapter: {adapter}\nmetrics: {Path(scores.path) / 'metrics.json'}")
+    logger = get_run_logger()
+    logger.info("%s", results_table(scores.info))
+    logger.info("adapter: %s", adapter)
     return {
         "adapter": adapter,
         "metrics": scores.info,

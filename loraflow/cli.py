@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         # Our own errors are one line that says what to do; don't bury them under a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 1
+    from loraflow.report import results_table
+
+    print(results_table(result["metrics"]))
+    print(f"adapter: {result['adapter']}\nmetrics: {result['metrics_file']}")
     print(json.dumps({"adapter": result["adapter"], "stages": result["stages"]}, indent=2))
     return 0
 

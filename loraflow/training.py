@@ -48,7 +48,7 @@ def training_arguments(train: TrainConfig, checkpoint_dir: Path, has_eval: bool)
         per_device_train_batch_size=train.per_device_train_batch_size,
         per_device_eval_batch_size=train.per_device_eval_batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
-        gradient_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing=train.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
         num_train_epochs=train.num_train_epochs,
         max_steps=train.max_steps,
         learning_rate=train.learning_rate,
@@ -74,6 +74,7 @@ def training_arguments(train: TrainConfig, checkpoint_dir: Path, has_eval: bool)
         seed=train.seed,
         data_seed=train.seed,
         dataloader_num_workers=train.dataloader_num_workers,
+        dataloader_pin_memory=cuda,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
         use_cache=False,  # no KV cache while training; generation turns it back on

@@ -113,3 +113,13 @@ def _task_states(flow_state) -> dict[str, str]:
             return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
 
     return anyio.run(fetch)
+
+
+def test_cli_run_with_missing_data_fails_in_one_line(tmp_path, prefect_harness, capsys):
+    from loraflow.cli import main
+
+    code = main(["run", "--set", f"data.source={tmp_path / 'nope.jsonl'}", "--set", f"run.output_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("error: data.source:") and "does not exist: check the path" in err[-1]
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("manifest.json"))

@@ -64,3 +64,21 @@ def test_bad_model_sources_fail_with_a_fix(tmp_path):
 
 def test_hub_ids_stay_hub_ids():
     assert source_identity("HuggingFaceTB/SmolLM2-135M-Instruct", "abc123") == "HuggingFaceTB/SmolLM2-135M-Instruct@abc123"
+
+
+def test_hub_id_resolves_through_the_hugging_face_cache(tmp_path, tiny_llama_dir, monkeypatch):
+    """A hub id goes through huggingface_hub (here offline, from a cache laid out as the hub client does)."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-llama"
+    shutil.copytree(tiny_llama_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    folder = resolve_model_dir("acme/tiny-llama")
+    assert folder.name == commit and (folder / "config.json").is_file()
+    with pytest.raises(ModelSourceError, match="could not fetch hub model 'acme/missing'.*pass a local folder"):
+        resolve_model_dir("acme/missing")

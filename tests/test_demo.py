@@ -1,0 +1,39 @@
+"""The real built-in default (SmolLM2-135M-Instruct from the GGUF wheel, NF4, aclsum) through the CLI.
+
+Marked `demo`: `uv run pytest -m demo` (about 3 minutes on 2 cores). Sample and step caps shrink it;
+everything else is the shipped configs/demo.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.demo
+def test_demo_config_runs_end_to_end_through_the_cli(tmp_path):
+    out = tmp_path / "runs"
+    cmd = [
+        sys.executable, "-m", "loraflow.cli", "run",
+        "--set", "data.max_train_samples=8", "--set", "data.max_eval_samples=4",
+        "--set", "train.max_steps=2", "--set", "train.logging_steps=1", "--set", "train.save_steps=2",
+        "--set", "eval.max_new_tokens=16", "--set", f"run.output_dir={out}",
+    ]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ROUGE on 4 test examples" in proc.stdout and "fine-tuned" in proc.stdout
+    summary, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.rindex('{\n  "adapter"') :])
+    adapter = Path(summary["adapter"])
+    assert (adapter / "adapter_model.safetensors").is_file() and adapter.is_relative_to(out)
+    metrics = json.loads(next(out.glob("evaluate/*/metrics.json")).read_text())
+    assert metrics["n_examples"] == 4 and 0 < metrics["base"]["rougeL_fmeasure"] < 1
+    state = json.loads(next(out.glob("train/*/trainer_state.json")).read_text())
+    assert state["global_step"] == 2 and any("loss" in e for e in state["log_history"])
