@@ -121,3 +121,16 @@ def test_errors_name_the_fix(tmp_path):
     with pytest.raises(DataError, match="usable example"):
         prepare_data(cfg(empty), tmp_path)
     assert not list(tmp_path.glob("data/*/dataset"))  # nothing half-written was left behind
+
+
+def test_hub_ids_go_to_the_hub_loader_and_fail_clearly_offline(tmp_path, monkeypatch):
+    from loraflow.data import is_local, source_fingerprint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
+    c = DataConfig(source="acme/no-such-dataset", hub_config="Abstract", revision="v1")
+    assert not is_local(c.source)
+    assert source_fingerprint(c) == "acme/no-such-dataset:Abstract@v1"
+    with pytest.raises(DataError, match="could not load hub dataset 'acme/no-such-dataset'.*use a local file"):
+        prepare_data(c, tmp_path)

@@ -1,0 +1,62 @@
+"""The model stage on the tiny Llama: 4-bit modes, LoRA targets, sizes reported; TrainingArguments mapping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loraflow.config import LoraConfig, ModelConfig, QuantizationConfig, TrainConfig
+from loraflow.modeling import ModelError, build_model, compute_dtype
+
+
+@pytest.fixture(scope="module")
+def built(tiny_llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models")
+    model = ModelConfig(name_or_path=str(tiny_llama_dir))
+    return {mode: build_model(model, QuantizationConfig(mode=mode), LoraConfig(r=4), out) for mode in ("nf4", "fp4", "none")}
+
+
+def test_every_quantization_mode_builds_and_reports_sizes(built):
+    for mode, handle in built.items():
+        info = json.loads((Path(handle.path) / "model.json").read_text())
+        assert info["quantization"] == mode and info["device"] == "cpu"
+        assert 0 < info["trainable_params"] < info["total_params"]
+        assert (Path(handle.path) / "adapter_init" / "adapter_model.safetensors").is_file()
+    # 4-bit linear weights: smaller than the fp32 model (the tied embedding stays full precision)
+    assert built["nf4"].info["memory_footprint_mb"] < built["none"].info["memory_footprint_mb"]
+    assert built["nf4"].info["trainable_params"] == built["none"].info["trainable_params"]
+    assert len({h.fingerprint for h in built.values()}) == 3
+
+
+def test_lora_seed_makes_the_initial_adapter_reproducible(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    model = ModelConfig(name_or_path=str(tiny_llama_dir))
+    a = build_model(model, QuantizationConfig(mode="none"), LoraConfig(r=4, seed=1), tmp_path / "a")
+    b = build_model(model, QuantizationConfig(mode="none"), LoraConfig(r=4, seed=1), tmp_path / "b")
+    wa = load_file(Path(a.path) / "adapter_init" / "adapter_model.safetensors")
+    wb = load_file(Path(b.path) / "adapter_init" / "adapter_model.safetensors")
+    assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_unknown_target_modules_list_the_candidates(tiny_llama_dir, tmp_path):
+    with pytest.raises(ModelError, match=r"lora.target_modules \['qkv'\] not found.*'q_proj'.*'v_proj'"):
+        build_model(ModelConfig(name_or_path=str(tiny_llama_dir)), QuantizationConfig(mode="none"),
+                    LoraConfig(target_modules=["q_proj", "qkv"]), tmp_path)
+    assert not list(tmp_path.rglob("model.json"))
+
+
+def test_cpu_defaults():
+    import torch
+
+    from loraflow.training import training_arguments
+
+    assert compute_dtype("auto") == torch.float32 and compute_dtype("bfloat16") == torch.bfloat16
+    args = training_arguments(TrainConfig(extra_args={"adam_beta2": 0.99}), Path("/tmp/x"), has_eval=True)
+    assert args.optim == "adamw_torch" and args.bf16 is False and args.fp16 is False
+    assert args.eval_strategy == "no" and args.adam_beta2 == 0.99 and args.ddp_find_unused_parameters is False
+    args = training_arguments(TrainConfig(eval_steps=5, optim="paged_adamw_8bit"), Path("/tmp/x"), has_eval=True)
+    assert args.eval_strategy == "steps" and args.eval_steps == 5 and args.prediction_loss_only is True
+    assert args.optim == "paged_adamw_8bit"
