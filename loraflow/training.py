@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, stage_dir, write_json
 from loraflow.config import PipelineConfig, TrainConfig, section_dict
@@ -19,6 +19,10 @@ from loraflow.config import PipelineConfig, TrainConfig, section_dict
 log = logging.getLogger("loraflow")
 CODE_VERSION = "train-1"
 MODEL_COLUMNS = ["input_ids", "labels"]
+
+
+class Preempted(RuntimeError):
+    """Training stopped early on request (SIGTERM) after saving a checkpoint; a rerun resumes."""
 
 
 def resolve_optim(train: TrainConfig, cuda: bool) -> str:
@@ -91,24 +95,51 @@ def frozen_checksum(model) -> list[float]:
         return [float(p.detach().float().sum()) for p in model.parameters() if not p.requires_grad]
 
 
-def _last_checkpoint(checkpoint_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def last_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The newest *complete* checkpoint. Trainer writes trainer_state.json last, so a folder without
+    it was cut off mid-save (a kill during saving) and must not be resumed from."""
+    if not checkpoint_dir.is_dir():
+        return None
+    found = sorted(
+        (p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for ckpt in found:
+        if (ckpt / "trainer_state.json").is_file():
+            return str(ckpt)
+        log.warning("train: skipping incomplete checkpoint %s (no trainer_state.json)", ckpt.name)
+    return None
 
-    return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+
+def train_key(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle) -> str:
+    return fingerprint(tokenized.fingerprint, model_handle.fingerprint, section_dict(cfg.train), CODE_VERSION)
 
 
-def train_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, output_dir: str | Path) -> Handle:
-    """Fine-tune the LoRA adapter; returns a handle to the folder holding adapter/, logs/ and metrics."""
-    key = fingerprint(tokenized.fingerprint, model_handle.fingerprint, section_dict(cfg.train), CODE_VERSION)
+def train_adapter(
+    cfg: PipelineConfig,
+    tokenized: Handle,
+    model_handle: Handle,
+    output_dir: str | Path,
+    callbacks: list | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+) -> Handle:
+    """Fine-tune the LoRA adapter; returns a handle to the folder holding adapter/, logs/ and metrics.
+
+    `stop_requested` (checked after training) turns an early stop into `Preempted`, leaving the
+    checkpoint in the work folder for the rerun instead of publishing a half-trained adapter.
+    """
+    key = train_key(cfg, tokenized, model_handle)
     final = stage_dir(output_dir, "train", key)
     if not is_complete(final):
         work = final.with_name(f"{key}.work")  # survives crashes: holds the checkpoints to resume from
-        _run_training(cfg, tokenized, model_handle, final, work)
+        _run_training(cfg, tokenized, model_handle, final, work, callbacks or [], stop_requested)
     metrics = json.loads((final / "train_metrics.json").read_text())
     return Handle(stage="train", path=str(final), fingerprint=key, info=metrics)
 
 
-def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, final: Path, work: Path) -> None:
+def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, final: Path, work: Path,
+                  extra_callbacks: list, stop_requested: Callable[[], bool] | None) -> None:
     import datasets
     from torch.utils.tensorboard import SummaryWriter
     from transformers import AutoTokenizer, Trainer
@@ -129,7 +160,7 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
     before = frozen_checksum(model)
 
     args = training_arguments(cfg.train, work / "checkpoints", has_eval=eval_ds is not None)
-    callbacks = []
+    callbacks = list(extra_callbacks)
     if "tensorboard" in cfg.train.report_to:
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(work / "logs"))))
     trainer = Trainer(
@@ -141,10 +172,12 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    resume = _last_checkpoint(work / "checkpoints")
+    resume = last_checkpoint(work / "checkpoints")
     if resume:
         log.info("train: resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
+    if stop_requested and stop_requested():
+        raise Preempted(f"stopped at step {trainer.state.global_step} with a checkpoint in {work / 'checkpoints'}")
 
     after = frozen_checksum(model)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]

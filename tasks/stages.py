@@ -118,16 +118,16 @@ def model_task(model: ModelConfig, quantization: QuantizationConfig, lora: LoraC
 
 @task(
     name="train",
-    cache_policy=CacheKeyFnPolicy(cache_key_fn=_key("train", ("model", "quantization", "train"), "loraflow.training", "loraflow.collator", "loraflow.modeling")),
+    cache_policy=CacheKeyFnPolicy(cache_key_fn=_key("train", ("model", "quantization", "train"), "loraflow.training", "loraflow.collator", "loraflow.modeling", "loraflow.launch", "loraflow.worker")),
     persist_result=True,
     result_serializer="json",
 )
 def train_task(cfg: PipelineConfig, tokenized: Handle, model: Handle) -> Handle:
-    """Fine-tune the LoRA adapter with transformers.Trainer."""
-    from loraflow.training import train_adapter
+    """Fine-tune the LoRA adapter with transformers.Trainer, in a child process."""
+    from loraflow.launch import run_train_worker
 
     with run_logs():
-        return train_adapter(cfg, tokenized, model, cfg.run.output_dir)
+        return run_train_worker(cfg, tokenized, model, cfg.run.output_dir)
 
 
 @task(

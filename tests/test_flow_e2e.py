@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 
 from loraflow.config import build_config
-
-COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
-ANIMALS = ["cat", "dog", "horse", "bird", "fish", "mouse", "sheep", "goat"]
-
-
-def write_examples(path: Path, n: int = 96) -> Path:
-    """A learnable toy task: the target repeats two words of the input."""
-    rng = random.Random(0)
-    with open(path, "w") as fh:
-        for i in range(n):
-            color, animal = rng.choice(COLORS), rng.choice(ANIMALS)
-            text = f"Report {i}: yesterday we saw a {color} {animal} near the old river bank at dawn."
-            fh.write(json.dumps({"text": text, "summary": f"a {color} {animal}"}) + "\n")
-    return path
-
+from tests_support import write_examples
 
 def tiny_config(tmp_path: Path, data_file: Path, model_dir: Path, **train):
     return build_config(

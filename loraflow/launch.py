@@ -1,0 +1,86 @@
+"""Run the train stage in a child process and stream its output into our log.
+
+The child's output goes through unchanged to our stderr (so progress bars draw in a terminal), and
+its complete lines, minus progress-bar redraws, go to the `loraflow` logger (so they appear in the
+Prefect task log). If we are interrupted or cancelled the child is terminated (SIGTERM: it saves a
+checkpoint first), and it also gets SIGTERM if this process dies (Linux parent-death signal).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from pathlib import Path
+
+from loraflow.artifacts import Handle
+from loraflow.config import PipelineConfig
+
+log = logging.getLogger("loraflow")
+_PROGRESS = re.compile(r"\d+%\|.*\|")  # a tqdm redraw: "42%|████      | 10/24 [...]"
+
+
+class WorkerFailed(RuntimeError):
+    """The training process failed; the message carries its exit code and last output lines."""
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: cancellation still terminates the child through the finally block
+
+
+def _forward(stream, tail: deque) -> None:
+    buf = b""
+    while chunk := stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace").split("\r")[-1].rstrip()
+            if line and not _PROGRESS.search(line):
+                tail.append(line)
+                log.info("%s", line)
+
+
+def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, output_dir: str | Path) -> Handle:
+    """Train in `python -m loraflow.worker`; returns the train handle or raises WorkerFailed."""
+    with tempfile.TemporaryDirectory(prefix="loraflow-train-") as tmp:
+        request = Path(tmp) / "request.json"
+        result = Path(tmp) / "result.json"
+        request.write_text(json.dumps({
+            "cfg": cfg.model_dump(mode="json"), "tokenized": tokenized.model_dump(), "model": model.model_dump(),
+            "output_dir": str(output_dir), "result": str(result),
+        }))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loraflow.worker", str(request)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent,
+        )
+        tail: deque[str] = deque(maxlen=20)
+        try:
+            _forward(proc.stdout, tail)
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:  # we were interrupted or cancelled: let it checkpoint, then make sure
+                proc.terminate()
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        if code != 0:
+            last = next((line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "")
+            what = "was stopped (SIGTERM) after saving a checkpoint; rerun to resume" if code == 143 else (
+                "was killed (out of memory?)" if code in (-9, 137) else f"failed: {last}")
+            raise WorkerFailed(f"train: the training process (exit code {code}) {what}")
+        return Handle.model_validate_json(result.read_text())

@@ -1,0 +1,99 @@
+"""Training in a child process: killed (SIGKILL) or preempted (SIGTERM) runs resume where they stopped."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loraflow.config import build_config
+from loraflow.data import prepare_data
+from loraflow.launch import WorkerFailed, run_train_worker
+from loraflow.modeling import build_model
+from loraflow.tokenization import tokenize_data
+from loraflow.training import last_checkpoint, train_key
+from tests_support import write_examples
+
+STEPS, SAVE = 30, 5
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    cfg = build_config({
+        "data": {"source": str(write_examples(root / "toy.jsonl")), "input_column": "text", "target_column": "summary"},
+        "prompt": {"style": "template", "template": "Text: {input}\nSummary:", "max_length": 64, "max_target_length": 16},
+        "model": {"name_or_path": str(tiny_llama_dir)},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "train": {"max_steps": STEPS, "save_steps": SAVE, "logging_steps": 5, "per_device_train_batch_size": 4,
+                  "learning_rate": 5e-3, "save_total_limit": 3, "report_to": []},
+    })
+    data = prepare_data(cfg.data, root / "shared")
+    tokenized = tokenize_data(data, cfg.prompt, tiny_llama_dir, root / "shared")
+    model = build_model(cfg.model, cfg.quantization, cfg.lora, root / "shared")
+    return cfg, tokenized, model
+
+
+def _last_loss(train_dir: str) -> float:
+    state = json.loads((Path(train_dir) / "trainer_state.json").read_text())
+    return [e["loss"] for e in state["log_history"] if "loss" in e][-1]
+
+
+def _start_worker(cfg, tokenized, model, out: Path) -> tuple[subprocess.Popen, Path]:
+    request = out / "request.json"
+    out.mkdir(parents=True, exist_ok=True)
+    request.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "tokenized": tokenized.model_dump(),
+                                   "model": model.model_dump(), "output_dir": str(out), "result": str(out / "result.json")}))
+    proc = subprocess.Popen([sys.executable, "-m", "loraflow.worker", str(request)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return proc, out / "train" / f"{train_key(cfg, tokenized, model)}.work" / "checkpoints"
+
+
+def _wait_for_checkpoint(proc, checkpoints: Path, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not (checkpoints / f"checkpoint-{SAVE}" / "trainer_state.json").is_file():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(stages, tmp_path_factory):
+    cfg, tokenized, model = stages
+    return run_train_worker(cfg, tokenized, model, tmp_path_factory.mktemp("straight"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_interrupted_training_resumes_and_matches(stages, uninterrupted, tmp_path, sig):
+    cfg, tokenized, model = stages
+    proc, checkpoints = _start_worker(cfg, tokenized, model, tmp_path)
+    _wait_for_checkpoint(proc, checkpoints)
+    proc.send_signal(sig)
+    code = proc.wait(timeout=120)
+    stopped_at = int(Path(last_checkpoint(checkpoints)).name.split("-")[-1])
+    assert not list((tmp_path / "train").glob("*/manifest.json")), "an interrupted run must publish nothing"
+    if sig == signal.SIGKILL:
+        assert code == -signal.SIGKILL and stopped_at >= SAVE
+    else:
+        # Preemption-safe: the worker saved the step it was on, not only the last scheduled checkpoint.
+        assert code == 143 and "SIGTERM received" in proc.stderr.read()
+        assert stopped_at > SAVE, f"SIGTERM should checkpoint the current step, got checkpoint-{stopped_at}"
+    assert stopped_at < STEPS
+
+    resumed = run_train_worker(cfg, tokenized, model, tmp_path)
+    assert resumed.info["resumed_from"].endswith(f"checkpoint-{stopped_at}")
+    assert resumed.info["global_step"] == STEPS == uninterrupted.info["global_step"]
+    assert _last_loss(resumed.path) == pytest.approx(_last_loss(uninterrupted.path), rel=1e-3)
+    assert not (checkpoints.parent).exists(), "the work folder is folded into the finished stage folder"
+
+
+def test_failing_worker_fails_with_its_error(stages, tmp_path):
+    cfg, tokenized, model = stages
+    bad = cfg.model_copy(update={"train": cfg.train.model_copy(update={"extra_args": {"no_such_argument": 1}})})
+    with pytest.raises(WorkerFailed, match=r"train: the training process \(exit code 1\) failed: .*no_such_argument"):
+        run_train_worker(bad, tokenized, model, tmp_path)
