@@ -12,26 +12,37 @@ from typing import Any
 from prefect import flow
 from prefect.logging import get_run_logger
 
+from loraflow.artifacts import Handle, verify
 from loraflow.config import PipelineConfig
 from loraflow.report import results_table
 from tasks.stages import data_task, evaluate_task, model_task, tokenize_task, train_task
 
 
-def _configured(task_obj, cfg: PipelineConfig):
-    """Honour `run.refresh`. Cache records and results live in Prefect's result storage
-    (PREFECT_LOCAL_STORAGE_PATH, or a storage block via PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK)."""
-    return task_obj.with_options(refresh_cache=cfg.run.refresh or None)
+def _stage(task_obj, cfg: PipelineConfig, *args: Any) -> Handle:
+    """Run one cached stage. A cache hit whose artifact folder is gone or fails its checksums is
+    never used: it is logged and the stage recomputes (`run.refresh` forces that for every stage)."""
+    logger = get_run_logger()
+    state = task_obj.with_options(refresh_cache=cfg.run.refresh or None)(*args, return_state=True)
+    handle: Handle = state.result()
+    if state.name == "Cached":
+        problem = verify(handle.path)
+        if problem is None:
+            logger.info("%s: hit — cached %s", handle.stage, handle.path)
+            return handle
+        logger.warning("%s: cached result unusable (%s): recomputing", handle.stage, problem)
+        handle = task_obj.with_options(refresh_cache=True)(*args)
+    return handle
 
 
 @flow(name="loraflow-finetune")
 def finetune(cfg: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     """QLoRA fine-tune a causal LM and score it with ROUGE against its base model."""
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(Path(cfg.run.output_dir).expanduser().resolve())})})
-    data = _configured(data_task, cfg)(cfg.data, cfg.run)
-    tokenized = _configured(tokenize_task, cfg)(data, cfg.prompt, cfg.model, cfg.run)
-    model = _configured(model_task, cfg)(cfg.model, cfg.quantization, cfg.lora, cfg.run)
-    trained = _configured(train_task, cfg)(cfg, tokenized, model)
-    scores = _configured(evaluate_task, cfg)(cfg, tokenized, model, trained)
+    data = _stage(data_task, cfg, cfg.data, cfg.run)
+    tokenized = _stage(tokenize_task, cfg, data, cfg.prompt, cfg.model, cfg.run)
+    model = _stage(model_task, cfg, cfg.model, cfg.quantization, cfg.lora, cfg.run)
+    trained = _stage(train_task, cfg, cfg, tokenized, model)
+    scores = _stage(evaluate_task, cfg, cfg, tokenized, model, trained)
 
     adapter = str(Path(trained.path) / "adapter")
     logger = get_run_logger()
@@ -43,4 +54,5 @@ def finetune(cfg: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
         "metrics_file": str(Path(scores.path) / "metrics.json"),
         "train": trained.info,
         "stages": {h.stage: h.fingerprint for h in (data, tokenized, model, trained, scores)},
+        "stages_paths": {h.stage: h.path for h in (data, tokenized, model, trained, scores)},
     }

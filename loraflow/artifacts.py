@@ -53,9 +53,26 @@ def stage_dir(output_dir: str | Path, stage: str, key: str) -> Path:
     return Path(output_dir).expanduser().resolve() / stage / key
 
 
+def verify(path: str | Path) -> str | None:
+    """None if the folder is exactly what its manifest lists (names, sizes, checksums), else the problem."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path} is missing or has no readable {MANIFEST}"
+    for rel, expected in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != expected["size"] or file_digest(f) != expected["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
+
+
 def is_complete(path: str | Path) -> bool:
-    """True when a stage folder was renamed into place with its manifest."""
-    return (Path(path) / MANIFEST).is_file()
+    """True when a stage folder was renamed into place and still matches its manifest."""
+    return verify(path) is None
 
 
 @contextmanager
@@ -71,7 +88,11 @@ def atomic_dir(final: str | Path, meta: dict[str, Any] | None = None) -> Iterato
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        files = {
+            str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": file_digest(p)}
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
         (tmp / MANIFEST).write_text(json.dumps({"files": files, **(meta or {})}, indent=2, default=str))
         if final.exists():
             shutil.rmtree(final)

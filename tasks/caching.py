@@ -1,9 +1,10 @@
 """Cache keys for the stage tasks: a hash of everything that determines a stage's output.
 
 Prefect's default policy hashes the task's arguments and the task function's source; ours hashes
-the config sections and upstream handles' fingerprints it is given, the source of the stage's
-*module* (not only the thin task body), the data source's content for the data stage, and the
-versions of the libraries that shape the numbers.
+the config sections and upstream handles' fingerprints the stage depends on, the source of the
+stage's *modules* (not only the thin task body), the content of external inputs (data files, model
+weights), the output folder, and the versions of the libraries that shape the numbers.
+On a miss, `explain_miss` says what changed since the last run of the same stage.
 """
 
 from __future__ import annotations
@@ -11,26 +12,28 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import import_module, metadata
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from loraflow.artifacts import Handle
+from loraflow.artifacts import Handle, write_json
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "rouge-score")
 
 
 @lru_cache(maxsize=None)
-def library_versions() -> tuple[tuple[str, str], ...]:
-    out = []
+def library_versions() -> dict[str, str]:
+    out = {}
     for name in LIBRARIES:
         try:
-            out.append((name, metadata.version(name)))
+            out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            out.append((name, "absent"))
-    return tuple(out)
+            out[name] = "absent"
+    return out
 
 
 @lru_cache(maxsize=None)
@@ -43,22 +46,67 @@ def module_source_hash(*modules: str) -> str:
 
 def _token(value: Any) -> Any:
     if isinstance(value, Handle):
-        return {"stage": value.stage, "fingerprint": value.fingerprint}
+        return value.fingerprint
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     return value
 
 
-def stage_key(stage: str, modules: tuple[str, ...], parameters: dict[str, Any], extra: Any = None) -> str:
-    blob = json.dumps(
-        {
-            "stage": stage,
-            "code": module_source_hash(*modules),
-            "libs": library_versions(),
-            "params": {k: _token(v) for k, v in sorted(parameters.items())},
-            "extra": extra,
-        },
-        sort_keys=True,
-        default=str,
-    )
-    return f"loraflow-{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:24]}"
+@dataclass(frozen=True)
+class StageSpec:
+    """What a stage's cache key covers."""
+
+    stage: str
+    modules: tuple[str, ...]  # modules whose source is part of the key
+    sections: tuple[str, ...] = ()  # config sections read from a `cfg` parameter (the rest is ignored)
+    source: Callable[[dict[str, Any]], Any] | None = None  # content identity of external inputs
+
+    def components(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        params = {k: v for k, v in parameters.items() if k not in ("cfg", "run")}
+        cfg = parameters.get("cfg")
+        run = parameters.get("run") or (cfg.run if cfg is not None else None)
+        out: dict[str, Any] = {
+            "code": module_source_hash("tasks.stages", *self.modules),
+            "libraries": library_versions(),
+            "run.output_dir": str(Path(run.output_dir).expanduser().resolve()) if run is not None else None,
+        }
+        for name, value in sorted(params.items()):
+            out[f"upstream {name}" if isinstance(value, Handle) else name] = _token(value)
+        for name in self.sections:
+            out[name] = getattr(cfg, name).model_dump(mode="json")
+        if self.source is not None:
+            out["source content"] = self.source(parameters)
+        return out
+
+    def key(self, _ctx: Any, parameters: dict[str, Any]) -> str:
+        blob = json.dumps(self.components(parameters), sort_keys=True, default=str)
+        return f"loraflow-{self.stage}-{hashlib.sha256(blob.encode()).hexdigest()[:24]}"
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}." if not isinstance(v, dict) or v else f"{prefix}{k}"))
+        return out if obj else {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): obj}
+
+
+def explain_miss(spec: StageSpec, parameters: dict[str, Any], output_dir: str | Path) -> str:
+    """'what changed' since the last run of this stage writing to `output_dir`; remembers this run's inputs."""
+    now = json.loads(json.dumps(spec.components(parameters), default=str))
+    record = Path(output_dir).expanduser() / spec.stage / "last-inputs.json"
+    try:
+        before = json.loads(record.read_text())
+    except (OSError, ValueError):
+        before = None
+    record.parent.mkdir(parents=True, exist_ok=True)
+    write_json(record, now)
+    if before is None:
+        return "no earlier run in this output folder"
+    old, new = _flatten(before), _flatten(now)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if not changed:
+        return "same inputs as the last run, but no cached result (refresh requested, or the result storage was cleared)"
+    shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+    return f"{shown} changed"

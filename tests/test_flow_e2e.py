@@ -66,25 +66,38 @@ def test_flow_trains_and_scores_tiny_model(tmp_path, tiny_llama_dir, prefect_har
     assert metrics["finetuned"]["rougeL_fmeasure"] > metrics["base"]["rougeL_fmeasure"]
 
 
-def test_second_run_is_cached(tmp_path, tiny_llama_dir, prefect_harness):
+def test_reruns_recompute_only_what_changed(tmp_path, tiny_llama_dir, prefect_harness):
     from flows.finetune import finetune
 
-    cfg = tiny_config(tmp_path, write_examples(tmp_path / "toy.jsonl"), tiny_llama_dir, max_steps=4, save_steps=4)
+    data_file = write_examples(tmp_path / "toy.jsonl")
+    cfg = tiny_config(tmp_path, data_file, tiny_llama_dir, max_steps=4, save_steps=4)
     first = finetune(cfg, return_state=True)
-    second = finetune(cfg, return_state=True)
-    assert first.is_completed() and second.is_completed()
-    assert first.result()["stages"] == second.result()["stages"]
-    states = _task_states(second)
-    assert states == {"data": "Cached", "tokenize": "Cached", "model": "Cached", "train": "Cached", "evaluate": "Cached"}
+    assert first.is_completed()
+    assert all(names == {"Completed"} for names in _task_states(first).values())
 
-    changed = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_new_tokens": 3})})
-    third = finetune(changed, return_state=True)
-    states = _task_states(third)
-    assert states["evaluate"] == "Completed"
-    assert {states[s] for s in ("data", "tokenize", "model", "train")} == {"Cached"}
+    def ran(config) -> set[str]:
+        state = finetune(config, return_state=True)
+        assert state.is_completed()
+        return {stage for stage, names in _task_states(state).items() if names - {"Cached"}}
+
+    assert ran(cfg) == set()  # same config, new flow run: every stage Cached
+    assert ran(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_new_tokens": 3})})) == {"evaluate"}
+    assert ran(cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 2e-3})})) == {"train", "evaluate"}
+
+    # A cached artifact that was deleted or corrupted is detected and recomputed, never loaded.
+    tokenized = Path(first.result()["stages_paths"]["tokenize"])
+    victim = next((tokenized / "dataset").rglob("*.arrow"))
+    victim.write_bytes(victim.read_bytes()[:-10])
+    assert ran(cfg) == {"tokenize"}  # same fingerprint again, so train/evaluate stay cached
+    assert first.result()["stages"] == finetune(cfg)["stages"]
+
+    # The data file edited in place (same path): everything downstream of data runs (the model
+    # stage does not read the data, so it stays cached).
+    data_file.write_text(data_file.read_text().replace("river", "lake"))
+    assert ran(cfg) == {"data", "tokenize", "train", "evaluate"}
 
 
-def _task_states(flow_state) -> dict[str, str]:
+def _task_states(flow_state) -> dict[str, set[str]]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -95,7 +108,10 @@ def _task_states(flow_state) -> dict[str, str]:
             runs = await client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
             )
-            return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+            states: dict[str, set[str]] = {}
+            for r in runs:
+                states.setdefault(r.name.rsplit("-", 1)[0], set()).add(r.state.name)
+            return states
 
     return anyio.run(fetch)
 
