@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow
 from prefect.logging import get_run_logger
 
-from loraflow.artifacts import Handle, verify
+from loraflow.artifacts import Handle, ensure_writable, verify
 from loraflow.config import PipelineConfig
 from loraflow.report import results_table
 from tasks.stages import data_task, evaluate_task, model_task, tokenize_task, train_task
@@ -37,7 +37,8 @@ def _stage(task_obj, cfg: PipelineConfig, *args: Any) -> Handle:
 @flow(name="loraflow-finetune")
 def finetune(cfg: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     """QLoRA fine-tune a causal LM and score it with ROUGE against its base model."""
-    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(Path(cfg.run.output_dir).expanduser().resolve())})})
+    output_dir = ensure_writable(cfg.run.output_dir)  # fail before any stage, not after training
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(output_dir)})})
     data = _stage(data_task, cfg, cfg.data, cfg.run)
     tokenized = _stage(tokenize_task, cfg, data, cfg.prompt, cfg.model, cfg.run)
     model = _stage(model_task, cfg, cfg.model, cfg.quantization, cfg.lora, cfg.run)

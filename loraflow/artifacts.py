@@ -101,6 +101,21 @@ def atomic_dir(final: str | Path, meta: dict[str, Any] | None = None) -> Iterato
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def ensure_writable(folder: str | Path, field: str = "run.output_dir") -> Path:
+    """Create `folder` if needed and prove we can write there, before any work starts."""
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(
+            f"{field} '{folder}' is not writable ({err.strerror}): choose another folder, e.g. --set {field}=./runs"
+        ) from None
+    return folder.resolve()
+
+
 def default_cache_dir(cache_dir: str | None) -> Path:
     """The shared cache folder: the config's, else $LORAFLOW_CACHE, else ~/.cache/loraflow."""
     root = cache_dir or os.environ.get("LORAFLOW_CACHE") or "~/.cache/loraflow"

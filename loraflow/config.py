@@ -79,6 +79,9 @@ class ModelConfig(Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repo to run.")
+    allow_pickle_weights: bool = Field(
+        False, description="Also load pickle-based .bin weights (can run code when loaded); safetensors only by default."
+    )
     attn_implementation: Literal["auto", "sdpa", "eager"] = Field(
         "auto", description="Attention kernel; 'auto' lets transformers pick (SDPA when available)."
     )

@@ -40,16 +40,32 @@ def compute_dtype(name: str):
     return getattr(torch, name)
 
 
+def check_bitsandbytes(mode: str) -> None:
+    """4-bit loading needs a working bitsandbytes build for this machine."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as err:  # ImportError, or a missing native library for this platform
+        raise ModelError(
+            f"quantization.mode={mode} needs bitsandbytes, which cannot run here ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:120] if str(err) else 'not installed'}): install it or set quantization.mode=none"
+        ) from None
+
+
 def load_base(model_dir: str | Path, model: ModelConfig, quant: QuantizationConfig):
     """Load the frozen base model, quantized to 4 bits unless quant.mode == 'none'."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = compute_dtype(quant.compute_dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model.trust_remote_code, "use_safetensors": True}
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "trust_remote_code": model.trust_remote_code,
+        "use_safetensors": None if model.allow_pickle_weights else True,
+    }
     if model.attn_implementation != "auto":
         kwargs["attn_implementation"] = model.attn_implementation
     if quant.mode != "none":
+        check_bitsandbytes(quant.mode)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=quant.mode,
@@ -111,7 +127,7 @@ def build_model(
     cache_dir: str | None = None,
 ) -> Handle:
     """Resolve the base model, load it quantized with LoRA, save the initial adapter and report sizes."""
-    model_dir = resolve_model_dir(model.name_or_path, model.revision, cache_dir)
+    model_dir = resolve_model_dir(model.name_or_path, model.revision, cache_dir, model.allow_pickle_weights)
     key = fingerprint(
         section_dict(model), section_dict(quant), section_dict(lora), weights_digest(model_dir), CODE_VERSION
     )

@@ -51,7 +51,9 @@ def _compute(predictions: list[str], references: list[list[str]] | list[str], us
         )
 
 
-def score(predictions: list[str], references: list[list[str]] | list[str], use_stemmer: bool = True) -> dict[str, float]:
+def score(
+    predictions: list[str], references: list[list[str]] | list[str], use_stemmer: bool = True
+) -> dict[str, float]:
     """Mean ROUGE precision/recall/F1 (0..1) over examples, keys like `rougeL_fmeasure`.
 
     references: one entry per prediction, a string or a list of strings (best reference counts).

@@ -70,7 +70,9 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
     return target
 
 
-def resolve_model_dir(name_or_path: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
+def resolve_model_dir(
+    name_or_path: str, revision: str | None = None, cache_dir: str | None = None, allow_pickle: bool = False
+) -> Path:
     """A local folder holding config.json, safetensors weights and the tokenizer."""
     if name_or_path == BUILTIN_GGUF:
         return convert_gguf(builtin_gguf_path(), cache_dir)
@@ -85,20 +87,22 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None, cache_dir:
                 f"model.name_or_path: '{path}' is not a model folder (no config.json): pass a folder saved with "
                 "save_pretrained, a .gguf file, or a hub id"
             )
-        if not any(path.glob("*.safetensors")):
+        if not any(path.glob("*.safetensors")) and not (allow_pickle and any(path.glob("*.bin"))):
             raise ModelSourceError(
                 f"model.name_or_path: '{path}' has no .safetensors weights: re-save it with save_pretrained "
-                "(pickle-based .bin weights are not loaded)"
+                "(pickle-based .bin weights load only with model.allow_pickle_weights=true)"
             )
         return path.resolve()
-    return _download(name_or_path, revision)
+    return _download(name_or_path, revision, allow_pickle)
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, allow_pickle: bool = False) -> Path:
     from huggingface_hub import snapshot_download
 
+    # The token comes from HF_TOKEN / the hub login, read by huggingface_hub itself: never logged or keyed.
+    patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as err:
         raise ModelSourceError(
             f"model.name_or_path: could not fetch hub model '{repo_id}' ({type(err).__name__}): check the id, "

@@ -87,7 +87,7 @@ def tokenize_task(data: Handle, prompt: PromptConfig, model: ModelConfig, run: R
     from loraflow.tokenization import tokenize_data
 
     with stage_logs(TOKENIZE, run.output_dir):
-        tokenizer_dir = resolve_model_dir(model.name_or_path, model.revision, run.cache_dir)
+        tokenizer_dir = resolve_model_dir(model.name_or_path, model.revision, run.cache_dir, model.allow_pickle_weights)
         return tokenize_data(data, prompt, tokenizer_dir, run.output_dir)
 
 

@@ -82,7 +82,7 @@ class Rouge(evaluate.Metric):
                 raise ValueError(f"rouge: example {i} has no reference: give every prediction at least one reference")
             # One sentence per line: only rougeLsum reads the newlines; the tokenizer drops them for the others.
             scores = scorer.score_multi(
-                refs, "\n".join(split_sentences(prediction))
+                ["\n".join(split_sentences(r)) for r in refs], "\n".join(split_sentences(prediction))
             )
             for t in ROUGE_TYPES:
                 for p in PARTS:
