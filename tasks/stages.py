@@ -13,9 +13,10 @@ from typing import Any, Iterator
 from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
+from prefect.locking.filesystem import FileSystemLockManager
 from prefect.logging import get_run_logger
 
-from loraflow.artifacts import Handle
+from loraflow.artifacts import Handle, default_cache_dir
 from loraflow.config import DataConfig, LoraConfig, ModelConfig, PipelineConfig, PromptConfig, QuantizationConfig, RunConfig
 from tasks.caching import StageSpec, explain_miss
 
@@ -67,8 +68,12 @@ def stage_logs(spec: StageSpec, output_dir: str) -> Iterator[None]:
 
 
 def _options(spec: StageSpec, **kw: Any) -> dict[str, Any]:
-    return dict(name=spec.stage, cache_policy=CacheKeyFnPolicy(cache_key_fn=spec.key), persist_result=True,
-                result_serializer="json", **kw)
+    # SERIALIZABLE + a file lock per cache key: two runs of the same config never compute the same stage
+    # at once; the second waits for the first and then reads its cached result.
+    policy = CacheKeyFnPolicy(cache_key_fn=spec.key).configure(
+        isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(default_cache_dir(None) / "locks")
+    )
+    return dict(name=spec.stage, cache_policy=policy, persist_result=True, result_serializer="json", **kw)
 
 
 @task(**_options(DATA, retries=2, retry_delay_seconds=10))

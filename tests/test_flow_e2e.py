@@ -124,3 +124,25 @@ def test_cli_run_with_missing_data_fails_in_one_line(tmp_path, prefect_harness, 
     assert code == 1
     assert err[-1].startswith("error: data.source:") and "does not exist: check the path" in err[-1]
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("manifest.json"))
+
+
+def test_two_runs_of_one_config_at_once_compute_each_stage_once(tmp_path, tiny_llama_dir, prefect_harness):
+    import threading
+
+    from flows.finetune import finetune
+
+    cfg = tiny_config(tmp_path, write_examples(tmp_path / "toy.jsonl"), tiny_llama_dir, max_steps=4, save_steps=4)
+    states: list = []
+    threads = [threading.Thread(target=lambda: states.append(finetune(cfg, return_state=True))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert len(states) == 2 and all(s.is_completed() for s in states)
+    assert states[0].result()["stages"] == states[1].result()["stages"]
+    per_stage: dict[str, list[str]] = {}
+    for s in states:
+        for stage, names in _task_states(s).items():
+            per_stage.setdefault(stage, []).extend(names)
+    for stage, names in per_stage.items():
+        assert sorted(names) == ["Cached", "Completed"], (stage, names)  # computed once, reused once
