@@ -34,10 +34,28 @@ def _stage(task_obj, cfg: PipelineConfig, *args: Any) -> Handle:
     return handle
 
 
+def _load_hub_token(secret_name: str | None) -> None:
+    """Expose a token from a Prefect Secret block as HF_TOKEN for this run (and the training child)."""
+    if not secret_name:
+        return
+    import os
+
+    from prefect.blocks.system import Secret
+
+    try:
+        os.environ["HF_TOKEN"] = Secret.load(secret_name).get()
+    except ValueError:
+        raise ValueError(
+            f"run.hf_token_secret: no Prefect Secret block named '{secret_name}': create it in the UI "
+            "(Blocks > Secret) or unset the field to use HF_TOKEN"
+        ) from None
+
+
 @flow(name="loraflow-finetune")
 def finetune(cfg: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     """QLoRA fine-tune a causal LM and score it with ROUGE against its base model."""
     output_dir = ensure_writable(cfg.run.output_dir)  # fail before any stage, not after training
+    _load_hub_token(cfg.run.hf_token_secret)
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(output_dir)})})
     data = _stage(data_task, cfg, cfg.data, cfg.run)
     tokenized = _stage(tokenize_task, cfg, data, cfg.prompt, cfg.model, cfg.run)

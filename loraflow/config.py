@@ -164,6 +164,11 @@ class RunConfig(Section):
         None, description="Shared cache (converted GGUF models, Prefect result records); default ~/.cache/loraflow."
     )
     refresh: bool = Field(False, description="Recompute every stage even if a cached result exists.")
+    hf_token_secret: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block holding a Hugging Face token (else HF_TOKEN from the "
+        "environment is used). The token is never logged, cached or written to artifacts.",
+    )
 
 
 class PipelineConfig(Section):

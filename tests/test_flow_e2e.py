@@ -146,3 +146,18 @@ def test_two_runs_of_one_config_at_once_compute_each_stage_once(tmp_path, tiny_l
             per_stage.setdefault(stage, []).extend(names)
     for stage, names in per_stage.items():
         assert sorted(names) == ["Cached", "Completed"], (stage, names)  # computed once, reused once
+
+
+def test_hub_token_from_a_prefect_secret_block(prefect_harness, monkeypatch):
+    import os
+
+    from prefect.blocks.system import Secret
+
+    from flows.finetune import _load_hub_token
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    Secret(value="hf_test_token_123").save("loraflow-test-hf-token", overwrite=True)
+    _load_hub_token("loraflow-test-hf-token")
+    assert os.environ["HF_TOKEN"] == "hf_test_token_123"
+    with pytest.raises(ValueError, match="no Prefect Secret block named 'missing-token'"):
+        _load_hub_token("missing-token")
