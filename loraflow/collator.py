@@ -1,50 +1,72 @@
-"""Batch padding for training (right, dynamic) and generation (left)."""
+"""Batch padding: dynamic right padding for training, left padding for batched generation.
+
+Examples are stored unpadded (tokenize stage); padding happens per batch, so a batch costs only as
+much as its longest example instead of `prompt.max_length`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Sequence
 
-IGNORE_INDEX = -100  # label value that cross-entropy skips
+IGNORE_INDEX = -100  # label value that torch's cross-entropy (and every HF causal-LM loss) skips
+
+
+def _pad(seqs: Sequence[Sequence[int]], value: int, length: int, side: str):
+    """(batch, length) long tensor of `seqs` padded with `value` on `side`, and the 0/1 mask of real tokens."""
+    import torch
+
+    out = torch.full((len(seqs), length), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        n = len(s)
+        if n == 0:
+            continue
+        cols = slice(0, n) if side == "right" else slice(length - n, length)
+        out[row, cols] = torch.as_tensor(s, dtype=torch.long)
+        mask[row, cols] = 1
+    return out, mask
 
 
 @dataclass
 class CompletionCollator:
-    """Pad each batch to its own longest example: no compute on padding beyond the batch maximum.
+    """Pads a list of {input_ids, labels} to the batch's longest example -> torch tensors.
 
-    Labels are padded with -100 (ignored by the loss), attention_mask is 0 on padding.
+    input_ids are padded with `pad_token_id`, labels with `label_pad` (ignored by the loss), and
+    attention_mask is 0 on padding. Other keys in the examples are ignored.
     """
 
     pad_token_id: int
-    pad_to_multiple_of: int | None = None
+    label_pad: int = IGNORE_INDEX
+    pad_to_multiple_of: int | None = None  # e.g. 8 lets tensor cores use aligned shapes
+    padding_side: Literal["right", "left"] = "right"  # right for training: positions start at 0
 
-    def __call__(self, features: list[dict[str, Any]]):
-        import torch
+    def __post_init__(self) -> None:
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side={self.padding_side!r}: expected 'right' or 'left'")
 
-        longest = max(len(f["input_ids"]) for f in features)
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if not features:
+            raise ValueError("CompletionCollator got an empty batch")
+        ids = [f["input_ids"] for f in features]
+        labels = [f["labels"] for f in features]
+        for i, (a, b) in enumerate(zip(ids, labels)):
+            if len(a) != len(b):
+                raise ValueError(f"example {i}: {len(a)} input_ids but {len(b)} labels; re-run the tokenize stage")
+        longest = max(len(s) for s in ids)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
-            longest = (longest + m - 1) // m * m
-        ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(features), longest), dtype=torch.long)
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[row, :n] = torch.as_tensor(f["input_ids"])
-            labels[row, :n] = torch.as_tensor(f["labels"])
-            mask[row, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            longest = -(-longest // m) * m
+        input_ids, attention_mask = _pad(ids, self.pad_token_id, longest, self.padding_side)
+        label_ids, _ = _pad(labels, self.label_pad, longest, self.padding_side)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
 
 
-def left_pad(sequences: list[list[int]], pad_token_id: int):
-    """(input_ids, attention_mask) with padding on the left, so every prompt ends at the last column."""
-    import torch
+def left_pad(prompt_id_lists: Sequence[Sequence[int]], pad_id: int):
+    """(input_ids, attention_mask), each (batch, longest), padded on the left.
 
-    longest = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, s in enumerate(sequences):
-        if s:
-            ids[row, longest - len(s) :] = torch.as_tensor(s)
-            mask[row, longest - len(s) :] = 1
-    return ids, mask
+    Generation appends tokens after the last column, so every prompt must end there.
+    """
+    if not prompt_id_lists:
+        raise ValueError("left_pad got no prompts")
+    return _pad(prompt_id_lists, pad_id, max(len(s) for s in prompt_id_lists), "left")

@@ -1,9 +1,14 @@
 """The **tokenize** stage: prompts + targets -> input_ids and labels with the prompt masked out.
 
-Prompt and completion are tokenized separately (so BPE never merges across the boundary) and
-concatenated; labels are -100 on every prompt token, so the loss is on the completion only.
-Truncation cuts the *input text* inside the prompt, never the instruction, the chat header or the
-target.
+Prompt and completion (target + EOS) are tokenized separately, so BPE never merges a token across
+the boundary, and concatenated; labels are -100 on every prompt token, so the loss is on the
+completion only. Truncation cuts the *input text* inside the prompt, never the instruction, the
+chat header or the target (the target is only cut to `prompt.max_target_length`).
+
+Output folder `<output_dir>/tokenize/<key>/`:
+  dataset/    DatasetDict: train (input_ids, labels), test (input_ids, labels, prompt_ids,
+              references, input, target and the data stage's other text columns); unpadded.
+  stats.json  per split: n, truncated, dropped, mean/max prompt and target tokens, label_tokens.
 """
 
 from __future__ import annotations
@@ -16,114 +21,195 @@ from typing import Any
 from loraflow.artifacts import Handle, atomic_dir, file_digest, fingerprint, is_complete, stage_dir, write_json
 from loraflow.collator import IGNORE_INDEX
 from loraflow.config import PromptConfig, section_dict
-from loraflow.prompts import PromptError, check_template, leading_special_ids, render_prompt
+from loraflow.prompts import PromptError, check_template, completion_text, render_prompt
 
 log = logging.getLogger("loraflow")
-CODE_VERSION = "tokenize-1"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "vocab.json", "merges.txt", "tokenizer.model")
+CODE_VERSION = "tokenize-2"  # bump when the output for the same inputs changes
+# Files that decide how text becomes ids (a model folder's weights are deliberately not hashed).
+TOKENIZER_GLOBS = ("tokenizer*.json", "*.model", "vocab*", "merges*", "added_tokens.json",
+                   "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+SPLITS = ("train", "test")
+TRAIN_COLUMNS = ["input_ids", "labels"]
+TEST_COLUMNS = ["input_ids", "labels", "prompt_ids", "references", "input", "target"]
 
 
 def load_tokenizer(tokenizer_dir: str | Path):
+    """AutoTokenizer from a local folder, with pad = eos when the tokenizer has no pad token."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, so any id works; eos always exists
     return tokenizer
 
 
+def tokenizer_digest(tokenizer_dir: str | Path) -> dict[str, str]:
+    """{file name: sha256} of the tokenizer files in `tokenizer_dir`, for the stage fingerprint."""
+    folder = Path(tokenizer_dir)
+    files = {p for pattern in TOKENIZER_GLOBS for p in folder.glob(pattern) if p.is_file()}
+    if not files:
+        raise FileNotFoundError(f"no tokenizer files (tokenizer.json, vocab/merges, *.model) in {folder}")
+    return {p.name: file_digest(p) for p in sorted(files)}
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """Special ids the tokenizer itself puts before text (Llama: [BOS]; GPT-2, Qwen: none)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def _with_bos(ids: list[int], prefix: list[int]) -> list[int]:
+    # Add BOS only where the template/chat template did not write it (Llama-3's does, as text).
+    return ids if ids[: len(prefix)] == prefix else prefix + ids
+
+
 def _prompt_ids(row: dict[str, Any], prompt: PromptConfig, tokenizer, prefix: list[int]) -> list[int]:
-    text = render_prompt(row, prompt, tokenizer)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if prompt.style == "template" and prefix and ids[: len(prefix)] != prefix:
-        ids = prefix + ids
-    return ids
+    return _with_bos(tokenizer(render_prompt(row, prompt, tokenizer), add_special_tokens=False)["input_ids"], prefix)
 
 
-def encode_example(row: dict[str, Any], prompt: PromptConfig, tokenizer, prefix: list[int] | None = None) -> dict[str, Any]:
-    """input_ids/labels/prompt_ids for one example; `truncated` says whether the input was cut.
+def _fit_prompt(row: dict[str, Any], prompt: PromptConfig, tokenizer, prefix: list[int], budget: int, n_ids: int):
+    """Prompt ids within `budget` tokens, made by cutting row['input'] from its end; None if no input is left.
 
-    Returns `prompt_ids=[]` when not even an empty input fits (the caller drops such rows).
+    Tokens are dropped from the input alone and the prompt is re-rendered, so the instruction and the
+    assistant header survive. Decode + re-encode can shift a boundary by a token, hence the loop.
     """
-    prefix = leading_special_ids(tokenizer) if prefix is None else prefix
-    target = tokenizer(row["target"], add_special_tokens=False)["input_ids"][: prompt.max_target_length - 1]
-    target = target + [tokenizer.eos_token_id]  # the model must learn to stop
-    budget = prompt.max_length - len(target)
-    ids = _prompt_ids(row, prompt, tokenizer, prefix)
-    truncated = False
-    if len(ids) > budget:
-        truncated = True
-        input_ids = tokenizer(row["input"], add_special_tokens=False)["input_ids"]
-        keep = len(input_ids) - (len(ids) - budget)
-        # Decoding and re-encoding can shift token boundaries by a few tokens: shrink until it fits.
-        for _ in range(8):
-            if keep <= 0:
-                return {"input_ids": [], "labels": [], "prompt_ids": [], "truncated": True}
-            ids = _prompt_ids({**row, "input": tokenizer.decode(input_ids[:keep])}, prompt, tokenizer, prefix)
-            if len(ids) <= budget:
-                break
-            keep -= max(1, len(ids) - budget)
-        else:
-            return {"input_ids": [], "labels": [], "prompt_ids": [], "truncated": True}
-    return {
-        "input_ids": ids + target,
-        "labels": [IGNORE_INDEX] * len(ids) + target,
-        "prompt_ids": ids,
-        "truncated": truncated,
-    }
+    input_ids = tokenizer(row["input"], add_special_tokens=False)["input_ids"]
+    keep = len(input_ids) - (n_ids - budget)
+    while keep > 0:
+        text = tokenizer.decode(input_ids[:keep], clean_up_tokenization_spaces=False)
+        ids = _prompt_ids({**row, "input": text}, prompt, tokenizer, prefix)
+        if len(ids) <= budget:
+            return ids
+        keep -= len(ids) - budget
+    return None
 
 
-def _stats(ds) -> dict[str, Any]:
-    prompt_lens = [len(p) for p in ds["prompt_ids"]]
-    target_lens = [len(i) - len(p) for i, p in zip(ds["input_ids"], ds["prompt_ids"])]
+def encode_batch(rows: dict[str, list], prompt: PromptConfig, tokenizer, prefix: list[int]) -> dict[str, list]:
+    """Batched `encode_example` over a column dict (the shape `datasets.map(batched=True)` passes).
+
+    Prompts and completions go through one batched (Rust, for fast tokenizers) call each; only the
+    rare rows that are too long are re-tokenized one by one.
+    """
+    n = len(rows["input"])
+    row_dicts = [{k: v[i] for k, v in rows.items()} for i in range(n)]
+    prompts = [render_prompt(r, prompt, tokenizer) for r in row_dicts]
+    completions = [completion_text(t, tokenizer) for t in rows["target"]]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    eos, max_t = tokenizer.eos_token_id, prompt.max_target_length
+    out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_ids": [], "truncated": []}
+    for row, p, t in zip(row_dicts, prompt_ids, target_ids):
+        if not t or t[-1] != eos:  # a tokenizer that splits special tokens in text: add the id itself
+            t = t + [eos]
+        if len(t) > max_t:
+            t = t[: max_t - 1] + [eos]  # cut the target, but keep the stop signal
+        p = _with_bos(p, prefix)
+        budget = prompt.max_length - len(t)  # > 0: max_target_length < max_length is checked by the stage
+        truncated = len(p) > budget
+        if truncated:
+            p = _fit_prompt(row, prompt, tokenizer, prefix, budget, len(p)) or []
+        out["input_ids"].append(p + t if p else [])
+        out["labels"].append([IGNORE_INDEX] * len(p) + t if p else [])
+        out["prompt_ids"].append(p)
+        out["truncated"].append(truncated)
+    return out
+
+
+def encode_example(row: dict[str, Any], prompt: PromptConfig, tokenizer) -> dict[str, Any]:
+    """{input_ids, labels, prompt_ids, truncated} for one row with `input` and `target`.
+
+    labels = [-100] * len(prompt_ids) + completion ids (ending with EOS). When even an input cut to
+    nothing would not fit in `prompt.max_length`, all three id lists are empty (the stage drops the row).
+    """
+    batch = encode_batch({k: [v] for k, v in row.items()}, prompt, tokenizer, bos_prefix(tokenizer))
+    return {k: v[0] for k, v in batch.items()}
+
+
+def tokenize_data(data: Handle, prompt: PromptConfig, tokenizer_dir: str | Path, output_dir: str | Path) -> Handle:
+    """Tokenize the data stage's train and test splits; reuses a complete folder with the same key."""
+    if prompt.max_target_length >= prompt.max_length:
+        raise PromptError(
+            f"prompt.max_target_length ({prompt.max_target_length}) leaves no room for the prompt in "
+            f"prompt.max_length ({prompt.max_length}): raise max_length or lower max_target_length"
+        )
+    key = fingerprint(data.fingerprint, section_dict(prompt), tokenizer_digest(tokenizer_dir), CODE_VERSION)
+    final = stage_dir(output_dir, "tokenize", key)
+    if is_complete(final):
+        log.info("tokenize: reusing %s", final)
+        stats = json.loads((final / "stats.json").read_text())
+    else:
+        stats = _run(data, prompt, Path(tokenizer_dir), final, key)
+    return Handle(stage="tokenize", path=str(final), fingerprint=key, info=_summary(stats))
+
+
+def _summary(stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {f"{field}_{split}": stats[split][field] for split in SPLITS for field in ("n", "truncated", "dropped")}
+
+
+def _stats(prompt_lens: list[int], target_lens: list[int], truncated: int, dropped: int) -> dict[str, Any]:
     n = len(prompt_lens)
     return {
         "n": n,
-        "truncated": int(sum(ds["truncated"])),
+        "truncated": truncated,  # kept rows whose input was cut
+        "dropped": dropped,  # rows that did not fit even with the input cut to nothing
         "mean_prompt_tokens": round(sum(prompt_lens) / n, 1),
         "max_prompt_tokens": max(prompt_lens),
         "mean_target_tokens": round(sum(target_lens) / n, 1),
         "max_target_tokens": max(target_lens),
-        "label_tokens": int(sum(target_lens)),
+        "label_tokens": sum(target_lens),  # tokens the loss is computed on, per epoch
     }
 
 
-def tokenize_data(data: Handle, prompt: PromptConfig, tokenizer_dir: str | Path, output_dir: str | Path) -> Handle:
-    """Tokenize both splits of the data stage's dataset; saves Arrow + stats.json."""
-    tokenizer_dir = Path(tokenizer_dir)
-    tok_digest = fingerprint([file_digest(tokenizer_dir / f) for f in TOKENIZER_FILES if (tokenizer_dir / f).is_file()])
-    key = fingerprint(data.fingerprint, section_dict(prompt), tok_digest, CODE_VERSION)
-    final = stage_dir(output_dir, "tokenize", key)
-    if not is_complete(final):
-        _run(data, prompt, tokenizer_dir, final)
-    stats = json.loads((final / "stats.json").read_text())
-    return Handle(stage="tokenize", path=str(final), fingerprint=key, info=stats)
-
-
-def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, final: Path) -> None:
+def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, final: Path, key: str) -> dict[str, Any]:
     import datasets
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    prefix = leading_special_ids(tokenizer)
+    prefix = bos_prefix(tokenizer)
     splits = datasets.load_from_disk(str(Path(data.path) / "dataset"))
     check_template(prompt.template, splits["train"].column_names)
+    if prompt.system and prompt.style == "template":
+        log.warning("tokenize: prompt.system is ignored with prompt.style=template; put it in prompt.template")
     out, stats = {}, {}
-    for name in ("train", "test"):
-        ds = splits[name].map(lambda row: encode_example(row, prompt, tokenizer, prefix), desc=f"tokenize {name}")
-        before = len(ds)
-        ds = ds.filter(lambda row: len(row["prompt_ids"]) > 0)
+    for name in SPLITS:
+        ds = splits[name]
         if len(ds) == 0:
-            raise PromptError(
-                f"tokenize: no {name} example fits in prompt.max_length={prompt.max_length} even with its input "
-                "cut to nothing: raise prompt.max_length or shorten prompt.template / prompt.max_target_length"
-            )
-        keep = ["input_ids", "labels"] if name == "train" else ["input_ids", "labels", "prompt_ids", "references", "input", "target"]
-        stats[name] = {**_stats(ds), "dropped_too_long": before - len(ds)}
-        out[name] = ds.select_columns(keep)
-        if stats[name]["truncated"]:
-            log.info("tokenize: %d of %d %s examples had their input cut to fit max_length=%d",
-                     stats[name]["truncated"], before, name, prompt.max_length)
-    with atomic_dir(final, {"stage": "tokenize"}) as tmp:
+            raise ValueError(f"the data stage's {name} split is empty: check data.max_{name}_samples and the source")
+        # keep_in_memory: never write cache files into the data stage's folder. new_fingerprint: skip
+        # datasets' hashing of the closure, which pickles the whole tokenizer (seconds per call).
+        enc = ds.map(lambda rows: encode_batch(rows, prompt, tokenizer, prefix), batched=True, batch_size=1000,
+                     keep_in_memory=True, new_fingerprint=f"{key}-{name}", desc=f"tokenize {name}")
+        prompt_lens = [len(p) for p in enc["prompt_ids"]]
+        kept = [i for i, n in enumerate(prompt_lens) if n]
+        if not kept:
+            raise PromptError(_nothing_fits(ds[0], prompt, tokenizer, prefix, name, len(ds)))
+        truncated = list(enc["truncated"])
+        target_lens = [len(x) - n for x, n in zip(enc["input_ids"], prompt_lens)]
+        stats[name] = _stats([prompt_lens[i] for i in kept], [target_lens[i] for i in kept],
+                             sum(truncated[i] for i in kept), len(ds) - len(kept))
+        if len(kept) < len(ds):
+            enc = enc.select(kept, keep_in_memory=True)
+            log.warning("tokenize: dropped %d of %d %s examples that do not fit prompt.max_length=%d even with "
+                        "their input cut to nothing", len(ds) - len(kept), len(ds), name, prompt.max_length)
+        log.info("tokenize: %s: %d examples, %d with the input cut to fit prompt.max_length=%d",
+                 name, stats[name]["n"], stats[name]["truncated"], prompt.max_length)
+        extra = [c for c in ds.column_names if c not in TEST_COLUMNS]  # e.g. aspect, id: to trace predictions
+        out[name] = enc.select_columns(TRAIN_COLUMNS if name == "train" else TEST_COLUMNS + extra)
+    meta = {"stage": "tokenize", "data": data.fingerprint, "prompt": section_dict(prompt), "tokenizer": str(tokenizer_dir)}
+    with atomic_dir(final, meta) as tmp:
         datasets.DatasetDict(out).save_to_disk(str(tmp / "dataset"))
         write_json(tmp / "stats.json", stats)
+    return stats
+
+
+def _nothing_fits(row: dict[str, Any], prompt: PromptConfig, tokenizer, prefix: list[int], split: str, n: int) -> str:
+    """One line: how many tokens the template alone needs, and what to change."""
+    overhead = len(_prompt_ids({**row, "input": ""}, prompt, tokenizer, prefix))
+    return (
+        f"tokenize: none of the {n} {split} examples fits prompt.max_length={prompt.max_length}: the prompt without "
+        f"its input already takes {overhead} tokens, plus up to prompt.max_target_length={prompt.max_target_length} "
+        "for the target; raise prompt.max_length, or shorten prompt.template/prompt.system or prompt.max_target_length"
+    )

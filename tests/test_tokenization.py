@@ -1,19 +1,23 @@
-"""Prompt rendering, label masking, truncation and the tokenize stage on a real GPT-2 tokenizer."""
+"""Label masking, truncation and the tokenize stage on a real GPT-2 tokenizer (see conftest)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
 
-from loraflow.artifacts import Handle
-from loraflow.collator import IGNORE_INDEX, CompletionCollator, left_pad
+from loraflow.artifacts import Handle, is_complete
+from loraflow.collator import IGNORE_INDEX
 from loraflow.config import PromptConfig
 from loraflow.prompts import PromptError, render_prompt
-from loraflow.tokenization import encode_example, load_tokenizer, tokenize_data
+from loraflow.tokenization import encode_example, load_tokenizer, tokenize_data, tokenizer_digest
 
-ROW = {"input": "We study the effect of pretraining on long documents.", "target": "Pretraining helps.", "aspect": "outcome"}
+ROW = {"input": "We study the effect of pretraining on long documents.", "target": "Pretraining helps.",
+       "references": ["Pretraining helps."], "aspect": "outcome"}
+INSTRUCTION = "Summarize the {aspect}:\n{input}\nSummary:"
 
 
 @pytest.fixture(scope="module")
@@ -22,93 +26,149 @@ def tok(gpt2_tokenizer_dir):
 
 
 def template(**kw) -> PromptConfig:
-    return PromptConfig(style="template", template="Summarize the {aspect}:\n{input}\nSummary:", **kw)
+    return PromptConfig(style="template", template=INSTRUCTION, **kw)
 
 
-def test_template_and_chat_rendering(tok):
-    assert render_prompt(ROW, template(), tok) == f"Summarize the outcome:\n{ROW['input']}\nSummary:"
-    chat = render_prompt(ROW, PromptConfig(style="chat", template="{input}", system="Be brief."), tok)
-    assert chat == f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{ROW['input']}<|im_end|>\n<|im_start|>assistant\n"
+def completion(labels: list[int]) -> list[int]:
+    return [t for t in labels if t != IGNORE_INDEX]
 
 
-def test_unknown_template_field_lists_columns(tok):
-    with pytest.raises(PromptError, match=r"uses \{title\}.*use one of \{input\}, \{target\}, \{aspect\}"):
-        render_prompt(ROW, PromptConfig(style="template", template="{title}: {input}"), tok)
+@pytest.mark.parametrize("style", ["template", "chat"])
+def test_labels_mask_the_prompt_and_keep_the_completion(tok, style):
+    cfg = PromptConfig(style=style, template=INSTRUCTION, system="Be brief.")
+    enc = encode_example(ROW, cfg, tok)
+    n = len(enc["prompt_ids"])
+    assert tok.decode(enc["prompt_ids"]) == render_prompt(ROW, cfg, tok)
+    assert enc["input_ids"][:n] == enc["prompt_ids"]
+    assert enc["labels"][:n] == [IGNORE_INDEX] * n
+    assert enc["labels"][n:] == enc["input_ids"][n:] and IGNORE_INDEX not in enc["labels"][n:]
+    # Tokenized on its own (no BPE merge with the prompt's last characters), then EOS: the model learns to stop.
+    assert enc["labels"][n:] == tok(ROW["target"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert enc["labels"][-1] == tok.eos_token_id and enc["truncated"] is False
 
 
-def test_labels_mask_the_prompt_and_keep_the_completion(tok):
-    enc = encode_example(ROW, template(), tok)
-    n_prompt = len(enc["prompt_ids"])
-    assert enc["input_ids"][:n_prompt] == enc["prompt_ids"]
-    assert enc["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
-    completion = enc["labels"][n_prompt:]
-    assert completion == enc["input_ids"][n_prompt:] and IGNORE_INDEX not in completion
-    assert tok.decode(completion[:-1]) == " Pretraining helps." or tok.decode(completion[:-1]) == "Pretraining helps."
-    assert completion[-1] == tok.eos_token_id and enc["truncated"] is False
+def test_bos_is_added_once_for_tokenizers_that_use_one(gpt2_tokenizer_dir):
+    bos_tok = load_tokenizer(gpt2_tokenizer_dir)
+    bos_tok.add_bos_token = True  # like Llama: the tokenizer itself prepends BOS
+    bos = bos_tok.bos_token_id
+    plain = encode_example(ROW, template(), bos_tok)["prompt_ids"]
+    assert plain[0] == bos and plain[1] != bos
+    bos_tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # Llama-3 style
+    chat = encode_example(ROW, PromptConfig(style="chat", template=INSTRUCTION), bos_tok)["prompt_ids"]
+    assert chat[0] == bos and chat[1] != bos
 
 
-def test_truncation_cuts_the_input_never_the_target_or_instruction(tok):
-    long_row = {**ROW, "input": " ".join(["word"] * 400)}
-    cfg = template(max_length=64, max_target_length=16)
-    enc = encode_example(long_row, cfg, tok)
-    assert enc["truncated"] is True and len(enc["input_ids"]) <= 64
+@pytest.mark.parametrize("style", ["template", "chat"])
+def test_truncation_cuts_the_input_and_keeps_instruction_header_and_target(tok, style):
+    long_input = " ".join(f"word{i}" for i in range(400))
+    cfg = PromptConfig(style=style, template=INSTRUCTION, max_length=64, max_target_length=16)
+    enc = encode_example({**ROW, "input": long_input}, cfg, tok)
+    assert enc["truncated"] is True and 48 <= len(enc["input_ids"]) <= 64  # cut to fit, not far below
     text = tok.decode(enc["prompt_ids"])
-    assert text.startswith("Summarize the outcome:") and text.endswith("Summary:")
-    target = [t for t in enc["labels"] if t != IGNORE_INDEX]
-    assert tok.decode(target[:-1]).strip() == "Pretraining helps."
+    expected_end = "\nSummary:" if style == "template" else "\nSummary:<|im_end|>\n<|im_start|>assistant\n"
+    assert "Summarize the outcome:\nword0 word1 word2" in text and text.endswith(expected_end)
+    kept = text.split("Summarize the outcome:\n")[1].removesuffix(expected_end)
+    assert long_input.startswith(kept) and len(kept) < len(long_input) / 2
+    assert tok.decode(completion(enc["labels"])) == "Pretraining helps.<|endoftext|>"
 
 
 def test_long_target_is_cut_to_max_target_length_and_keeps_eos(tok):
     enc = encode_example({**ROW, "target": "very " * 100}, template(max_length=128, max_target_length=10), tok)
-    target = [t for t in enc["labels"] if t != IGNORE_INDEX]
-    assert len(target) == 10 and target[-1] == tok.eos_token_id
+    target = completion(enc["labels"])
+    assert len(target) == 10 and target[-1] == tok.eos_token_id and enc["truncated"] is False
 
 
-def test_collator_pads_right_with_ignored_labels():
-    batch = CompletionCollator(pad_token_id=0)([
-        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
-        {"input_ids": [8], "labels": [8]},
-    ])
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    ids, mask = left_pad([[1, 2, 3], [4]], pad_token_id=0)
-    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+# ----------------------------------------------------------------------------------------- stage
 
 
-def _data_handle(tmp_path: Path, n_long: int = 0) -> Handle:
+def _data_handle(tmp_path: Path, n_long: int = 0, fp: str = "data-fp", huge_aspect: bool = False) -> Handle:
+    """A data-stage folder as the data stage writes it: dataset/ with train and test splits."""
     import datasets
 
-    def rows(n, prefix):
-        return [{"input": f"{prefix} text {i} " + ("filler " * 300 if i < n_long else ""), "target": f"t {i}",
-                 "references": [f"t {i}", "other"], "aspect": "outcome"} for i in range(n)]
+    def rows(n: int, split: str) -> list[dict]:
+        return [{"input": f"{split} text {i} " + ("filler " * 300 if i < n_long else ""), "target": f"t {i}",
+                 "references": [f"t {i}", "other"], "id": f"{split}-{i}",
+                 "aspect": "x " * 200 if huge_aspect and i == 0 else "outcome"} for i in range(n)]
 
     path = tmp_path / "data"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows(8, "train")),
                           "test": datasets.Dataset.from_list(rows(4, "test"))}).save_to_disk(str(path / "dataset"))
-    return Handle(stage="data", path=str(path), fingerprint=f"fp{n_long}")
+    return Handle(stage="data", path=str(path), fingerprint=fp)
 
 
-def test_stage_writes_arrow_and_stats_and_reuses_its_folder(tmp_path, gpt2_tokenizer_dir):
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_stage_writes_arrow_and_stats_and_reuses_its_folder(tmp_path, gpt2_tokenizer_dir, tok, caplog):
     import datasets
 
     data = _data_handle(tmp_path, n_long=3)
+    data_files = _files(Path(data.path))
     cfg = template(max_length=96, max_target_length=16)
-    h = tokenize_data(data, cfg, gpt2_tokenizer_dir, tmp_path / "out")
+    with caplog.at_level(logging.INFO, logger="loraflow"):
+        h = tokenize_data(data, cfg, gpt2_tokenizer_dir, tmp_path / "out")
+    assert h.stage == "tokenize" and Path(h.path) == (tmp_path / "out" / "tokenize" / h.fingerprint).resolve()
+    assert is_complete(h.path) and "3 with the input cut" in caplog.text
+    assert _files(Path(data.path)) == data_files  # no cache files written into the data stage's folder
+
     ds = datasets.load_from_disk(str(Path(h.path) / "dataset"))
     assert ds["train"].column_names == ["input_ids", "labels"] and len(ds["train"]) == 8
-    assert {"prompt_ids", "references"} <= set(ds["test"].column_names)
+    assert ds["test"].column_names == ["input_ids", "labels", "prompt_ids", "references", "input", "target",
+                                       "id", "aspect"]
+    first = ds["test"][1]
+    assert first["input_ids"] == encode_example(_data_row(first), cfg, tok)["input_ids"]
+    assert first["references"] == ["t 1", "other"]
+    assert all(len(x) <= 96 for x in ds["train"]["input_ids"])
+
     stats = json.loads((Path(h.path) / "stats.json").read_text())
     assert stats["train"]["truncated"] == 3 and stats["test"]["truncated"] == 3
-    assert stats["train"]["max_prompt_tokens"] + stats["train"]["max_target_tokens"] <= 96
+    assert stats["train"]["n"] == 8 and stats["train"]["dropped"] == 0
+    assert stats["train"]["label_tokens"] == sum(len(completion(x)) for x in ds["train"]["labels"])
+    assert h.info == {"n_train": 8, "truncated_train": 3, "dropped_train": 0,
+                      "n_test": 4, "truncated_test": 3, "dropped_test": 0}
+
+    mtime = (Path(h.path) / "manifest.json").stat().st_mtime_ns
     again = tokenize_data(data, cfg, gpt2_tokenizer_dir, tmp_path / "out")
-    assert again.fingerprint == h.fingerprint
-    other = tokenize_data(data, template(max_length=97, max_target_length=16), gpt2_tokenizer_dir, tmp_path / "out")
-    assert other.fingerprint != h.fingerprint
+    assert again == h and (Path(h.path) / "manifest.json").stat().st_mtime_ns == mtime  # reused, not rewritten
+
+    other = tokenize_data(data, template(max_length=96, max_target_length=16).model_copy(
+        update={"template": "Summary of {input}:"}), gpt2_tokenizer_dir, tmp_path / "out")
+    assert other.fingerprint != h.fingerprint and other.info["truncated_train"] == 3
+    assert len(list((tmp_path / "out" / "tokenize").iterdir())) == 2
 
 
-def test_stage_fails_clearly_when_nothing_fits(tmp_path, gpt2_tokenizer_dir):
+def _data_row(test_row: dict) -> dict:
+    return {k: test_row[k] for k in ("input", "target", "references", "id", "aspect")}
+
+
+def test_tokenizer_files_are_part_of_the_key(tmp_path, gpt2_tokenizer_dir):
+    copy = Path(shutil.copytree(gpt2_tokenizer_dir, tmp_path / "tok"))
+    before = tokenizer_digest(copy)
+    assert "tokenizer.json" in before
+    (copy / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    assert tokenizer_digest(copy) != before
+
+
+def test_rows_that_cannot_fit_are_dropped_and_counted(tmp_path, gpt2_tokenizer_dir):
+    data = _data_handle(tmp_path, huge_aspect=True)  # row 0 of each split: the {aspect} alone exceeds the budget
+    h = tokenize_data(data, template(max_length=96, max_target_length=16), gpt2_tokenizer_dir, tmp_path / "out")
+    assert (h.info["n_train"], h.info["dropped_train"], h.info["n_test"], h.info["dropped_test"]) == (7, 1, 3, 1)
+
+
+def test_stage_fails_in_one_line_when_nothing_fits(tmp_path, gpt2_tokenizer_dir):
     cfg = PromptConfig(style="template", template="x " * 40 + "{input}", max_length=32, max_target_length=8)
-    with pytest.raises(PromptError, match="raise prompt.max_length"):
+    with pytest.raises(PromptError, match="none of the 8 train examples fits.*raise prompt.max_length") as err:
         tokenize_data(_data_handle(tmp_path), cfg, gpt2_tokenizer_dir, tmp_path / "out")
-    assert not list((tmp_path / "out").glob("tokenize/*/stats.json"))
+    assert "\n" not in str(err.value) and "takes 41 tokens" in str(err.value)
+    assert not (tmp_path / "out" / "tokenize").exists() or not any((tmp_path / "out" / "tokenize").iterdir())
+
+
+@pytest.mark.parametrize(("cfg", "match"), [
+    (PromptConfig(style="template", template="{title}: {input}"), r"uses \{title\}.*use one of \{input\}, \{id\}"),
+    (PromptConfig(style="template", max_length=64, max_target_length=64), "leaves no room for the prompt"),
+])
+def test_stage_rejects_bad_prompt_settings_before_writing(tmp_path, gpt2_tokenizer_dir, cfg, match):
+    with pytest.raises(PromptError, match=match):
+        tokenize_data(_data_handle(tmp_path), cfg, gpt2_tokenizer_dir, tmp_path / "out")
+    assert not (tmp_path / "out" / "tokenize").exists() or not any((tmp_path / "out" / "tokenize").iterdir())

@@ -1,0 +1,38 @@
+"""Dynamic padding for training batches and left padding for generation."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraflow.collator import IGNORE_INDEX, CompletionCollator, left_pad
+
+BATCH = [
+    {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7], "prompt_ids": [5]},
+    {"input_ids": [8], "labels": [8]},
+]
+
+
+def test_pads_right_to_the_longest_example_with_ignored_labels():
+    out = CompletionCollator(pad_token_id=0)(BATCH)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert set(out) == {"input_ids", "attention_mask", "labels"}  # extra keys (prompt_ids) are not passed on
+
+
+def test_pad_to_multiple_of_and_left_side():
+    out = CompletionCollator(pad_token_id=9, pad_to_multiple_of=4, padding_side="left")(BATCH)
+    assert out["input_ids"].tolist() == [[9, 5, 6, 7], [9, 9, 9, 8]]
+    assert out["labels"].tolist() == [[-100, -100, 6, 7], [-100, -100, -100, 8]]
+    assert out["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+
+
+def test_mismatched_labels_are_an_error():
+    with pytest.raises(ValueError, match="3 input_ids but 2 labels"):
+        CompletionCollator(pad_token_id=0)([{"input_ids": [1, 2, 3], "labels": [2, 3]}])
+
+
+def test_left_pad_ends_every_prompt_at_the_last_column():
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
