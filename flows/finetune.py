@@ -20,9 +20,10 @@ from tasks.stages import data_task, evaluate_task, model_task, tokenize_task, tr
 
 def _stage(task_obj, cfg: PipelineConfig, *args: Any) -> Handle:
     """Run one cached stage. A cache hit whose artifact folder is gone or fails its checksums is
-    never used: it is logged and the stage recomputes (`run.refresh` forces that for every stage)."""
+    never used: it is logged and the stage recomputes (`run.refresh` forces that for all or some stages)."""
     logger = get_run_logger()
-    state = task_obj.with_options(refresh_cache=cfg.run.refresh or None)(*args, return_state=True)
+    refresh = cfg.run.refresh is True or (isinstance(cfg.run.refresh, list) and task_obj.name in cfg.run.refresh)
+    state = task_obj.with_options(refresh_cache=refresh or None)(*args, return_state=True)
     handle: Handle = state.result()
     if state.name == "Cached":
         problem = verify(handle.path)

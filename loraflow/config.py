@@ -163,7 +163,9 @@ class RunConfig(Section):
     cache_dir: str | None = Field(
         None, description="Shared cache (converted GGUF models, Prefect result records); default ~/.cache/loraflow."
     )
-    refresh: bool = Field(False, description="Recompute every stage even if a cached result exists.")
+    refresh: bool | list[Literal["data", "tokenize", "model", "train", "evaluate"]] = Field(
+        False, description="Recompute even if cached: true = every stage, or a list of stages, e.g. [train]."
+    )
     hf_token_secret: str | None = Field(
         None,
         description="Name of a Prefect Secret block holding a Hugging Face token (else HF_TOKEN from the "

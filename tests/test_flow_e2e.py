@@ -91,6 +91,9 @@ def test_reruns_recompute_only_what_changed(tmp_path, tiny_llama_dir, prefect_ha
     assert ran(cfg) == {"tokenize"}  # same fingerprint again, so train/evaluate stay cached
     assert first.result()["stages"] == finetune(cfg)["stages"]
 
+    # A refresh switch forces the named stages (or all, with true) to recompute.
+    assert ran(cfg.model_copy(update={"run": cfg.run.model_copy(update={"refresh": ["evaluate"]})})) == {"evaluate"}
+
     # The data file edited in place (same path): everything downstream of data runs (the model
     # stage does not read the data, so it stays cached).
     data_file.write_text(data_file.read_text().replace("river", "lake"))
