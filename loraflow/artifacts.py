@@ -62,6 +62,8 @@ def verify(path: str | Path) -> str | None:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{path} is missing or has no readable {MANIFEST}"
+    if not isinstance(files, dict) or not all(isinstance(v, dict) and {"size", "sha256"} <= v.keys() for v in files.values()):
+        return f"{MANIFEST} in {path} has no checksums (written by an older loraflow)"
     for rel, expected in files.items():
         f = path / rel
         if not f.is_file():

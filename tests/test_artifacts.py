@@ -28,3 +28,13 @@ def test_a_stage_that_fails_halfway_leaves_nothing(tmp_path):
             (tmp / "half.txt").write_text("partial")
             raise RuntimeError("killed")
     assert not final.exists() and list((tmp_path / "stage").iterdir()) == []
+
+
+def test_a_manifest_without_checksums_is_not_trusted(tmp_path):
+    import json
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "a.txt").write_text("hello")
+    (old / "manifest.json").write_text(json.dumps({"files": ["a.txt"]}))  # the first manifest format
+    assert "no checksums" in verify(old) and not is_complete(old)
