@@ -1,14 +1,24 @@
 """The **data** stage: load a source, map its columns, validate, split train/test deterministically.
 
-Output: `<output_dir>/data/<key>/dataset` = a `DatasetDict` (train, test) saved as Arrow with columns
-`input` (str), `target` (str: the first reference, used for training), `references` (list[str]) and
-any other string columns of the source (so templates can use e.g. `{aspect}`).
+Output folder `<output_dir>/data/<key>/`:
+    dataset/        a `DatasetDict` {train, test} saved with `save_to_disk` (Arrow), columns
+                    input (str), target (str: the first reference, what training uses),
+                    references (list[str]: every reference, what ROUGE scores against),
+                    plus the source's other string columns (so templates can use e.g. {aspect}).
+    info.json       {n_train, n_test, source, dropped} (also the Handle's info)
+    splits.json     where each split came from, e.g. {"train": "train", "test": "validation"}
+    manifest.json   file checksums (artifacts.atomic_dir) + the data config
+
+`key = fingerprint(data config, source content digest, CODE_VERSION)`: editing a local file in place,
+upgrading the aclsum package or pinning another hub revision gives a new folder.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,177 +26,285 @@ from loraflow.artifacts import Handle, atomic_dir, file_digest, fingerprint, is_
 from loraflow.config import DataConfig, section_dict
 
 log = logging.getLogger("loraflow")
-CODE_VERSION = "data-1"
-FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-SPLIT_PREFIXES = {"train": "train", "test": "test", "validation": "validation", "valid": "validation", "dev": "validation", "val": "validation"}
+CODE_VERSION = "data-2"  # bump when the output for the same inputs changes
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}  # suffix -> datasets builder
+# Folder files named train*/test*/validation*/dev* are splits ("train-00000-of-00002.parquet" too);
+# the prefix must not run on into a letter, so "trainer.jsonl" or "testimonials.csv" are not splits.
+_SPLIT_FILE = re.compile(r"^(training|train|testing|test|validation|valid|val|dev)(?![a-z])", re.IGNORECASE)
+_CANONICAL = {"training": "train", "testing": "test", "valid": "validation", "val": "validation", "dev": "validation"}
+OWN_COLUMNS = ("input", "target", "references")
 
 
 class DataError(ValueError):
     """A data problem the user can fix; the message names it and the fix."""
 
 
-def _local_files(path: Path) -> list[Path]:
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in FORMATS)
-    if not files:
-        raise DataError(f"data.source: '{path}' holds no .jsonl/.json/.csv/.parquet files: point it at a data file or folder")
-    bad = [p.name for p in files if p.suffix not in FORMATS]
-    if bad:
-        raise DataError(f"data.source: unsupported file type '{bad[0]}': use .jsonl, .json, .csv or .parquet")
-    if len({p.suffix.replace(".jsonl", ".json") for p in files}) > 1:
-        raise DataError(f"data.source: '{path}' mixes file types: keep one format per folder")
-    return files
+def _canonical(split: str) -> str:
+    return _CANONICAL.get(split.lower(), split.lower())
 
 
 def is_local(source: str) -> bool:
+    """A path (existing, or written like one), as opposed to a hub dataset id."""
     return source.startswith((".", "/", "~")) or Path(source).expanduser().exists() or Path(source).suffix in FORMATS
+
+
+def _local_files(source: str) -> list[Path]:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data.source: '{source}' does not exist: check the path (relative paths start at {Path.cwd()})")
+    if path.is_file():
+        if path.suffix not in FORMATS:
+            raise DataError(f"data.source: unsupported file type '{path.name}': use .jsonl, .json, .csv or .parquet")
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in FORMATS)  # README, LICENSE are skipped
+    if not files:
+        raise DataError(f"data.source: folder '{source}' holds no .jsonl/.json/.csv/.parquet files: point it at data")
+    if len({FORMATS[p.suffix] for p in files}) > 1:
+        raise DataError(f"data.source: folder '{source}' mixes file formats: keep one format (jsonl, csv or parquet)")
+    return files
 
 
 def source_fingerprint(cfg: DataConfig) -> str:
     """Content identity of the source: file bytes for local data, package files for aclsum, id@revision for hub."""
     if cfg.source == "aclsum":
-        from loraflow.aclsum import split_files
+        from loraflow.aclsum import AclsumError, split_files, version
 
-        return fingerprint([file_digest(p) for p in split_files().values()])
+        try:
+            return fingerprint("aclsum", version(), {k: file_digest(p) for k, p in split_files().items()})
+        except AclsumError as err:
+            raise DataError(str(err)) from None
     if is_local(cfg.source):
-        path = Path(cfg.source).expanduser()
-        if not path.exists():
-            raise DataError(f"data.source: '{cfg.source}' does not exist: check the path (relative to {Path.cwd()})")
-        return fingerprint([(p.name, file_digest(p)) for p in _local_files(path)])
+        return fingerprint([(p.name, file_digest(p)) for p in _local_files(cfg.source)])
+    # A hub id without a revision follows the branch head: pin data.revision for reproducible caching.
     return f"{cfg.source}:{cfg.hub_config}@{cfg.revision or 'main'}"
 
 
-def _check_jsonl(path: Path) -> None:
-    """datasets' JSON errors don't say where; find the first bad line ourselves."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
+def _check_file(path: Path) -> None:
+    """Catch empty and corrupt files ourselves: datasets' errors for them don't name the file or line."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        empty = pq.read_metadata(path).num_rows == 0
+    else:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        empty = len(lines) < (2 if path.suffix == ".csv" else 1)  # a csv needs a header and a row
+        whole_json = False
+        if path.suffix == ".json" and not empty:  # one JSON document ([{...}, ...]) or JSON lines
+            try:
+                empty, whole_json = json.loads(text) in ([], {}), True
+            except json.JSONDecodeError as err:
+                if len(lines) == 1 or lines[0].strip() in ("[", "{"):
+                    raise DataError(f"{path}: line {err.lineno} is not valid JSON ({err.msg}): fix the file") from None
+        if path.suffix in (".jsonl", ".json") and not whole_json:
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
                 try:
-                    json.loads(line)
+                    row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{path}: line {lineno} is not valid JSON ({err.msg}): fix or remove that line") from None
+                    raise DataError(
+                        f"{path}: line {lineno} is not valid JSON ({err.msg}): fix or remove that line"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: line {lineno} is a JSON {type(row).__name__}, not an object: "
+                                    'write one {"column": value, ...} object per line')
+    if empty:
+        raise DataError(f"data.source: '{path}' has no rows: add examples or remove the file")
 
 
-def _split_name(file: Path) -> str | None:
-    stem = file.stem.lower()
-    for prefix, name in SPLIT_PREFIXES.items():
-        if stem == prefix or stem.startswith((prefix + "-", prefix + "_", prefix + ".")):
-            return name
-    return None
+def _local_splits(cfg: DataConfig) -> dict[str, list[str]]:
+    """data_files for datasets.load_dataset: {split: [file, ...]}; one "pool" when files are not named by split."""
+    files = _local_files(cfg.source)
+    for f in files:
+        _check_file(f)
+    if len(files) == 1 and Path(cfg.source).expanduser().is_file():
+        return {"pool": [str(files[0])]}
+    named = {f: _SPLIT_FILE.match(f.stem) for f in files}
+    if not any(named.values()):
+        return {"pool": [str(f) for f in files]}
+    others = [f.name for f, m in named.items() if not m]
+    if others:
+        raise DataError(f"data.source: folder '{cfg.source}' mixes split files (train*/test*/validation*/dev*) with "
+                        f"{', '.join(others)}: rename those to a split name or move them out")
+    out: dict[str, list[str]] = {}
+    for f, m in named.items():
+        out.setdefault(_canonical(m.group(1)), []).append(str(f))
+    return out
 
 
-def load_source(cfg: DataConfig):
-    """A DatasetDict of the source's splits (one "pool" split when it has none)."""
+def load_source(cfg: DataConfig, cache_dir: str | Path | None = None):
+    """The source as a DatasetDict of its splits (a single "pool" split when it has none).
+
+    Local files are parsed into `cache_dir` (the stage's scratch folder) so no stray cache is left behind.
+    """
     import datasets
 
     if cfg.source == "aclsum":
-        from loraflow.aclsum import load_aclsum
+        from loraflow.aclsum import AclsumError, load_aclsum
 
-        return datasets.DatasetDict(
-            {s: datasets.Dataset.from_list(load_aclsum(s, cfg.aclsum_aspect)) for s in ("train", "validation", "test")}
-        )
-    if is_local(cfg.source):
-        path = Path(cfg.source).expanduser()
-        if not path.exists():
-            raise DataError(f"data.source: '{cfg.source}' does not exist: check the path (relative to {Path.cwd()})")
-        files = _local_files(path)
-        for f in files:
-            if f.suffix == ".jsonl":
-                _check_jsonl(f)
-        named = {f: _split_name(f) for f in files} if path.is_dir() else {}
-        if named and all(named.values()):
-            data_files: dict[str, Any] = {}
-            for f, split in named.items():
-                data_files.setdefault(split, []).append(str(f))
-        else:
-            data_files = {"pool": [str(f) for f in files]}
         try:
-            return datasets.load_dataset(FORMATS[files[0].suffix], data_files=data_files)
-        except Exception as err:
-            raise DataError(f"data.source: could not read {path} ({type(err).__name__}): check the file format") from None
+            splits = {s: load_aclsum(s, cfg.aclsum_aspect) for s in ("train", "validation", "test")}
+        except AclsumError as err:
+            raise DataError(str(err)) from None
+        return datasets.DatasetDict({s: datasets.Dataset.from_list(rows) for s, rows in splits.items()})
+    if is_local(cfg.source):
+        data_files = _local_splits(cfg)
+        builder = FORMATS[Path(next(iter(data_files.values()))[0]).suffix]
+        try:
+            return datasets.load_dataset(builder, data_files=data_files, cache_dir=str(cache_dir) if cache_dir else None)
+        except Exception as err:  # e.g. a column that is a string in one row and a list in another
+            raise DataError(f"data.source: could not read '{cfg.source}' as {builder} ({type(err).__name__}: "
+                            f"{_first_line(err)}): check that every row has the same columns and types") from None
     try:
         return datasets.load_dataset(cfg.source, cfg.hub_config, revision=cfg.revision)
     except Exception as err:
-        raise DataError(
-            f"data.source: could not load hub dataset '{cfg.source}' ({type(err).__name__}: {str(err).splitlines()[0][:160]}): "
-            "check the id, data.hub_config, your network, or use a local file"
-        ) from None
+        raise DataError(f"data.source: could not load hub dataset '{cfg.source}' ({type(err).__name__}: "
+                        f"{_first_line(err)}); there is no local file or folder of that name either: check the id, "
+                        "data.hub_config, your network/HF_TOKEN, or point data.source at a local file") from None
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
+
+
+def _kind(feature: Any) -> str:
+    """'text' (string), 'scalar' (number/bool, used via str), 'list' (of strings), or 'other'."""
+    dtype = getattr(feature, "dtype", None)
+    if dtype in ("string", "large_string"):
+        return "text"
+    if type(feature).__name__ in ("List", "LargeList", "Sequence"):
+        inner = getattr(feature, "feature", None)
+        return "list" if getattr(inner, "dtype", None) in ("string", "large_string", "null") else "other"
+    return "scalar" if dtype is not None else "other"
 
 
 def _normalise(ds, cfg: DataConfig, split: str):
-    """Map columns onto input/target/references, drop empty rows; returns (dataset, dropped)."""
-    for col in (cfg.input_column, cfg.target_column):
+    """Map columns onto input/target/references and drop empty rows; returns (dataset, n_dropped)."""
+    for field, col in (("input_column", cfg.input_column), ("target_column", cfg.target_column)):
         if col not in ds.column_names:
-            which = "input_column" if col == cfg.input_column else "target_column"
-            raise DataError(
-                f"data.{which}: no column '{col}' in the {split} split: available columns are {', '.join(ds.column_names)}"
-            )
-    extra = [c for c, f in ds.features.items() if c not in (cfg.input_column, cfg.target_column)
-             and getattr(f, "dtype", None) == "string" and c not in ("input", "target", "references")]
+            raise DataError(f"data.{field}: no column '{col}' in the {split} split of '{cfg.source}': "
+                            f"available columns are {', '.join(ds.column_names)}")
+        kind = _kind(ds.features[col])
+        if kind == "other":
+            raise DataError(f"data.{field}: column '{col}' holds {ds.features[col]}, not text or a list of "
+                            f"strings: choose a text column (available: {', '.join(ds.column_names)})")
+        if kind == "list" and col == cfg.input_column and not cfg.join_input_lists:
+            raise DataError(f"data.input_column: column '{col}' holds lists of strings: set data.join_input_lists=true "
+                            "to join them with spaces, or choose a text column")
+    extra = [c for c, f in ds.features.items()
+             if _kind(f) == "text" and c not in (cfg.input_column, cfg.target_column, *OWN_COLUMNS)]
 
-    def convert(row: dict[str, Any]) -> dict[str, Any]:
-        src, tgt = row[cfg.input_column], row[cfg.target_column]
-        if isinstance(src, list) and cfg.join_input_lists:
-            src = " ".join(str(s).strip() for s in src)
-        refs = [str(t).strip() for t in (tgt if isinstance(tgt, list) else [tgt]) if t is not None and str(t).strip()]
-        return {"input": str(src or "").strip(), "target": refs[0] if refs else "", "references": refs,
-                **{c: row[c] or "" for c in extra}}
+    def convert(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"input": [], "target": [], "references": [], **{c: [] for c in extra}}
+        for i, (src, tgt) in enumerate(zip(batch[cfg.input_column], batch[cfg.target_column])):
+            if isinstance(src, list):
+                src = " ".join(str(s).strip() for s in src if s is not None)
+            refs = [str(t).strip() for t in (tgt if isinstance(tgt, list) else [tgt]) if t is not None]
+            refs = [r for r in refs if r]
+            out["input"].append("" if src is None else str(src).strip())
+            out["target"].append(refs[0] if refs else "")
+            out["references"].append(refs)
+            for c in extra:
+                out[c].append(batch[c][i] or "")
+        return out
 
-    mapped = ds.map(convert, remove_columns=ds.column_names, desc=f"map columns ({split})")
-    kept = mapped.filter(lambda r: bool(r["input"]) and bool(r["target"]))
+    mapped = ds.map(convert, batched=True, remove_columns=ds.column_names, desc=f"data: map columns ({split})")
+    kept = mapped.filter(lambda b: [bool(x and y) for x, y in zip(b["input"], b["target"])], batched=True)
+    if len(kept) == 0:
+        raise DataError(f"data: all {len(mapped)} rows of the {split} split have an empty '{cfg.input_column}' or "
+                        f"'{cfg.target_column}': check data.input_column / data.target_column and the data")
     return kept, len(mapped) - len(kept)
 
 
+def _find_split(names: list[str], wanted: str) -> str | None:
+    """The source split matching a configured name; 'dev'/'val'/'valid' and 'validation' are one name."""
+    if wanted in names:
+        return wanted
+    return next((n for n in names if _canonical(n) == _canonical(wanted)), None)
+
+
 def _cap(ds, n: int | None, seed: int):
-    """Seeded shuffle, then the first n: a deterministic random sample."""
+    """A seeded random sample: shuffle with `seed`, keep the first n (files are often sorted, the head is biased).
+
+    Same seed, same rows; a smaller cap is a prefix of a larger one.
+    """
     if n is None or n >= len(ds):
         return ds
     return ds.shuffle(seed=seed).select(range(n))
 
 
-def build_splits(cfg: DataConfig) -> tuple[Any, int]:
+def build_splits(cfg: DataConfig, cache_dir: str | Path | None = None) -> tuple[Any, int, dict[str, str]]:
+    """(DatasetDict {train, test}, rows dropped as empty, where each split came from)."""
     import datasets
 
-    source = load_source(cfg)
-    if len(source) == 0 or sum(len(s) for s in source.values()) == 0:
-        raise DataError(f"data.source: '{cfg.source}' has no rows: check the file or folder")
-    dropped = 0
-    if cfg.train_split in source and cfg.test_split in source:
-        train, d1 = _normalise(source[cfg.train_split], cfg, cfg.train_split)
-        test, d2 = _normalise(source[cfg.test_split], cfg, cfg.test_split)
-        dropped = d1 + d2
+    source = load_source(cfg, cache_dir)
+    names = list(source)
+    for name in names:
+        if len(source[name]) == 0:
+            raise DataError(f"data.source: the {name} split of '{cfg.source}' has no rows: add examples or remove it")
+    train_name, test_name = _find_split(names, cfg.train_split), _find_split(names, cfg.test_split)
+    if train_name is None and len(names) == 1:
+        train_name = names[0]  # a single pool (one file, or a hub dataset with one split): carve the test split
+    if train_name is None:
+        raise DataError(f"data.train_split: '{cfg.source}' has no split '{cfg.train_split}'; its splits are "
+                        f"{', '.join(names)}: set data.train_split (and data.test_split) to one of them")
+    if test_name == train_name:
+        test_name = None
+    train, dropped = _normalise(source[train_name], cfg, train_name)
+    if test_name is not None:  # only the configured names: a 'validation' split is never promoted to test
+        test, dropped_test = _normalise(source[test_name], cfg, test_name)
+        dropped += dropped_test
+        origin = {"train": train_name, "test": test_name}
     else:
-        pool_name = cfg.train_split if cfg.train_split in source else next(iter(source))
-        pool, dropped = _normalise(source[pool_name], cfg, pool_name)
-        if len(pool) < 2:
-            raise DataError(f"data.source: only {len(pool)} usable example(s): need at least 2 to split train/test")
-        parts = pool.train_test_split(test_size=cfg.test_size, seed=cfg.seed)
+        if len(train) < 2:
+            raise DataError(f"data: only {len(train)} usable example in '{cfg.source}': "
+                            "need at least 2 to hold out a test split")
+        try:
+            parts = train.train_test_split(test_size=cfg.test_size, seed=cfg.seed)
+        except ValueError as err:
+            raise DataError(f"data.test_size={cfg.test_size} cannot split {len(train)} examples ({err}): "
+                            "change data.test_size") from None
         train, test = parts["train"], parts["test"]
-    for name, ds in (("train", train), ("test", test)):
-        if len(ds) == 0:
-            raise DataError(f"data: the {name} split is empty after dropping {dropped} empty rows: check data.test_size and the data")
+        origin = {"train": f"{train_name} ({1 - cfg.test_size:g})",
+                  "test": f"{train_name} ({cfg.test_size:g}, seed {cfg.seed})"}
     out = datasets.DatasetDict({"train": _cap(train, cfg.max_train_samples, cfg.seed),
                                 "test": _cap(test, cfg.max_eval_samples, cfg.seed)})
-    return out, dropped
+    return out, dropped, origin
 
 
 def prepare_data(cfg: DataConfig, output_dir: str | Path) -> Handle:
-    """Load, map, validate and split; returns a handle to the Arrow dataset folder."""
+    """Load, map, validate and split the source into `<output_dir>/data/<key>/dataset`; reuse it if complete."""
     key = fingerprint(section_dict(cfg), source_fingerprint(cfg), CODE_VERSION)
     final = stage_dir(output_dir, "data", key)
-    if not is_complete(final):
-        splits, dropped = build_splits(cfg)
-        info = {"n_train": len(splits["train"]), "n_test": len(splits["test"]), "dropped_empty": dropped, "source": cfg.source}
-        if dropped:
-            log.warning("data: dropped %d rows with an empty input or target", dropped)
-        with atomic_dir(final, {"stage": "data"}) as tmp:
+    if is_complete(final):
+        log.info("data: reusing %s", final)
+    else:
+        with atomic_dir(final, {"stage": "data", "config": section_dict(cfg)}) as tmp:
+            scratch = tmp / "scratch"
+            splits, dropped, origin = build_splits(cfg, scratch)
+            if dropped:
+                log.warning("data: dropped %d rows with an empty input or target", dropped)
+            info = {"n_train": len(splits["train"]), "n_test": len(splits["test"]),
+                    "source": cfg.source, "dropped": dropped}
             splits.save_to_disk(str(tmp / "dataset"))
             write_json(tmp / "info.json", info)
+            write_json(tmp / "splits.json", origin)
+            del splits  # memory-maps files in scratch/
+            shutil.rmtree(scratch, ignore_errors=True)  # parsed copies of local files: not part of the artifact
     info = json.loads((final / "info.json").read_text())
     return Handle(stage="data", path=str(final), fingerprint=key, info=info)
 
 
 def load_split(handle: Handle | str | Path, split: str):
+    """One split ("train" or "test") of a data stage folder, as a `datasets.Dataset`."""
     import datasets
 
     path = Path(handle.path if isinstance(handle, Handle) else handle)
-    return datasets.load_from_disk(str(path / "dataset"))[split]
+    folder = path if (path / "dataset_dict.json").is_file() else path / "dataset"
+    if not (folder / "dataset_dict.json").is_file():
+        raise DataError(f"no data stage output at '{path}': run prepare_data (the data stage) first")
+    splits = datasets.load_from_disk(str(folder))
+    if split not in splits:
+        raise DataError(f"the data stage at '{path}' has no split '{split}': use one of {', '.join(splits)}")
+    return splits[split]

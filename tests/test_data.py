@@ -1,17 +1,23 @@
-"""The data stage on real files: sources, column mapping, deterministic splits, clear errors."""
+"""The data stage on real files: sources, column mapping, deterministic splits and caps, clear errors."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from loraflow.artifacts import is_complete
 from loraflow.config import DataConfig
-from loraflow.data import DataError, load_split, prepare_data
+from loraflow.data import DataError, load_split, prepare_data, source_fingerprint
 
-SCITLDR = Path(__file__).resolve().parents[2] / "shared" / "data" / "scitldr"
+REPO = Path(__file__).resolve().parents[1]
+SCITLDR = REPO / ".." / "shared" / "data" / "scitldr"  # shared, read-only: never copied into the repo
+needs_scitldr = pytest.mark.skipif(
+    not (SCITLDR / "train.jsonl").is_file(), reason=f"SciTLDR not found at {SCITLDR.resolve()} (shared data folder absent)"
+)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -19,12 +25,26 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def rows(n: int) -> list[dict]:
-    return [{"doc": f"document number {i}", "summary": f"summary {i}", "topic": f"t{i % 3}"} for i in range(n)]
+def rows(n: int, start: int = 0) -> list[dict]:
+    return [{"id": f"r{i}", "doc": f"document number {i}", "summary": f"summary {i}", "topic": f"t{i % 3}", "n": i}
+            for i in range(start, start + n)]
 
 
 def cfg(source, **kw) -> DataConfig:
-    return DataConfig(source=str(source), input_column="doc", target_column="summary", **kw)
+    return DataConfig(source=str(source), **{"input_column": "doc", "target_column": "summary", **kw})
+
+
+def ids(handle, split: str) -> list[str]:
+    return load_split(handle, split)["id"]
+
+
+def test_import_is_cheap():
+    code = "import sys, loraflow.data, loraflow.aclsum; print([m for m in ('datasets', 'torch') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ splits and caps
 
 
 def test_split_is_deterministic_and_seeded(tmp_path):
@@ -32,39 +52,87 @@ def test_split_is_deterministic_and_seeded(tmp_path):
     a = prepare_data(cfg(src, seed=1, test_size=0.2), tmp_path / "a")
     b = prepare_data(cfg(src, seed=1, test_size=0.2), tmp_path / "b")
     c = prepare_data(cfg(src, seed=2, test_size=0.2), tmp_path / "c")
-    test_a, test_b, test_c = (load_split(h, "test")["input"] for h in (a, b, c))
-    assert test_a == test_b and len(test_a) == 10
-    assert test_a != test_c
+    assert ids(a, "test") == ids(b, "test") and ids(a, "train") == ids(b, "train")
+    assert set(ids(a, "test")) != set(ids(c, "test"))
     assert a.fingerprint == b.fingerprint != c.fingerprint
-    assert not set(test_a) & set(load_split(a, "train")["input"])
+    assert (a.info["n_train"], a.info["n_test"]) == (40, 10)
+    assert not set(ids(a, "test")) & set(ids(a, "train"))
+    assert set(ids(a, "test")) | set(ids(a, "train")) == {f"r{i}" for i in range(50)}
+    assert json.loads((Path(a.path) / "splits.json").read_text())["test"] == "pool (0.2, seed 1)"
+
+
+def test_caps_are_seeded_samples_and_nested(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", rows(60))
+    h7 = prepare_data(cfg(src, max_train_samples=7, max_eval_samples=3), tmp_path)
+    again = prepare_data(cfg(src, max_train_samples=7, max_eval_samples=3), tmp_path / "again")
+    h20 = prepare_data(cfg(src, max_train_samples=20), tmp_path)
+    other = prepare_data(cfg(src, max_train_samples=7, seed=5), tmp_path)
+    full = prepare_data(cfg(src), tmp_path)
+    assert (h7.info["n_train"], h7.info["n_test"]) == (7, 3)
+    assert ids(h7, "train") == ids(again, "train") and ids(h7, "test") == ids(again, "test")
+    assert ids(h20, "train")[:7] == ids(h7, "train")  # a smaller cap is a prefix of a larger one
+    assert set(ids(h7, "train")) <= set(ids(full, "train")) and set(ids(h7, "test")) <= set(ids(full, "test"))
+    assert ids(h7, "train") != ids(full, "train")[:7]  # a sample, not the head of the file
+    assert ids(other, "train") != ids(h7, "train")
+    assert prepare_data(cfg(src, max_eval_samples=500), tmp_path).info["n_test"] == 6  # cap above size: all rows
+
+
+def test_complete_folder_is_reused_without_recomputing(tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "d.jsonl", rows(20))
+    first = prepare_data(cfg(src), tmp_path / "out")
+    assert is_complete(first.path)
+    assert sorted(p.name for p in Path(first.path).iterdir()) == ["dataset", "info.json", "manifest.json", "splits.json"]
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr("loraflow.data.build_splits", boom)
+    assert prepare_data(cfg(src), tmp_path / "out") == first
+    (Path(first.path) / "info.json").write_text("{}")  # a damaged folder is not reused
+    with pytest.raises(AssertionError, match="recomputed"):
+        prepare_data(cfg(src), tmp_path / "out")
+
+
+def test_editing_the_file_in_place_changes_the_fingerprint(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", rows(20))
+    first = prepare_data(cfg(src), tmp_path / "out")
+    write_jsonl(src, rows(21))
+    second = prepare_data(cfg(src), tmp_path / "out")
+    assert second.fingerprint != first.fingerprint and second.info["n_train"] + second.info["n_test"] == 21
+
+
+# ------------------------------------------------------------------ columns
 
 
 def test_columns_are_mapped_and_extra_string_columns_kept(tmp_path):
-    h = prepare_data(cfg(write_jsonl(tmp_path / "d.jsonl", rows(20))), tmp_path / "out")
+    data = [{**r, "tags": ["a"], "meta": {"k": 1}} for r in rows(20)]
+    h = prepare_data(cfg(write_jsonl(tmp_path / "d.jsonl", data)), tmp_path / "out")
     ds = load_split(h, "train")
-    assert set(ds.column_names) == {"input", "target", "references", "topic"}
-    row = ds[0]
-    assert row["target"] == row["references"][0] and row["input"].startswith("document number")
-    assert is_complete(h.path) and h.info["n_train"] + h.info["n_test"] == 20
+    assert set(ds.column_names) == {"input", "target", "references", "id", "topic"}  # n, tags, meta dropped
+    row = next(r for r in ds if r["id"] == "r4")
+    assert row == {"id": "r4", "topic": "t1", "input": "document number 4", "target": "summary 4", "references": ["summary 4"]}
+    assert h.info == {"n_train": 18, "n_test": 2, "source": str(tmp_path / "d.jsonl"), "dropped": 0}
 
 
 def test_list_inputs_are_joined_and_list_targets_are_references(tmp_path):
-    data = [{"src": ["First sentence.", "Second one."], "tgt": ["ref a", "ref b"]} for _ in range(10)]
-    h = prepare_data(DataConfig(source=str(write_jsonl(tmp_path / "d.jsonl", data)), input_column="src", target_column="tgt"), tmp_path)
+    data = [{"src": ["First sentence.", " Second one. "], "tgt": ["", "ref a", "ref b "]} for _ in range(10)]
+    h = prepare_data(cfg(write_jsonl(tmp_path / "d.jsonl", data), input_column="src", target_column="tgt"), tmp_path)
     row = load_split(h, "test")[0]
-    assert row["input"] == "First sentence. Second one." and row["references"] == ["ref a", "ref b"] and row["target"] == "ref a"
+    assert row["input"] == "First sentence. Second one."
+    assert row["references"] == ["ref a", "ref b"] and row["target"] == "ref a"  # empty references skipped
 
 
-def test_caps_are_deterministic_samples(tmp_path):
-    src = write_jsonl(tmp_path / "d.jsonl", rows(60))
-    h1 = prepare_data(cfg(src, max_train_samples=7, max_eval_samples=3), tmp_path / "x")
-    h2 = prepare_data(cfg(src, max_train_samples=7, max_eval_samples=3), tmp_path / "y")
-    assert h1.info["n_train"] == 7 and h1.info["n_test"] == 3
-    assert load_split(h1, "train")["input"] == load_split(h2, "train")["input"]
+def test_empty_rows_are_dropped_and_counted(tmp_path):
+    data = rows(10) + [{"doc": "  ", "summary": "x"}, {"doc": "y", "summary": ""}, {"doc": "z", "summary": None}]
+    h = prepare_data(cfg(write_jsonl(tmp_path / "d.jsonl", data)), tmp_path)
+    assert h.info["dropped"] == 3 and h.info["n_train"] + h.info["n_test"] == 10
+
+
+# ------------------------------------------------------------------ sources
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "json"])
-def test_other_formats(tmp_path, fmt):
+def test_csv_parquet_and_json_array_files(tmp_path, fmt):
     import pandas as pd
 
     df = pd.DataFrame(rows(20))
@@ -72,65 +140,182 @@ def test_other_formats(tmp_path, fmt):
     {"csv": lambda: df.to_csv(path, index=False), "parquet": lambda: df.to_parquet(path),
      "json": lambda: df.to_json(path, orient="records")}[fmt]()
     h = prepare_data(cfg(path), tmp_path / "out")
-    assert h.info["n_train"] == 18 and h.info["n_test"] == 2
+    assert (h.info["n_train"], h.info["n_test"]) == (18, 2)
+    assert {"input", "target", "references", "id"} <= set(load_split(h, "train").column_names)
 
 
 def test_folder_with_split_files_uses_its_splits(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
-    write_jsonl(folder / "train.jsonl", rows(12))
-    write_jsonl(folder / "test.jsonl", rows(5))
+    write_jsonl(folder / "train-00000-of-00002.jsonl", rows(6))
+    write_jsonl(folder / "train-00001-of-00002.jsonl", rows(6, start=6))
+    write_jsonl(folder / "test.jsonl", rows(5, start=100))
+    (folder / "README.md").write_text("not data")
     h = prepare_data(cfg(folder), tmp_path / "out")
     assert (h.info["n_train"], h.info["n_test"]) == (12, 5)
+    assert sorted(ids(h, "test")) == sorted(f"r{i}" for i in range(100, 105))
 
 
-def test_editing_the_file_in_place_changes_the_fingerprint(tmp_path):
-    src = write_jsonl(tmp_path / "d.jsonl", rows(20))
-    first = prepare_data(cfg(src), tmp_path / "out")
-    write_jsonl(src, rows(21))
-    assert prepare_data(cfg(src), tmp_path / "out").fingerprint != first.fingerprint
+def test_folder_without_split_names_is_one_pool(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "part-a.jsonl", rows(10))
+    write_jsonl(folder / "trainer-notes.jsonl", rows(10, start=10))  # "train" runs on into a word: not a split
+    h = prepare_data(cfg(folder, test_size=0.25), tmp_path / "out")
+    assert (h.info["n_train"], h.info["n_test"]) == (15, 5)
+
+
+def test_dev_split_is_test_only_when_configured(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", rows(20))
+    write_jsonl(folder / "dev.jsonl", rows(4, start=100))
+    carved = prepare_data(cfg(folder), tmp_path / "out")  # test_split="test" is absent: carve from train
+    assert (carved.info["n_train"], carved.info["n_test"]) == (18, 2)
+    assert all(int(i[1:]) < 100 for i in ids(carved, "test"))
+    for name in ("dev", "validation"):  # 'dev' files are the 'validation' split; either name finds them
+        h = prepare_data(cfg(folder, test_split=name), tmp_path / "out")
+        assert (h.info["n_train"], h.info["n_test"]) == (20, 4)
 
 
 def test_aclsum_source_uses_its_own_splits(tmp_path):
     h = prepare_data(DataConfig(source="aclsum", aclsum_aspect="outcome", max_eval_samples=10), tmp_path)
-    assert h.info["n_train"] == 100 and h.info["n_test"] == 10
-    assert set(load_split(h, "test")["aspect"]) == {"outcome"}
+    assert (h.info["n_train"], h.info["n_test"]) == (100, 10)
+    test = load_split(h, "test")
+    assert set(test["aspect"]) == {"outcome"} and set(test.column_names) == {"id", "aspect", "input", "target", "references"}
+    every = prepare_data(DataConfig(source="aclsum"), tmp_path)
+    assert (every.info["n_train"], every.info["n_test"]) == (300, 300)
 
 
-@pytest.mark.skipif(not SCITLDR.is_dir(), reason=f"SciTLDR not found at {SCITLDR} (shared data folder absent)")
-def test_scitldr_multi_reference_dev_split(tmp_path):
-    c = DataConfig(source=str(SCITLDR), input_column="source", target_column="target", test_split="validation")
+def test_hub_ids_go_to_datasets_load_dataset(tmp_path, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, **kw):
+        calls.append((path, name, kw))
+        split = lambda n: datasets.Dataset.from_list([{"article": f"text {i}", "highlights": f"sum {i}"} for i in range(n)])
+        return datasets.DatasetDict({"train": split(8), "validation": split(2), "test": split(3)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    c = DataConfig(source="acme/news", hub_config="3.0.0", revision="v1", input_column="article", target_column="highlights")
+    assert source_fingerprint(c) == "acme/news:3.0.0@v1"
     h = prepare_data(c, tmp_path)
-    assert h.info["n_train"] == 1992 and h.info["n_test"] == 619
-    refs = load_split(h, "test")["references"]
-    assert max(len(r) for r in refs) > 1
-    assert sum(len(r) for r in refs) / len(refs) > 2.0
+    assert calls == [("acme/news", "3.0.0", {"revision": "v1"})]
+    assert (h.info["n_train"], h.info["n_test"]) == (8, 3)
 
 
-def test_errors_name_the_fix(tmp_path):
-    with pytest.raises(DataError, match="does not exist: check the path"):
+def test_hub_failure_is_one_clear_line(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'acme/none' on the Hub (LocalEntryNotFoundError)\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"could not load hub dataset 'acme/none' \(ConnectionError: Couldn't reach.*"
+                                        r"no local file or folder of that name.*point data.source at a local file") as err:
+        prepare_data(DataConfig(source="acme/none"), tmp_path)
+    assert "\n" not in str(err.value)
+
+
+@needs_scitldr
+def test_scitldr_folder_with_dev_as_test(tmp_path):
+    c = DataConfig(source=str(SCITLDR), input_column="source", target_column="target", test_split="dev")
+    h = prepare_data(c, tmp_path)
+    assert (h.info["n_train"], h.info["n_test"], h.info["dropped"]) == (1992, 619, 0)
+    test = load_split(h, "test")
+    refs = test["references"]
+    assert max(len(r) for r in refs) > 1 and sum(len(r) for r in refs) / len(refs) > 2.0  # multi-reference dev
+    row = test[0]
+    assert row["target"] == row["references"][0] and isinstance(row["input"], str) and len(row["input"].split()) > 50
+    assert "title" in test.column_names and "paper_id" in test.column_names  # string columns kept
+    assert "source_labels" not in test.column_names  # lists of ints dropped
+
+
+@needs_scitldr
+def test_scitldr_single_file_is_split_by_seed(tmp_path):
+    c = DataConfig(source=str(SCITLDR / "train.jsonl"), input_column="source", target_column="target", max_eval_samples=50)
+    h = prepare_data(c, tmp_path)
+    assert (h.info["n_train"], h.info["n_test"]) == (1792, 50)
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_missing_paths(tmp_path):
+    with pytest.raises(DataError, match=r"'.*missing.jsonl' does not exist: check the path"):
         prepare_data(cfg(tmp_path / "missing.jsonl"), tmp_path)
+    with pytest.raises(DataError, match=r"'./no/such/folder' does not exist"):
+        prepare_data(cfg("./no/such/folder"), tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="holds no .jsonl/.json/.csv/.parquet files"):
+        prepare_data(cfg(tmp_path / "docs"), tmp_path)
+
+
+def test_unknown_columns_list_the_available_ones(tmp_path):
     src = write_jsonl(tmp_path / "d.jsonl", rows(10))
-    with pytest.raises(DataError, match=r"no column 'text'.*available columns are doc, summary, topic"):
-        prepare_data(DataConfig(source=str(src), input_column="text", target_column="summary"), tmp_path)
+    with pytest.raises(DataError, match=r"data.input_column: no column 'text'.*available columns are id, doc, summary, topic, n"):
+        prepare_data(cfg(src, input_column="text"), tmp_path)
+    with pytest.raises(DataError, match=r"data.target_column: no column 'abstract'"):
+        prepare_data(cfg(src, target_column="abstract"), tmp_path)
+    listy = write_jsonl(tmp_path / "l.jsonl", [{"doc": ["a", "b"], "summary": "s"}] * 4)
+    with pytest.raises(DataError, match="holds lists of strings: set data.join_input_lists=true"):
+        prepare_data(cfg(listy, join_input_lists=False), tmp_path)
+
+
+def test_corrupt_and_empty_files(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"doc": "a", "summary": "b"}\n{"doc": "a", broken\n')
-    with pytest.raises(DataError, match=r"bad.jsonl: line 2 is not valid JSON"):
+    bad.write_text('{"doc": "a", "summary": "b"}\n\n{"doc": "a", broken\n')
+    with pytest.raises(DataError, match=r"bad.jsonl: line 3 is not valid JSON .*fix or remove that line"):
         prepare_data(cfg(bad), tmp_path)
-    empty = write_jsonl(tmp_path / "empty.jsonl", [{"doc": " ", "summary": "x"}, {"doc": "y", "summary": ""}])
-    with pytest.raises(DataError, match="usable example"):
-        prepare_data(cfg(empty), tmp_path)
-    assert not list(tmp_path.glob("data/*/dataset"))  # nothing half-written was left behind
+    notobj = tmp_path / "list.jsonl"
+    notobj.write_text('{"doc": "a", "summary": "b"}\n[1, 2]\n')
+    with pytest.raises(DataError, match="list.jsonl: line 2 is a JSON list, not an object"):
+        prepare_data(cfg(notobj), tmp_path)
+    (tmp_path / "empty.jsonl").write_text("\n \n")
+    with pytest.raises(DataError, match="empty.jsonl' has no rows: add examples"):
+        prepare_data(cfg(tmp_path / "empty.jsonl"), tmp_path)
+    (tmp_path / "header.csv").write_text("doc,summary\n")
+    with pytest.raises(DataError, match="header.csv' has no rows"):
+        prepare_data(cfg(tmp_path / "header.csv"), tmp_path)
 
 
-def test_hub_ids_go_to_the_hub_loader_and_fail_clearly_offline(tmp_path, monkeypatch):
-    from loraflow.data import is_local, source_fingerprint
+def test_empty_splits(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", rows(10))
+    write_jsonl(folder / "test.jsonl", [{"doc": "", "summary": "x", "id": "", "topic": "", "n": 0}])
+    with pytest.raises(DataError, match=r"all 1 rows of the test split have an empty 'doc' or 'summary': check data.input_column"):
+        prepare_data(cfg(folder), tmp_path)
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"doc": " ", "summary": "x"}, {"doc": "y", "summary": ""}])
+    with pytest.raises(DataError, match="all 2 rows of the pool split have an empty"):
+        prepare_data(cfg(blank), tmp_path)
+    one = write_jsonl(tmp_path / "one.jsonl", rows(1))
+    with pytest.raises(DataError, match="only 1 usable example.*need at least 2"):
+        prepare_data(cfg(one), tmp_path)
+    assert not list((tmp_path / "data").glob("*/dataset")) and not list(tmp_path.glob("data/.*"))  # nothing half-written
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
-    c = DataConfig(source="acme/no-such-dataset", hub_config="Abstract", revision="v1")
-    assert not is_local(c.source)
-    assert source_fingerprint(c) == "acme/no-such-dataset:Abstract@v1"
-    with pytest.raises(DataError, match="could not load hub dataset 'acme/no-such-dataset'.*use a local file"):
-        prepare_data(c, tmp_path)
+
+def test_ambiguous_folders(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", rows(5))
+    write_jsonl(folder / "extra.jsonl", rows(5))
+    with pytest.raises(DataError, match="mixes split files .* with extra.jsonl: rename those"):
+        prepare_data(cfg(folder), tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    write_jsonl(other / "test.jsonl", rows(5))
+    write_jsonl(other / "dev.jsonl", rows(5))
+    with pytest.raises(DataError, match=r"data.train_split: .* has no split 'train'; its splits are .*set data.train_split"):
+        prepare_data(cfg(other), tmp_path)
+
+
+def test_load_split_errors(tmp_path):
+    h = prepare_data(cfg(write_jsonl(tmp_path / "d.jsonl", rows(10))), tmp_path)
+    assert len(load_split(Path(h.path), "train")) == 9 and len(load_split(Path(h.path) / "dataset", "test")) == 1
+    with pytest.raises(DataError, match="has no split 'validation': use one of train, test"):
+        load_split(h, "validation")
+    with pytest.raises(DataError, match="no data stage output at .*run prepare_data"):
+        load_split(tmp_path / "nowhere", "train")
