@@ -50,6 +50,24 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def content_digest(path: str | Path) -> str:
+    """`file_digest` for cache keys, remembered per (path, size, mtime, inode): a run hashes a big input
+    (a GGUF, model weights, a data file) once, not at every key computation. An edit in place changes
+    the mtime and is seen; `verify` never uses this and always re-reads the bytes."""
+    path = Path(path).resolve()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return fingerprint([(str(f.relative_to(path)), content_digest(f)) for f in files])
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_digest(path)
+    return _DIGESTS[key]
+
+
 def stage_dir(output_dir: str | Path, stage: str, key: str) -> Path:
     return Path(output_dir).expanduser().resolve() / stage / key
 

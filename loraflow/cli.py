@@ -39,11 +39,20 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("config", nargs="?", help=f"YAML preset (default: {DEFAULT_CONFIG.relative_to(REPO_ROOT)})")
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field by dotted key, e.g. --set train.max_steps=10 (repeatable)")
+    up = sub.add_parser("up", help="start a local Prefect server + worker and deploy deployments/prefect.yaml")
+    up.add_argument("--host", default="127.0.0.1", help="server bind address (default: loopback only)")
+    up.add_argument("--port", type=int, default=4200)
+    up.add_argument("--pool", default="loraflow", help="process work pool name (as in deployments/prefect.yaml)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "up":
+        _prefect_defaults()
+        from loraflow.up import main as up
+
+        return up(args.host, args.port, args.pool)
     config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     try:
         cfg = load_config(config_path, args.overrides)
@@ -61,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
 
     _prefect_defaults()
     from flows.finetune import finetune
+    from loraflow.launch import WorkerFailed
 
     try:
         result = finetune(cfg)
-    except (ValueError, FileNotFoundError, PermissionError) as err:
+    except (ValueError, FileNotFoundError, PermissionError, WorkerFailed) as err:
         # Our own errors are one line that says what to do; don't bury them under a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 1

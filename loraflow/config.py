@@ -155,6 +155,22 @@ class EvalConfig(Section):
     use_stemmer: bool = Field(True, description="Porter-stem words before ROUGE matching.")
 
 
+class PromotionConfig(Section):
+    """Champion/challenger for scheduled retraining (the `loraflow-retrain` flow)."""
+
+    metric: Literal["rouge1", "rouge2", "rougeL", "rougeLsum"] = Field(
+        "rougeL", description="ROUGE F1 key that decides whether a new adapter replaces the champion."
+    )
+    margin: float = Field(
+        0.0, ge=-1, le=1,
+        description="How much the challenger must beat the champion by (F1, 0-1 scale: 0.01 = one ROUGE point), "
+        "both scored on the same test examples.",
+    )
+    registry_dir: str | None = Field(
+        None, description="Folder of the model registry (champion pointer + history); default <run.output_dir>/registry."
+    )
+
+
 class RunConfig(Section):
     name: str = Field("loraflow", description="Run name; used in folder names and Prefect run names.")
     output_dir: str = Field(
@@ -162,6 +178,12 @@ class RunConfig(Section):
     )
     cache_dir: str | None = Field(
         None, description="Shared cache (converted GGUF models, Prefect result records); default ~/.cache/loraflow."
+    )
+    result_storage: str | None = Field(
+        None,
+        description="Where Prefect keeps the stage results (small JSON handles) that make reruns hit the cache: a "
+        "folder, or an fsspec URL such as s3://bucket/prefix. Point every worker at the same place to share "
+        "cached stages. Default: Prefect's own result storage (PREFECT_LOCAL_STORAGE_PATH, ~/.prefect/storage).",
     )
     refresh: bool | list[Literal["data", "tokenize", "model", "train", "evaluate"]] = Field(
         False, description="Recompute even if cached: true = every stage, or a list of stages, e.g. [train]."
@@ -184,6 +206,9 @@ class PipelineConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Trainer settings.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Generation and ROUGE scoring.")
     run: RunConfig = Field(default_factory=RunConfig, description="Output locations and run name.")
+    promotion: PromotionConfig = Field(
+        default_factory=PromotionConfig, description="Champion/challenger rules (used by scheduled retraining)."
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
@@ -294,6 +319,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{p}' must hold a mapping of sections (data:, model:, ...)")
     return build_config(apply_overrides(data, overrides or []))
+
+
+DEFAULT_PRESET = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def default_config() -> PipelineConfig:
+    """The built-in default: the demo preset (configs/demo.yaml), or the bare defaults without it."""
+    return load_config(DEFAULT_PRESET if DEFAULT_PRESET.is_file() else None)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `update` merged in, section by section (a copy)."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def over_defaults(cfg: PipelineConfig, defaults: dict[str, Any] | None) -> PipelineConfig:
+    """`cfg` read as a partial override of `defaults` (a deployment's parameters).
+
+    Prefect replaces a whole parameter: `--param cfg='{"train": {"max_steps": 5}}'` would drop every
+    other value the deployment set. Only the fields the caller actually gave (pydantic remembers which)
+    are laid over the deployment's config, so a partial override means what a user expects.
+    """
+    if not defaults:
+        return cfg
+    return build_config(deep_merge(defaults, cfg.model_dump(mode="json", exclude_unset=True)))
 
 
 def section_dict(cfg: BaseModel) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from loraflow.artifacts import Handle, atomic_dir, file_digest, fingerprint, is_complete, stage_dir, write_json
+from loraflow.artifacts import Handle, atomic_dir, content_digest, fingerprint, is_complete, stage_dir, write_json
 from loraflow.config import DataConfig, section_dict
 
 log = logging.getLogger("loraflow")
@@ -37,6 +37,20 @@ OWN_COLUMNS = ("input", "target", "references")
 
 class DataError(ValueError):
     """A data problem the user can fix; the message names it and the fix."""
+
+    transient = False  # True when a retry may succeed (a network failure): only then does the task retry
+
+
+def _is_network_error(err: BaseException | None) -> bool:
+    """Whether `err` or one of its causes is a connection failure or time-out (worth a retry)."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, (ConnectionError, TimeoutError)) or any(
+            word in type(err).__name__ for word in ("Connect", "Timeout")
+        ):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
 
 
 def _canonical(split: str) -> str:
@@ -70,11 +84,11 @@ def source_fingerprint(cfg: DataConfig) -> str:
         from loraflow.aclsum import AclsumError, split_files, version
 
         try:
-            return fingerprint("aclsum", version(), {k: file_digest(p) for k, p in split_files().items()})
+            return fingerprint("aclsum", version(), {k: content_digest(p) for k, p in split_files().items()})
         except AclsumError as err:
             raise DataError(str(err)) from None
     if is_local(cfg.source):
-        return fingerprint([(p.name, file_digest(p)) for p in _local_files(cfg.source)])
+        return fingerprint([(p.name, content_digest(p)) for p in _local_files(cfg.source)])
     # A hub id without a revision follows the branch head: pin data.revision for reproducible caching.
     return f"{cfg.source}:{cfg.hub_config}@{cfg.revision or 'main'}"
 
@@ -159,9 +173,11 @@ def load_source(cfg: DataConfig, cache_dir: str | Path | None = None):
     try:
         return datasets.load_dataset(cfg.source, cfg.hub_config, revision=cfg.revision)
     except Exception as err:
-        raise DataError(f"data.source: could not load hub dataset '{cfg.source}' ({type(err).__name__}: "
+        error = DataError(f"data.source: could not load hub dataset '{cfg.source}' ({type(err).__name__}: "
                         f"{_first_line(err)}); there is no local file or folder of that name either: check the id, "
-                        "data.hub_config, your network/HF_TOKEN, or point data.source at a local file") from None
+                        "data.hub_config, your network/HF_TOKEN, or point data.source at a local file")
+        error.transient = _is_network_error(err)
+        raise error from None
 
 
 def _first_line(err: Exception) -> str:

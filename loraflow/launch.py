@@ -18,9 +18,11 @@ import sys
 import tempfile
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 from loraflow.artifacts import Handle
 from loraflow.config import PipelineConfig
+from loraflow.worker import PROGRESS_MARK
 
 log = logging.getLogger("loraflow")
 _PROGRESS = re.compile(r"\d+%\|.*\|")  # a tqdm redraw: "42%|████      | 10/24 [...]"
@@ -39,7 +41,8 @@ def _die_with_parent() -> None:
         pass  # not Linux: cancellation still terminates the child through the finally block
 
 
-def _forward(stream, tail: deque) -> None:
+
+def _forward(stream, tail: deque, on_progress: Callable[[dict], None] | None = None) -> None:
     buf = b""
     while chunk := stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096):
         sys.stderr.buffer.write(chunk)
@@ -48,13 +51,22 @@ def _forward(stream, tail: deque) -> None:
         *lines, buf = buf.split(b"\n")
         for raw in lines:
             line = raw.decode(errors="replace").split("\r")[-1].rstrip()
-            if line and not _PROGRESS.search(line):
+            if line.startswith(PROGRESS_MARK):
+                if on_progress is not None:
+                    try:
+                        on_progress(json.loads(line[len(PROGRESS_MARK):]))
+                    except Exception as err:  # noqa: BLE001 - a report must never stop training
+                        log.warning("train: progress report failed (%s)", err)
+            elif line and not _PROGRESS.search(line):
                 tail.append(line)
                 log.info("%s", line)
 
 
-def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, output_dir: str | Path) -> Handle:
-    """Train in `python -m loraflow.worker`; returns the train handle or raises WorkerFailed."""
+def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, output_dir: str | Path,
+                     on_progress: Callable[[dict], None] | None = None) -> Handle:
+    """Train in `python -m loraflow.worker`; returns the train handle or raises WorkerFailed.
+
+    `on_progress` gets {"step", "max_steps", "loss"} at every logging step."""
     with tempfile.TemporaryDirectory(prefix="loraflow-train-") as tmp:
         request = Path(tmp) / "request.json"
         result = Path(tmp) / "result.json"
@@ -69,7 +81,7 @@ def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, outp
         )
         tail: deque[str] = deque(maxlen=20)
         try:
-            _forward(proc.stdout, tail)
+            _forward(proc.stdout, tail, on_progress)
             code = proc.wait()
         finally:
             if proc.poll() is None:  # we were interrupted or cancelled: let it checkpoint, then make sure

@@ -11,7 +11,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from loraflow.artifacts import atomic_dir, default_cache_dir, file_digest, is_complete
+from loraflow.artifacts import atomic_dir, default_cache_dir, content_digest, is_complete
 
 log = logging.getLogger("loraflow")
 
@@ -43,7 +43,7 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
     transformers loads GGUF (dequantizing to fp32) but the result keeps a `quantization_config`
     that `save_pretrained` rejects, so we rebuild the model from its config without it.
     """
-    target = default_cache_dir(cache_dir) / "models" / f"{gguf.stem}-{file_digest(gguf)}"
+    target = default_cache_dir(cache_dir) / "models" / f"{gguf.stem}-{content_digest(gguf)}"
     if is_complete(target):
         return target
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
@@ -117,17 +117,17 @@ def weights_digest(model_dir: Path) -> str:
 
     h = hashlib.sha256()
     for p in wanted:
-        h.update(p.name.encode() + file_digest(p).encode())
+        h.update(p.name.encode() + content_digest(p).encode())
     return h.hexdigest()[:16]
 
 
 def source_identity(name_or_path: str, revision: str | None = None) -> str:
     """A cheap identity of the model source for cache keys: file content for local sources, id@revision for hub."""
     if name_or_path == BUILTIN_GGUF:
-        return file_digest(builtin_gguf_path())
+        return content_digest(builtin_gguf_path())
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf" and path.is_file():
-        return file_digest(path)
+        return content_digest(path)
     if path.is_dir():
         return weights_digest(path)
     return f"{name_or_path}@{revision or 'main'}"

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from loraflow.artifacts import Handle, atomic_dir, file_digest, fingerprint, is_complete, stage_dir, write_json
+from loraflow.artifacts import Handle, atomic_dir, content_digest, fingerprint, is_complete, stage_dir, write_json
 from loraflow.collator import IGNORE_INDEX
 from loraflow.config import PromptConfig, section_dict
 from loraflow.prompts import PromptError, check_template, completion_text, render_prompt
@@ -49,7 +49,7 @@ def tokenizer_digest(tokenizer_dir: str | Path) -> dict[str, str]:
     files = {p for pattern in TOKENIZER_GLOBS for p in folder.glob(pattern) if p.is_file()}
     if not files:
         raise FileNotFoundError(f"no tokenizer files (tokenizer.json, vocab/merges, *.model) in {folder}")
-    return {p.name: file_digest(p) for p in sorted(files)}
+    return {p.name: content_digest(p) for p in sorted(files)}
 
 
 def bos_prefix(tokenizer) -> list[int]:

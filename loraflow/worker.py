@@ -43,6 +43,22 @@ def preemption_callback():
     return SaveAndStopOnSigterm()
 
 
+PROGRESS_MARK = "loraflow-progress "
+
+
+def progress_callback():
+    """Print one machine-readable line per logging step; the parent turns it into a progress artifact."""
+    from transformers import TrainerCallback
+
+    class ReportProgress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs and "loss" in logs:
+                line = {"step": state.global_step, "max_steps": state.max_steps, "loss": logs["loss"]}
+                print(PROGRESS_MARK + json.dumps(line), flush=True)
+
+    return ReportProgress()
+
+
 def main(argv: list[str] | None = None) -> int:
     from loraflow.artifacts import Handle
     from loraflow.config import PipelineConfig
@@ -55,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handle = train_adapter(
             cfg, Handle(**request["tokenized"]), Handle(**request["model"]), request["output_dir"],
-            callbacks=[preemption_callback()], stop_requested=lambda: Preemption.requested,
+            callbacks=[preemption_callback(), progress_callback()], stop_requested=lambda: Preemption.requested,
         )
     except Preempted as err:
         print(f"train worker: {err}", file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 from prefect import task
@@ -19,6 +20,7 @@ from prefect.logging import get_run_logger
 from loraflow.artifacts import Handle, default_cache_dir
 from loraflow.config import DataConfig, LoraConfig, ModelConfig, PipelineConfig, PromptConfig, QuantizationConfig, RunConfig
 from tasks.caching import StageSpec, explain_miss
+from tasks.storage import lock_folder
 
 
 def _data_source(parameters: dict[str, Any]) -> Any:
@@ -43,6 +45,7 @@ TRAIN = StageSpec(
     sections=("train",),
 )
 EVALUATE = StageSpec("evaluate", ("loraflow.evaluation", "loraflow.rouge", "loraflow.modeling"), sections=("eval",))
+SPECS = {spec.stage: spec for spec in (DATA, TOKENIZE, MODEL, TRAIN, EVALUATE)}
 
 
 @contextmanager
@@ -67,16 +70,36 @@ def stage_logs(spec: StageSpec, output_dir: str) -> Iterator[None]:
         logger.propagate = propagate
 
 
-def _options(spec: StageSpec, **kw: Any) -> dict[str, Any]:
+def _policy(spec: StageSpec, lock_dir: Path) -> CacheKeyFnPolicy:
     # SERIALIZABLE + a file lock per cache key: two runs of the same config never compute the same stage
     # at once; the second waits for the first and then reads its cached result.
-    policy = CacheKeyFnPolicy(cache_key_fn=spec.key).configure(
-        isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(default_cache_dir(None) / "locks")
+    return CacheKeyFnPolicy(cache_key_fn=spec.key).configure(
+        isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(lock_dir)
     )
+
+
+def _options(spec: StageSpec, **kw: Any) -> dict[str, Any]:
+    policy = _policy(spec, default_cache_dir(None) / "locks")
     return dict(name=spec.stage, cache_policy=policy, persist_result=True, result_serializer="json", **kw)
 
 
-@task(**_options(DATA, retries=2, retry_delay_seconds=10))
+def _retryable(_task: Any, _run: Any, state: Any) -> bool:
+    """Retry what a retry can fix (a network failure), not a data error the user must fix."""
+    try:
+        state.result()
+    except Exception as err:  # noqa: BLE001 - the failure being judged
+        return bool(getattr(err, "transient", not isinstance(err, ValueError)))
+    return True
+
+
+def for_run(task_obj: Any, run: RunConfig, storage_slug: str | None) -> Any:
+    """`task_obj` with this run's result storage and its locks (see `tasks.storage`)."""
+    spec = SPECS[task_obj.name]
+    lock_dir = lock_folder(run.result_storage, default_cache_dir(run.cache_dir))
+    return task_obj.with_options(cache_policy=_policy(spec, lock_dir), result_storage=storage_slug)
+
+
+@task(**_options(DATA, retries=2, retry_delay_seconds=10, retry_condition_fn=_retryable))
 def data_task(data: DataConfig, run: RunConfig) -> Handle:
     """Load, map, validate and split the dataset."""
     from loraflow.data import prepare_data
@@ -105,16 +128,17 @@ def model_task(model: ModelConfig, quantization: QuantizationConfig, lora: LoraC
         return build_model(model, quantization, lora, run.output_dir, run.cache_dir)
 
 
-@task(**_options(TRAIN))
+@task(**_options(TRAIN, tags=["gpu"]))
 def train_task(cfg: PipelineConfig, tokenized: Handle, model: Handle) -> Handle:
     """Fine-tune the LoRA adapter with transformers.Trainer, in a child process."""
     from loraflow.launch import run_train_worker
+    from tasks.reporting import progress_reporter
 
     with stage_logs(TRAIN, cfg.run.output_dir):
-        return run_train_worker(cfg, tokenized, model, cfg.run.output_dir)
+        return run_train_worker(cfg, tokenized, model, cfg.run.output_dir, progress_reporter(cfg.train.max_steps))
 
 
-@task(**_options(EVALUATE))
+@task(**_options(EVALUATE, tags=["gpu"]))
 def evaluate_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, trained: Handle) -> Handle:
     """Generate on the test split and score ROUGE for the fine-tuned and base models."""
     from loraflow.evaluation import evaluate_adapter

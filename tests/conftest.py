@@ -13,6 +13,21 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _quiet_absl() -> None:
+    """rouge_score imports absl, whose Python log handler keeps the stderr it saw at import: under
+    pytest, a capture stream. When Prefect configures logging (dictConfig closes existing handlers),
+    absl closes that stream, and pytest's capture dies with "I/O operation on closed file". Pointing
+    the handler at the real stderr, which absl never closes, avoids it."""
+    import sys
+
+    import absl.logging
+
+    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
+_quiet_absl()
+
 REPO = Path(__file__).resolve().parents[1]
 SCITLDR = REPO.parent / "shared" / "data" / "scitldr"
 

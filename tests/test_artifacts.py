@@ -38,3 +38,23 @@ def test_a_manifest_without_checksums_is_not_trusted(tmp_path):
     (old / "a.txt").write_text("hello")
     (old / "manifest.json").write_text(json.dumps({"files": ["a.txt"]}))  # the first manifest format
     assert "no checksums" in verify(old) and not is_complete(old)
+
+
+def test_content_digest_is_remembered_until_the_file_changes(tmp_path):
+    import os
+
+    from loraflow.artifacts import content_digest, file_digest
+
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"a" * 1000)
+    first = content_digest(f)
+    assert first == file_digest(f)
+    f.write_bytes(b"b" * 1000)  # an edit in place, same size: the new mtime is noticed
+    assert content_digest(f) == file_digest(f) != first
+    st = f.stat()
+    f.write_bytes(b"c" * 1000)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, inode and mtime: the remembered digest is used
+    assert content_digest(f) != file_digest(f), "keys hash a file once per (path, size, mtime, inode)"
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "x").write_text("x")
+    assert content_digest(tmp_path / "folder") != content_digest(tmp_path / "folder" / "x")

@@ -216,6 +216,15 @@ def test_hub_failure_is_one_clear_line(tmp_path, monkeypatch):
                                         r"no local file or folder of that name.*point data.source at a local file") as err:
         prepare_data(DataConfig(source="acme/none"), tmp_path)
     assert "\n" not in str(err.value)
+    assert err.value.transient, "a network failure is worth the data task's retries"
+
+    def missing(*a, **k):
+        raise FileNotFoundError("Dataset 'acme/none' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    with pytest.raises(DataError) as err:
+        prepare_data(DataConfig(source="acme/none"), tmp_path)
+    assert not err.value.transient, "retrying a dataset that does not exist only delays the error"
 
 
 @needs_scitldr

@@ -156,7 +156,7 @@ def test_hub_token_from_a_prefect_secret_block(prefect_harness, monkeypatch):
 
     from prefect.blocks.system import Secret
 
-    from flows.finetune import _load_hub_token
+    from flows.pipeline import load_hub_token as _load_hub_token
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     Secret(value="hf_test_token_123").save("loraflow-test-hf-token", overwrite=True)
@@ -164,3 +164,24 @@ def test_hub_token_from_a_prefect_secret_block(prefect_harness, monkeypatch):
     assert os.environ["HF_TOKEN"] == "hf_test_token_123"
     with pytest.raises(ValueError, match="no Prefect Secret block named 'missing-token'"):
         _load_hub_token("missing-token")
+
+
+def test_results_live_in_the_configured_result_storage(tmp_path, tiny_llama_dir, prefect_harness):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from flows.finetune import finetune
+
+    shared = tmp_path / "shared-results"
+    cfg = tiny_config(tmp_path, write_examples(tmp_path / "toy.jsonl"), tiny_llama_dir, max_steps=2, save_steps=2)
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"result_storage": str(shared)})})
+    first = finetune(cfg, return_state=True)
+    assert first.is_completed()
+    records = [json.loads(p.read_text()) for p in shared.iterdir() if p.is_file()]
+    handles = [json.loads(r["result"])["data"] for r in records]  # Prefect's JSON serializer wraps the Handle
+    assert sorted(h["stage"] for h in handles) == ["data", "evaluate", "model", "tokenize", "train"]
+
+    # Another worker, whose own Prefect storage is elsewhere, reuses every stage through the shared location.
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "other-worker-storage"}):
+        again = finetune(cfg, return_state=True)
+    assert all(names == {"Cached"} for names in _task_states(again).values())
+    assert not (tmp_path / "other-worker-storage").exists() or not any((tmp_path / "other-worker-storage").iterdir())

@@ -1,0 +1,83 @@
+"""The stage chain both flows run: data -> tokenize -> model -> train -> evaluate, each a cached task."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from prefect.logging import get_run_logger
+
+from loraflow.artifacts import Handle, ensure_writable, verify
+from loraflow.config import PipelineConfig, deep_merge, default_config, over_defaults
+from tasks.stages import data_task, evaluate_task, for_run, model_task, tokenize_task, train_task
+from tasks.storage import result_storage_slug
+
+
+@dataclass
+class Stages:
+    data: Handle
+    tokenized: Handle
+    model: Handle
+    trained: Handle
+    scores: Handle
+
+    def all(self) -> tuple[Handle, ...]:
+        return (self.data, self.tokenized, self.model, self.trained, self.scores)
+
+
+def resolve_config(cfg: PipelineConfig) -> PipelineConfig:
+    """Inside a deployment run, `cfg` is read field by field over the deployment's config, itself over
+    the built-in default (see `over_defaults`): `--param cfg='{"train": {"max_steps": 5}}'` changes
+    one field. The output folder is checked and made absolute before any stage runs."""
+    from prefect.runtime import deployment
+
+    if deployment.id:
+        base = deep_merge(default_config().model_dump(mode="json"), (deployment.parameters or {}).get("cfg") or {})
+        cfg = over_defaults(cfg, base)
+    output_dir = ensure_writable(cfg.run.output_dir)  # fail before any stage, not after training
+    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(output_dir)})})
+
+
+def stage(task_obj, cfg: PipelineConfig, storage: str | None, *args: Any) -> Handle:
+    """Run one cached stage. A cache hit whose artifact folder is gone or fails its checksums is
+    never used: it is logged and the stage recomputes (`run.refresh` forces that for all or some stages)."""
+    logger = get_run_logger()
+    refresh = cfg.run.refresh is True or (isinstance(cfg.run.refresh, list) and task_obj.name in cfg.run.refresh)
+    task_obj = for_run(task_obj, cfg.run, storage)
+    state = task_obj.with_options(refresh_cache=refresh or None)(*args, return_state=True)
+    handle: Handle = state.result()
+    if state.name == "Cached":
+        problem = verify(handle.path)
+        if problem is None:
+            logger.info("%s: hit — cached %s", handle.stage, handle.path)
+            return handle
+        logger.warning("%s: cached result unusable (%s): recomputing", handle.stage, problem)
+        handle = task_obj.with_options(refresh_cache=True)(*args)
+    return handle
+
+
+def load_hub_token(secret_name: str | None) -> None:
+    """Expose a token from a Prefect Secret block as HF_TOKEN for this run (and the training child)."""
+    if not secret_name:
+        return
+    from prefect.blocks.system import Secret
+
+    try:
+        os.environ["HF_TOKEN"] = Secret.load(secret_name).get()
+    except ValueError:
+        raise ValueError(
+            f"run.hf_token_secret: no Prefect Secret block named '{secret_name}': create it in the UI "
+            "(Blocks > Secret) or unset the field to use HF_TOKEN"
+        ) from None
+
+
+def run_stages(cfg: PipelineConfig) -> Stages:
+    load_hub_token(cfg.run.hf_token_secret)
+    storage = result_storage_slug(cfg.run.result_storage) if cfg.run.result_storage else None
+    data = stage(data_task, cfg, storage, cfg.data, cfg.run)
+    tokenized = stage(tokenize_task, cfg, storage, data, cfg.prompt, cfg.model, cfg.run)
+    model = stage(model_task, cfg, storage, cfg.model, cfg.quantization, cfg.lora, cfg.run)
+    trained = stage(train_task, cfg, storage, cfg, tokenized, model)
+    scores = stage(evaluate_task, cfg, storage, cfg, tokenized, model, trained)
+    return Stages(data, tokenized, model, trained, scores)

@@ -1,0 +1,107 @@
+"""`loraflow up`: a local Prefect server, the loraflow work pool and deployments, and a worker.
+
+Everything a user needs to trigger fine-tunes from the UI on one machine, in one command:
+  1. `prefect server start` on 127.0.0.1 (loopback unless --host says otherwise);
+  2. the `process` work pool with a concurrency limit of 1, and a `gpu` tag concurrency limit of 1
+     (the train and evaluate tasks carry that tag), so one GPU never runs two trainings at once;
+  3. `prefect deploy --all --prefect-file deployments/prefect.yaml`;
+  4. a worker on the pool, with LORAFLOW_PROJECT_DIR pointing at this checkout.
+Ctrl-C stops the worker and the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GPU_TAG = "gpu"
+
+
+def _health(api_url: str, auth: str | None) -> bool:
+    request = urllib.request.Request(f"{api_url}/health")
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _prefect(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=600)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"`prefect {' '.join(args)}` failed: {(done.stdout + done.stderr).strip()[-2000:]}")
+    return done
+
+
+def environment(host: str, port: int) -> dict[str, str]:
+    env = {**os.environ, "PREFECT_API_URL": f"http://{host}:{port}/api", "LORAFLOW_PROJECT_DIR": str(REPO),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    if env.get("PREFECT_SERVER_API_AUTH_STRING") and not env.get("PREFECT_API_AUTH_STRING"):
+        env["PREFECT_API_AUTH_STRING"] = env["PREFECT_SERVER_API_AUTH_STRING"]  # our own clients log in
+    return env
+
+
+def start(host: str = "127.0.0.1", port: int = 4200, pool: str = "loraflow", log_dir: Path | None = None,
+          startup_timeout: float = 300) -> list[subprocess.Popen]:
+    """Start server + worker and deploy; returns the [server, worker] processes (already running)."""
+    env = environment(host, port)
+    log_dir = Path(log_dir or REPO / "runs" / "prefect-up")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+                              env=env, cwd=REPO, stdout=open(log_dir / "server.log", "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    deadline = time.time() + startup_timeout
+    while not _health(env["PREFECT_API_URL"], env.get("PREFECT_API_AUTH_STRING")):
+        if server.poll() is not None or time.time() > deadline:
+            server.kill()
+            raise RuntimeError(f"the Prefect server did not start: see {log_dir / 'server.log'}")
+        time.sleep(1)
+    _prefect("work-pool", "create", pool, "--type", "process", "--overwrite", env=env)
+    _prefect("work-pool", "set-concurrency-limit", pool, "1", env=env)
+    if GPU_TAG not in _prefect("concurrency-limit", "ls", env=env).stdout:
+        _prefect("concurrency-limit", "create", GPU_TAG, "1", env=env)
+    deployments = REPO / "deployments" / "prefect.yaml"
+    _prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(deployments), env=env)
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool],
+                              env=env, cwd=REPO, stdout=open(log_dir / "worker.log", "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    return [server, worker]
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    for proc in reversed(processes):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in reversed(processes):
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main(host: str, port: int, pool: str) -> int:
+    processes = start(host, port, pool)
+    print(f"Prefect UI: http://{host}:{port}  (work pool '{pool}', logs in runs/prefect-up/)\n"
+          f"Trigger a run:  PREFECT_API_URL=http://{host}:{port}/api prefect deployment run "
+          "loraflow-finetune/finetune --params '{\"cfg\": {\"train\": {\"max_steps\": 8}}}'\n"
+          "Ctrl-C stops the worker and the server.", flush=True)
+    try:
+        while all(p.poll() is None for p in processes):
+            time.sleep(1)
+        print("error: the server or the worker exited: see runs/prefect-up/*.log", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop(processes)

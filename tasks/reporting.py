@@ -1,0 +1,119 @@
+"""What a run shows in the Prefect UI: artifacts with keys that are stable per deployment.
+
+- `<prefix>-rouge`: ROUGE F1 table, base vs fine-tuned (vs the champion, when retraining);
+- `<prefix>-predictions`: sample predictions next to their references;
+- `<prefix>-train-progress`: training progress, updated at every logging step;
+- `<prefix>-loss-curve`: the training loss as a picture (SVG in markdown);
+- `<prefix>-adapter`: a link to the adapter folder.
+`<prefix>` is the deployment's name (the flow's name for runs outside a deployment), so the
+Artifacts page keeps the history of each deployment's results.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from loraflow.report import KEYS
+
+N_SAMPLES = 8
+
+
+def artifact_prefix() -> str:
+    from prefect.runtime import deployment, flow_run
+
+    name = deployment.name or flow_run.flow_name or "loraflow"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "loraflow"
+
+
+def rouge_rows(scores: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    return [{"model": who, **{k: round(100 * m[f"{k}_fmeasure"], 2) for k in KEYS}} for who, m in scores.items()]
+
+
+def publish_results(metrics: dict[str, Any], eval_dir: str, train_dir: str, champion: dict[str, Any] | None = None,
+                    decision: str | None = None) -> None:
+    """ROUGE table, sample predictions, loss curve and adapter link for this run."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    prefix = artifact_prefix()
+    scores = {"base": metrics["base"]} if "base" in metrics else {}
+    scores["fine-tuned"] = metrics["finetuned"]
+    if champion is not None:
+        scores["champion"] = champion
+    what = f"ROUGE F1 x100 on {metrics['n_examples']} test examples" + (f". {decision}" if decision else "")
+    create_table_artifact(rouge_rows(scores), key=f"{prefix}-rouge", description=what)
+
+    rows = []
+    with open(Path(eval_dir) / "predictions.jsonl") as fh:
+        for line, _ in zip(fh, range(N_SAMPLES)):
+            r = json.loads(line)
+            rows.append({"input": _clip(r.get("input") or "", 300), "reference": _clip(r["references"][0], 300),
+                         "fine-tuned": r["prediction"], **({"base": r["base_prediction"]} if "base_prediction" in r else {})})
+    create_table_artifact(rows, key=f"{prefix}-predictions", description=f"First {len(rows)} test predictions")
+
+    losses = _losses(Path(train_dir) / "trainer_state.json")
+    if losses:
+        svg = loss_curve_svg(losses)
+        uri = "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
+        create_markdown_artifact(f"![training loss]({uri})\n\nloss {losses[0][1]:.3f} at step {losses[0][0]} -> "
+                                 f"{losses[-1][1]:.3f} at step {losses[-1][0]}",
+                                 key=f"{prefix}-loss-curve", description="Training loss by step")
+    adapter = Path(train_dir) / "adapter"
+    create_link_artifact(adapter.resolve().as_uri(), link_text=str(adapter), key=f"{prefix}-adapter",
+                         description="The trained LoRA adapter (load with peft's PeftModel.from_pretrained)")
+
+
+def progress_reporter(max_steps: int) -> Callable[[dict], None]:
+    """A progress artifact, and the callback that moves it (called at each logging step, not each step)."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    artifact_id = create_progress_artifact(0.0, key=f"{artifact_prefix()}-train-progress",
+                                           description=f"Training: step 0 of {max_steps if max_steps > 0 else '?'}")
+
+    def report(p: dict) -> None:
+        total = p.get("max_steps") or max_steps
+        update_progress_artifact(artifact_id, min(100.0, 100.0 * p["step"] / total),
+                                 description=f"Training: step {p['step']} of {total}, loss {p['loss']:.4f}")
+
+    return report
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _losses(state_file: Path) -> list[tuple[int, float]]:
+    try:
+        history = json.loads(state_file.read_text())["log_history"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [(e["step"], float(e["loss"])) for e in history if "loss" in e and "step" in e]
+
+
+def loss_curve_svg(points: list[tuple[int, float]], width: int = 560, height: int = 260) -> str:
+    """A line chart of (step, loss) as a standalone SVG (no plotting library needed)."""
+    pad = 40
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+
+    def sx(x: float) -> float:
+        return pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
+
+    def sy(y: float) -> float:
+        return height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)
+
+    line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+        f'font-size="11"><rect width="100%" height="100%" fill="white"/>'
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>'
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#888"/>'
+        f'<polyline fill="none" stroke="#2563eb" stroke-width="2" points="{line}"/>'
+        f'<text x="{pad}" y="{pad - 8}">loss {y1:.3f}</text><text x="{pad}" y="{height - pad + 14}">{y0:.3f}</text>'
+        f'<text x="{width - pad}" y="{height - pad + 28}" text-anchor="end">step {x1:g}</text>'
+        f'<text x="{pad}" y="{height - pad + 28}">step {x0:g}</text></svg>'
+    )

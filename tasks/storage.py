@@ -1,0 +1,40 @@
+"""Where the stage results live: Prefect result storage that several workers can share.
+
+A stage's result is a small JSON handle; the heavy artifacts sit in `run.output_dir`. Prefect keeps
+the handles (and the cache records that make a rerun hit) in its result storage. `run.result_storage`
+points that at a folder or an fsspec URL (s3://..., gs://...): Prefect only accepts storage saved as a
+block, so we save one per location, named after it, and refer to it by slug.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+
+def _is_url(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
+
+
+def result_storage_slug(location: str) -> str:
+    """Save (or update) a storage block for `location` and return its slug, e.g. 'local-file-system/loraflow-…'."""
+    if _is_url(location):
+        from prefect.filesystems import RemoteFileSystem
+
+        block, basepath = RemoteFileSystem, location.rstrip("/")
+    else:
+        from prefect.filesystems import LocalFileSystem
+
+        folder = Path(location.removeprefix("file://")).expanduser().resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        block, basepath = LocalFileSystem, str(folder)
+    name = "loraflow-results-" + hashlib.sha256(basepath.encode()).hexdigest()[:10]
+    block(basepath=basepath).save(name, overwrite=True)
+    return f"{block.get_block_type_slug()}/{name}"
+
+
+def lock_folder(result_storage: str | None, cache_dir: Path) -> Path:
+    """Stage locks sit next to local results (so workers sharing the folder share the locks), else in the cache."""
+    if result_storage and not _is_url(result_storage):
+        return Path(result_storage.removeprefix("file://")).expanduser().resolve() / ".locks"
+    return cache_dir / "locks"

@@ -1,0 +1,225 @@
+"""End to end through the Prefect UI, in a real headless Chromium (Debian's, driven by Selenium).
+
+`loraflow up` starts a Prefect server on 127.0.0.1, the work pool, the project's deployments and a
+worker. A deployment on the tiny test model is added; the test opens its custom-run form, changes
+the number of training steps, submits, waits for the run, and finds the ROUGE table on the
+Artifacts page. Screenshots are kept in runs/e2e-screenshots/ (printed at the end).
+Also: a partial `--params` override keeps the deployment's other values, an invalid value is refused
+by the server naming the field, and a server with basic auth refuses a client without credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from loraflow.up import REPO, environment, start, stop
+from test_flow_e2e import tiny_config
+from tests_support import write_examples
+
+pytestmark = pytest.mark.e2e
+SHOTS = REPO / "runs" / "e2e-screenshots"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """`loraflow up` in-process: server + pool + deployments + worker, each in its own process."""
+    home = tmp_path_factory.mktemp("e2e")
+    port = _free_port()
+    old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
+    os.environ["PREFECT_HOME"] = str(home / "prefect-home")
+    processes = start("127.0.0.1", port, "loraflow", log_dir=home / "logs")
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    try:
+        yield {"port": port, "home": home, "env": environment("127.0.0.1", port)}
+    finally:
+        stop(processes)
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def tiny_deployment(stack, tiny_llama_dir):
+    """A deployment of the fine-tune flow on the tiny model, from this checkout, on the project's pool."""
+    from prefect import flow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = stack["home"]
+    cfg = tiny_config(home, write_examples(home / "toy.jsonl"), tiny_llama_dir, max_steps=4, save_steps=4)
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{stack['port']}/api"}):
+        remote = flow.from_source(source=str(REPO), entrypoint="flows/finetune.py:finetune")
+        deployment_id = remote.deploy(name="finetune-tiny", work_pool_name="loraflow",
+                                      parameters={"cfg": cfg.model_dump(mode="json")}, print_next_steps=False)
+    return deployment_id, cfg
+
+
+def _api(stack, coro_fn):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def call():
+        async with get_client() as client:
+            return await coro_fn(client)
+
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{stack['port']}/api"}):
+        return anyio.run(call)
+
+
+def _wait_final(stack, flow_run_id, timeout: float = 600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = _api(stack, lambda c: c.read_flow_run(flow_run_id))
+        if run.state and run.state.is_final():
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {flow_run_id} did not finish in {timeout} s")
+
+
+def _browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver, "the e2e test needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver"
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"):
+        options.add_argument(arg)
+    options.binary_location = chromium
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def _wait_for(browser, predicate, timeout: float = 60, what: str = "the page"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            found = predicate()
+        except Exception:  # noqa: BLE001 - the element is not there yet
+            found = None
+        if found:
+            return found
+        time.sleep(0.5)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SHOTS / "timeout.png"))
+    raise AssertionError(f"timed out waiting for {what} (screenshot: {SHOTS / 'timeout.png'})")
+
+
+def test_custom_run_from_the_ui_form_shows_rouge_in_artifacts(stack, tiny_deployment):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    deployment_id, _ = tiny_deployment
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    base = f"http://127.0.0.1:{stack['port']}"
+    browser = _browser()
+    try:
+        browser.get(f"{base}/deployments/deployment/{deployment_id}")
+        _wait_for(browser, lambda: "finetune-tiny" in browser.page_source, what="the deployment page")
+        browser.save_screenshot(str(SHOTS / "1-deployment.png"))
+
+        browser.get(f"{base}/deployments/deployment/{deployment_id}/run")
+        steps = _wait_for(browser, lambda: browser.find_element(
+            By.XPATH, "//*[normalize-space(text())='Max Steps (Optional)']/following::input[1]"),
+            what="the Max Steps field of the custom-run form")
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", steps)
+        assert steps.get_attribute("value") == "4"
+        steps.send_keys(Keys.CONTROL, "a")
+        steps.send_keys("6")
+        browser.save_screenshot(str(SHOTS / "2-custom-run-form.png"))
+        submit = browser.find_element(By.CSS_SELECTOR, "button[type=submit]")
+        browser.execute_script("arguments[0].click()", submit)
+        _wait_for(browser, lambda: "/runs/flow-run/" in browser.current_url, what="the new flow run's page")
+        flow_run_id = browser.current_url.rstrip("/").split("/")[-1]
+
+        run = _wait_final(stack, flow_run_id)
+        browser.get(browser.current_url)
+        time.sleep(3)
+        browser.save_screenshot(str(SHOTS / "3-flow-run.png"))
+        assert run.state.name == "Completed", run.state
+        assert run.parameters["cfg"]["train"]["max_steps"] == 6  # the form's change reached the run
+
+        browser.get(f"{base}/artifacts/key/finetune-tiny-rouge")
+        _wait_for(browser, lambda: "fine-tuned" in browser.page_source and "rougeL" in browser.page_source,
+                  what="the ROUGE table on the Artifacts page")
+        browser.save_screenshot(str(SHOTS / "4-artifact-rouge.png"))
+    finally:
+        browser.quit()
+    train_dirs = [p for p in (stack["home"] / "runs" / "train").iterdir() if (p / "manifest.json").is_file()]
+    steps_trained = {json.loads((p / "train_metrics.json").read_text())["global_step"] for p in train_dirs}
+    assert 6 in steps_trained
+    print(f"\nscreenshots: {sorted(str(p) for p in SHOTS.glob('*.png'))}")
+
+
+def test_partial_params_keep_the_deployment_config_and_bad_values_are_refused(stack, tiny_deployment):
+    env = {**stack["env"], "PREFECT_HOME": os.environ["PREFECT_HOME"]}
+    bad = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "loraflow-finetune/finetune-tiny",
+                          "--params", json.dumps({"cfg": {"train": {"max_steps": -5}}})],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "cfg.train.max_steps" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
+
+    good = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "loraflow-finetune/finetune-tiny",
+                           "--params", json.dumps({"cfg": {"train": {"max_steps": 2}}})],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stdout + good.stderr
+    flow_run_id = next(w for w in good.stdout.split() if w.count("-") == 4 and len(w.strip("'\".,")) == 36).strip("'\".,")
+    run = _wait_final(stack, flow_run_id)
+    assert run.state.name == "Completed", run.state  # the tiny model, not the demo's: the override was partial
+    result = _api(stack, lambda c: c.read_flow_run(flow_run_id))
+    train_dirs = [p for p in (stack["home"] / "runs" / "train").iterdir() if (p / "manifest.json").is_file()]
+    assert 2 in {json.loads((p / "train_metrics.json").read_text())["global_step"] for p in train_dirs}
+    assert result.parameters["cfg"] == {"train": {"max_steps": 2}}
+
+
+def test_basic_auth_server_refuses_clients_without_credentials(tmp_path):
+    import urllib.error
+    import urllib.request
+
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_SERVER_API_AUTH_STRING": "admin:s3cret",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                               str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api/flows/filter"
+
+    def post(auth: str | None) -> int:
+        request = urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json"})
+        if auth:
+            import base64
+
+            request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                code = post("admin:s3cret")
+                break
+            except (urllib.error.URLError, OSError):
+                assert server.poll() is None and time.time() < deadline, "the server did not start"
+                time.sleep(1)
+        assert code == 200
+        assert post(None) == 401
+        assert post("admin:wrong") == 401
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
