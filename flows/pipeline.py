@@ -33,10 +33,19 @@ def resolve_config(cfg: PipelineConfig) -> PipelineConfig:
     from prefect.runtime import deployment
 
     if deployment.id:
-        base = deep_merge(default_config().model_dump(mode="json"), (deployment.parameters or {}).get("cfg") or {})
+        base = deep_merge(default_config().model_dump(mode="json"), _deployment_cfg(deployment.id))
         cfg = over_defaults(cfg, base)
     output_dir = ensure_writable(cfg.run.output_dir)  # fail before any stage, not after training
     return cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(output_dir)})})
+
+
+def _deployment_cfg(deployment_id: str) -> dict[str, Any]:
+    """The `cfg` the deployment itself was created with (prefect.runtime's `deployment.parameters`
+    is the flow run's, already replaced by the caller's partial value)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return (client.read_deployment(deployment_id).parameters or {}).get("cfg") or {}
 
 
 def stage(task_obj, cfg: PipelineConfig, storage: str | None, *args: Any) -> Handle:

@@ -76,3 +76,15 @@ def test_validate_does_not_import_torch():
     code = "import sys; from loraflow.cli import main; main(['validate']); import flows.finetune; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")
+
+
+def test_a_partial_config_is_laid_over_the_deployment_config():
+    from loraflow.config import PipelineConfig, over_defaults
+
+    base = build_config({"data": {"source": "x.jsonl", "input_column": "text"},
+                         "train": {"max_steps": 4, "learning_rate": 1e-2}}).model_dump(mode="json")
+    partial = PipelineConfig.model_validate({"train": {"max_steps": 2}})  # what Prefect validates `--params` into
+    merged = over_defaults(partial, base)
+    assert (merged.train.max_steps, merged.train.learning_rate, merged.data.source) == (2, 1e-2, "x.jsonl")
+    assert merged.data.input_column == "text"
+    assert over_defaults(partial, None) is partial

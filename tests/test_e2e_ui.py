@@ -80,6 +80,13 @@ def _api(stack, coro_fn):
         return anyio.run(call)
 
 
+def _runs_of(stack, deployment_id):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    return _api(stack, lambda c: c.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))))
+
+
 def _wait_final(stack, flow_run_id, timeout: float = 600):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -142,20 +149,24 @@ def test_custom_run_from_the_ui_form_shows_rouge_in_artifacts(stack, tiny_deploy
         browser.save_screenshot(str(SHOTS / "2-custom-run-form.png"))
         submit = browser.find_element(By.CSS_SELECTOR, "button[type=submit]")
         browser.execute_script("arguments[0].click()", submit)
-        _wait_for(browser, lambda: "/runs/flow-run/" in browser.current_url, what="the new flow run's page")
-        flow_run_id = browser.current_url.rstrip("/").split("/")[-1]
-
-        run = _wait_final(stack, flow_run_id)
-        browser.get(browser.current_url)
-        time.sleep(3)
+        runs = _wait_for(browser, lambda: _runs_of(stack, deployment_id), what="the flow run the form created")
+        assert len(runs) == 1
+        run = _wait_final(stack, runs[0].id)
+        browser.get(f"{base}/runs/flow-run/{run.id}")
+        _wait_for(browser, lambda: "Completed" in browser.page_source or "Failed" in browser.page_source,
+                  what="the flow run page")
         browser.save_screenshot(str(SHOTS / "3-flow-run.png"))
         assert run.state.name == "Completed", run.state
         assert run.parameters["cfg"]["train"]["max_steps"] == 6  # the form's change reached the run
 
-        browser.get(f"{base}/artifacts/key/finetune-tiny-rouge")
+        browser.get(f"{base}/artifacts/key/finetune-tiny-rouge")  # the key's history, one entry per run
+        latest = _wait_for(browser, lambda: browser.find_element(By.XPATH, "//a[contains(@href, '/artifacts/artifact/')]"),
+                           what="the ROUGE artifact's history on the Artifacts page")
+        browser.save_screenshot(str(SHOTS / "4-artifact-history.png"))
+        browser.execute_script("arguments[0].click()", latest)
         _wait_for(browser, lambda: "fine-tuned" in browser.page_source and "rougeL" in browser.page_source,
-                  what="the ROUGE table on the Artifacts page")
-        browser.save_screenshot(str(SHOTS / "4-artifact-rouge.png"))
+                  what="the ROUGE table")
+        browser.save_screenshot(str(SHOTS / "5-artifact-rouge-table.png"))
     finally:
         browser.quit()
     train_dirs = [p for p in (stack["home"] / "runs" / "train").iterdir() if (p / "manifest.json").is_file()]
