@@ -21,6 +21,7 @@ class Stages:
     model: Handle
     trained: Handle
     scores: Handle
+    storage: str | None  # the result-storage block slug the stages used (None: Prefect's default)
 
     def all(self) -> tuple[Handle, ...]:
         return (self.data, self.tokenized, self.model, self.trained, self.scores)
@@ -89,4 +90,4 @@ def run_stages(cfg: PipelineConfig) -> Stages:
     model = stage(model_task, cfg, storage, cfg.model, cfg.quantization, cfg.lora, cfg.run)
     trained = stage(train_task, cfg, storage, cfg, tokenized, model)
     scores = stage(evaluate_task, cfg, storage, cfg, tokenized, model, trained)
-    return Stages(data, tokenized, model, trained, scores)
+    return Stages(data, tokenized, model, trained, scores, storage)

@@ -21,7 +21,6 @@ from loraflow.config import PipelineConfig, default_config
 from loraflow.registry import Candidate, Registry, decide
 from tasks.reporting import publish_results
 from tasks.stages import evaluate_task
-from tasks.storage import result_storage_slug
 
 
 def _champion_scores(cfg: PipelineConfig, stages: Stages, champion: Candidate) -> dict[str, float] | None:
@@ -31,12 +30,9 @@ def _champion_scores(cfg: PipelineConfig, stages: Stages, champion: Candidate) -
         get_run_logger().warning("champion %s: adapter %s is gone; the challenger is compared with nothing",
                                  champion.id, champion.adapter)
         return None
-    if champion.test_fingerprint == stages.tokenized.fingerprint and champion.train_fingerprint == stages.trained.fingerprint:
-        return stages.scores.info["finetuned"]
     quick = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"compare_base": False})})
     handle = Handle(stage="train", path=str(train_dir), fingerprint=champion.train_fingerprint, info={})
-    storage = result_storage_slug(cfg.run.result_storage) if cfg.run.result_storage else None
-    scored = stage(evaluate_task, quick, storage, quick, stages.tokenized, stages.model, handle)
+    scored = stage(evaluate_task, quick, stages.storage, quick, stages.tokenized, stages.model, handle)
     return scored.info["finetuned"]
 
 
@@ -63,7 +59,6 @@ def retrain(cfg: PipelineConfig = default_config()) -> dict[str, Any]:
     champion = registry.champion()
     score = stages.scores.info["finetuned"][key]
 
-    champion_scores = None
     if champion is not None and champion.train_fingerprint == stages.trained.fingerprint:
         decision, promoted = (f"unchanged: data fingerprint {stages.data.fingerprint} and config are those champion "
                               f"{champion.id} was trained on; every stage was cached, nothing to promote"), False
@@ -87,7 +82,7 @@ def retrain(cfg: PipelineConfig = default_config()) -> dict[str, Any]:
         decision = f"{'promoted' if promoted else 'rejected'} challenger {entry.id}: {reason}"
     logger.info("retrain: %s", decision)
     publish_results(stages.scores.info, stages.scores.path, stages.trained.path,
-                    champion=champion_scores if champion is not None else None, decision=decision)
+                    champion=champion_scores, decision=decision)
     state = registry.read()
     return {
         "decision": decision,

@@ -41,7 +41,6 @@ def _die_with_parent() -> None:
         pass  # not Linux: cancellation still terminates the child through the finally block
 
 
-
 def _forward(stream, tail: deque, on_progress: Callable[[dict], None] | None = None) -> None:
     buf = b""
     while chunk := stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096):
