@@ -70,3 +70,33 @@ def left_pad(prompt_id_lists: Sequence[Sequence[int]], pad_id: int):
     if not prompt_id_lists:
         raise ValueError("left_pad got no prompts")
     return _pad(prompt_id_lists, pad_id, max(len(s) for s in prompt_id_lists), "left")
+
+
+@dataclass
+class PackedCollator:
+    """Padding-free batches: the examples laid end to end in one row, positions restarting at 0 for each.
+
+    -> input_ids, labels, position_ids, each (1, total tokens), and no attention_mask: transformers then
+    reads the sequence boundaries from the position resets and masks attention across them, so examples
+    never see each other. The first label of every example is ignored, so no example learns to predict
+    the start of the next. Measured here (docs/benchmarks.md): on CPU with SDPA the block mask costs more
+    than the padding it saves, so `train.batching: length_grouped` is the default.
+    """
+
+    label_pad: int = IGNORE_INDEX
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        if not features:
+            raise ValueError("PackedCollator got an empty batch")
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for f in features:
+            n = len(f["input_ids"])
+            ids += f["input_ids"]
+            labels += [self.label_pad] + list(f["labels"][1:])
+            positions += range(n)
+        as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
+        return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions)}

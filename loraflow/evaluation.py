@@ -2,8 +2,10 @@
 
 Generation is batched with left padding (so every prompt ends where generation starts), prompts
 sorted by length (less padding per batch), the KV cache on and `torch.inference_mode`.
-The base model is the same loaded model with the adapter switched off, so both are scored on the
-same examples with the same quantized weights.
+The base model is the same loaded model without the adapter, so both are scored on the same examples
+with the same quantized weights. On CPU (`eval.dequantize: auto`) the NF4 weights are expanded to the
+compute dtype once and the adapter is merged into them: the same numbers (greedy outputs are identical,
+docs/benchmarks.md), without a dequantize per matmul per token or the adapter's extra matmuls.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, sta
 from loraflow.config import EvalConfig, PipelineConfig, section_dict
 
 log = logging.getLogger("loraflow")
-CODE_VERSION = "evaluate-1"
+CODE_VERSION = "evaluate-2"
 
 
 def generate(model, tokenizer, prompts: list[list[int]], ev: EvalConfig, desc: str) -> list[str]:
@@ -56,6 +58,15 @@ def generate(model, tokenizer, prompts: list[list[int]], ev: EvalConfig, desc: s
     return out
 
 
+def use_dequantized(ev: EvalConfig, quantized: bool) -> bool:
+    """'auto' = on CPU, where 4-bit matmuls dequantize on every call; on a GPU the memory saving wins."""
+    import torch
+
+    if not quantized:
+        return False
+    return not torch.cuda.is_available() if ev.dequantize == "auto" else bool(ev.dequantize)
+
+
 def evaluate_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, output_dir: str | Path) -> Handle:
     """Score the fine-tuned adapter (and the base model) with ROUGE; writes predictions.jsonl + metrics.json."""
     key = fingerprint(tokenized.fingerprint, model_handle.fingerprint, trained.fingerprint, section_dict(cfg.eval), CODE_VERSION)
@@ -80,8 +91,18 @@ def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trai
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     base = load_base(model_handle.info["base_dir"], cfg.model, cfg.quantization)
-    model = PeftModel.from_pretrained(base, Path(trained.path) / "adapter").eval()
-    model.config.use_cache = True
+    dequantized = use_dequantized(cfg.eval, cfg.quantization.mode != "none")
+    if dequantized:
+        base = base.dequantize()  # bitsandbytes Linear4bit -> nn.Linear holding the dequantized weights
+    base.eval()
+    base.config.use_cache = True
+    adapter = Path(trained.path) / "adapter"
+    base_preds: list[str] | None = None
+    if cfg.eval.compare_base and dequantized:  # before merging the adapter into the weights
+        base_preds = generate(base, tokenizer, prompts, cfg.eval, "generate (base)")
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    if dequantized:
+        model = model.merge_and_unload()
 
     t0 = time.perf_counter()
     tuned = generate(model, tokenizer, prompts, cfg.eval, "generate (fine-tuned)")
@@ -90,11 +111,13 @@ def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trai
         "n_examples": len(prompts),
         "finetuned": rouge.score(tuned, references, use_stemmer=cfg.eval.use_stemmer),
         "generation_examples_per_second": round(len(prompts) / seconds, 3),
+        "generation_s": round(seconds, 3),
+        "dequantized": dequantized,
     }
-    base_preds: list[str] | None = None
-    if cfg.eval.compare_base:
+    if cfg.eval.compare_base and not dequantized:
         with model.disable_adapter():
             base_preds = generate(model, tokenizer, prompts, cfg.eval, "generate (base)")
+    if base_preds is not None:
         metrics["base"] = rouge.score(base_preds, references, use_stemmer=cfg.eval.use_stemmer)
     with atomic_dir(final, {"stage": "evaluate"}) as tmp:
         with open(tmp / "predictions.jsonl", "w") as fh:

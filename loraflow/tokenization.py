@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from loraflow.config import PromptConfig, section_dict
 from loraflow.prompts import PromptError, check_template, completion_text, render_prompt
 
 log = logging.getLogger("loraflow")
-CODE_VERSION = "tokenize-2"  # bump when the output for the same inputs changes
+CODE_VERSION = "tokenize-3"  # bump when the output for the same inputs changes
 # Files that decide how text becomes ids (a model folder's weights are deliberately not hashed).
 TOKENIZER_GLOBS = ("tokenizer*.json", "*.model", "vocab*", "merges*", "added_tokens.json",
                    "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
@@ -180,8 +181,10 @@ def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, final: Path, k
             raise ValueError(f"the data stage's {name} split is empty: check data.max_{name}_samples and the source")
         # keep_in_memory: never write cache files into the data stage's folder. new_fingerprint: skip
         # datasets' hashing of the closure, which pickles the whole tokenizer (seconds per call).
+        started = time.perf_counter()
         enc = ds.map(lambda rows: encode_batch(rows, prompt, tokenizer, prefix), batched=True, batch_size=1000,
                      keep_in_memory=True, new_fingerprint=f"{key}-{name}", desc=f"tokenize {name}")
+        seconds = time.perf_counter() - started
         prompt_lens = [len(p) for p in enc["prompt_ids"]]
         kept = [i for i, n in enumerate(prompt_lens) if n]
         if not kept:
@@ -190,6 +193,7 @@ def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, final: Path, k
         target_lens = [len(x) - n for x, n in zip(enc["input_ids"], prompt_lens)]
         stats[name] = _stats([prompt_lens[i] for i in kept], [target_lens[i] for i in kept],
                              sum(truncated[i] for i in kept), len(ds) - len(kept))
+        stats[name]["examples_per_second"] = round(len(ds) / seconds, 1)
         if len(kept) < len(ds):
             enc = enc.select(kept, keep_in_memory=True)
             log.warning("tokenize: dropped %d of %d %s examples that do not fit prompt.max_length=%d even with "

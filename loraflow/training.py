@@ -17,7 +17,7 @@ from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, sta
 from loraflow.config import PipelineConfig, TrainConfig, section_dict
 
 log = logging.getLogger("loraflow")
-CODE_VERSION = "train-1"
+CODE_VERSION = "train-2"
 MODEL_COLUMNS = ["input_ids", "labels"]
 
 
@@ -78,6 +78,7 @@ def training_arguments(train: TrainConfig, checkpoint_dir: Path, has_eval: bool)
         seed=train.seed,
         data_seed=train.seed,
         dataloader_num_workers=train.dataloader_num_workers,
+        train_sampling_strategy="group_by_length" if train.batching == "length_grouped" else "random",
         dataloader_pin_memory=cuda,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
@@ -85,6 +86,42 @@ def training_arguments(train: TrainConfig, checkpoint_dir: Path, has_eval: bool)
     )
     kwargs.update(train.extra_args)
     return TrainingArguments(**kwargs)
+
+
+def make_collator(train: TrainConfig, pad_token_id: int):
+    from loraflow.collator import CompletionCollator, PackedCollator
+
+    return PackedCollator() if train.batching == "packed" else CompletionCollator(pad_token_id=pad_token_id)
+
+
+def throughput_callback():
+    """Wall-clock marks of the training loop: start, first optimizer step, end (time.time(), for the benchmark)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class Throughput(TrainerCallback):
+        marks: dict[str, float] = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.marks.update(begin=time.time(), begin_step=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.marks.setdefault("first_step_at", time.time())
+            self.marks["end"] = time.time()
+
+    return Throughput()
+
+
+def peak_memory_mb() -> dict[str, float | None]:
+    """Peak resident memory of this process, and peak CUDA memory allocated (None without a GPU)."""
+    import resource
+
+    import torch
+
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_gpu_mb": None if gpu is None else round(gpu, 1)}
 
 
 def frozen_checksum(model) -> list[float]:
@@ -142,11 +179,11 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
                   extra_callbacks: list, stop_requested: Callable[[], bool] | None) -> None:
     import datasets
     from torch.utils.tensorboard import SummaryWriter
-    from transformers import AutoTokenizer, Trainer
+    from transformers import AutoTokenizer
     from transformers.integrations import TensorBoardCallback
 
-    from loraflow.collator import CompletionCollator
     from loraflow.modeling import load_for_training
+    from loraflow.trainer import CompletionTrainer
 
     data = datasets.load_from_disk(str(Path(tokenized.path) / "dataset"))
     train_ds = data["train"].select_columns(MODEL_COLUMNS)
@@ -160,17 +197,19 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
     before = frozen_checksum(model)
 
     args = training_arguments(cfg.train, work / "checkpoints", has_eval=eval_ds is not None)
-    callbacks = list(extra_callbacks)
+    timer = throughput_callback()
+    callbacks = [timer, *extra_callbacks]
     if "tensorboard" in cfg.train.report_to:
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(work / "logs"))))
-    trainer = Trainer(
+    trainer = CompletionTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=CompletionCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=make_collator(cfg.train, tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=callbacks,
+        label_only_logits=cfg.train.label_only_logits,
     )
     resume = last_checkpoint(work / "checkpoints")
     if resume:
@@ -181,6 +220,10 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
 
     after = frozen_checksum(model)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    marks = timer.marks
+    loop_s = marks.get("end", marks["begin"]) - marks["begin"]
+    examples = (trainer.state.global_step - marks["begin_step"]) * args.train_batch_size * \
+        args.gradient_accumulation_steps * args.world_size
     metrics = {
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
@@ -188,6 +231,16 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         "last_logged_loss": losses[-1] if losses else None,
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "train_examples_per_second": round(examples / loop_s, 4) if loop_s > 0 else None,
+        "target_tokens_per_second": round(trainer.label_tokens_seen / loop_s, 2) if loop_s > 0 else None,
+        "train_loop_s": round(loop_s, 3),
+        "label_tokens_seen": trainer.label_tokens_seen,
+        "positions_seen": trainer.positions_seen,
+        "attention_square_sum": trainer.attention_square_sum,
+        "first_step_at": marks.get("first_step_at"),  # time.time() of the first optimizer step's end
+        "batching": cfg.train.batching,
+        "label_only_logits": trainer.parts is not None,
+        **peak_memory_mb(),
         "base_weights_unchanged": before == after,
         "resumed_from": resume,
         "device": str(args.device),

@@ -10,11 +10,11 @@ On a miss, `explain_miss` says what changed since the last run of the same stage
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import import_module, metadata
+from importlib import metadata
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,9 +38,14 @@ def library_versions() -> dict[str, str]:
 
 @lru_cache(maxsize=None)
 def module_source_hash(*modules: str) -> str:
+    """Hash of the modules' source files, read without importing them: importing loraflow.trainer
+    would pull in torch and transformers (~20 s) just to decide that a stage is cached."""
     h = hashlib.sha256()
     for name in modules:
-        h.update(inspect.getsource(import_module(name)).encode())
+        spec = find_spec(name)
+        if spec is None or not spec.origin:
+            raise ModuleNotFoundError(f"cache key: no source for module {name!r}")
+        h.update(Path(spec.origin).read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -41,7 +41,7 @@ TOKENIZE = StageSpec("tokenize", ("loraflow.prompts", "loraflow.tokenization"), 
 MODEL = StageSpec("model", ("loraflow.modeling", "loraflow.sources"), source=_model_source)
 TRAIN = StageSpec(
     "train",
-    ("loraflow.training", "loraflow.collator", "loraflow.modeling", "loraflow.launch", "loraflow.worker"),
+    ("loraflow.training", "loraflow.trainer", "loraflow.collator", "loraflow.modeling", "loraflow.launch", "loraflow.worker"),
     sections=("train",),
 )
 EVALUATE = StageSpec("evaluate", ("loraflow.evaluation", "loraflow.rouge", "loraflow.modeling"), sections=("eval",))

@@ -1,0 +1,181 @@
+"""Each speed lever on its own, on the same batches of the same model: what it buys, measured here.
+
+    uv run python -m benchmarks.levers                 # SciTLDR, ~10 min on 2 CPU cores
+
+Training: seconds per optimizer step (forward + backward, LoRA on an NF4 SmolLM2-135M) for the same
+examples, from the plain script's layout (pad to 512, logits everywhere) to loraflow's default.
+Evaluation: examples/s of greedy generation on the same prompts, from one `generate` per example on
+the 4-bit model to loraflow's default (batched, dequantized, adapter merged); outputs are compared.
+Tokenization: examples/s of one call per example vs batched calls of the fast tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks.data import INSTRUCTIONS, REPO, write_examples
+
+
+def _load(model_dir: str, dequantize: bool = False):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=quant)
+    model.config.use_cache = False
+    if dequantize:
+        return model.dequantize()
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    torch.manual_seed(0)
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def train_levers(model, examples: list[dict], batch: int, steps: int, max_length: int) -> list[tuple[str, float, float]]:
+    """[(lever, seconds/step median, loss of the last batch)] over the same `steps` batches."""
+    import torch
+
+    from loraflow.collator import CompletionCollator, PackedCollator
+    from loraflow.trainer import body_and_head, label_only_loss
+
+    parts = body_and_head(model)
+    pad = CompletionCollator(pad_token_id=0)
+    to_512 = CompletionCollator(pad_token_id=0, pad_to_multiple_of=max_length)
+    everything = lambda b: {**b, "labels": torch.where(b["attention_mask"] == 1, b["input_ids"], -100)}  # noqa: E731
+    full = lambda b: model(**b, use_cache=False).loss  # noqa: E731
+    label_only = lambda b: label_only_loss(*parts, b)[0]  # noqa: E731
+    rand = [examples[i * batch:(i + 1) * batch] for i in range(steps)]
+    # length-grouped: the same examples, sorted by length, so each batch holds similar lengths
+    pool = sorted(sum(rand, []), key=lambda e: len(e["input_ids"]))
+    grouped = [pool[i * batch:(i + 1) * batch] for i in range(steps)]
+    cases = [
+        ("plain script: pad to max_length, loss and logits on every token", rand, lambda b: everything(to_512(b)), full),
+        ("pad to the batch's longest, completion-only loss", rand, pad, full),
+        ("+ logits only at label positions", rand, pad, label_only),
+        ("+ length-grouped batches (loraflow default)", grouped, pad, label_only),
+        ("packed, padding-free, logits only at labels", rand, PackedCollator(), label_only),
+    ]
+    out = []
+    for name, batches, collate, loss_fn in cases:
+        times, loss = [], 0.0
+        for b in batches:
+            inputs = collate(b)
+            t = time.perf_counter()
+            loss = loss_fn(inputs)
+            loss.backward()
+            times.append(time.perf_counter() - t)
+            model.zero_grad()
+        out.append((name, statistics.median(times), float(loss)))
+        print(f"train  {name}: {out[-1][1]:.2f} s/step", flush=True)
+    return out
+
+
+def eval_levers(model_dir: str, prompts: list[list[int]], tokenizer, max_new_tokens: int, batch: int):
+    """[(lever, examples/s, outputs identical to the first row's)]."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from loraflow.config import EvalConfig
+    from loraflow.evaluation import generate
+
+    torch.manual_seed(1)
+    adapter = REPO / "runs" / "bench-levers-adapter"
+    quantized = _load(model_dir)
+    for name, p in quantized.named_parameters():  # a non-trivial adapter: B != 0, so merging matters
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    quantized.save_pretrained(adapter)
+    quantized.eval()
+    ev = lambda bs: EvalConfig(max_new_tokens=max_new_tokens, batch_size=bs)  # noqa: E731
+
+    def timed(model, bs):
+        model.config.use_cache = True
+        t = time.perf_counter()
+        outs = generate(model, tokenizer, prompts, ev(bs), "levers")
+        return outs, len(prompts) / (time.perf_counter() - t)
+
+    rows = []
+    ref, rate = timed(quantized, 1)
+    rows.append(("plain script: one generate per example, 4-bit", rate, True))
+    outs, rate = timed(quantized, batch)
+    rows.append((f"batches of {batch}, sorted by length, left-padded, 4-bit", rate, outs == ref))
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(_load(model_dir, dequantize=True), adapter).merge_and_unload().eval()
+    outs, rate = timed(merged, batch)
+    rows.append(("+ dequantized once, adapter merged (loraflow default on CPU)", rate, outs == ref))
+    for r in rows:
+        print(f"eval   {r[0]}: {r[1]:.3f} ex/s, same outputs: {r[2]}", flush=True)
+    return rows
+
+
+def tokenize_levers(tokenizer, texts: list[str]) -> list[tuple[str, float]]:
+    t = time.perf_counter()
+    for text in texts:
+        tokenizer(text, add_special_tokens=False)
+    one = len(texts) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for i in range(0, len(texts), 1000):
+        tokenizer(texts[i:i + 1000], add_special_tokens=False)
+    batched = len(texts) / (time.perf_counter() - t)
+    return [("one call per example", one), ("batched calls of 1000 (loraflow)", batched)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--eval-examples", type=int, default=12)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "levers.json")
+    a = p.parse_args(argv)
+
+    import torch
+
+    from loraflow.sources import resolve_model_dir
+    from loraflow.tokenization import encode_batch, load_tokenizer
+    from loraflow.config import PromptConfig
+
+    model_dir = str(resolve_model_dir("smollm2-gguf", None, None, False))
+    data = REPO / "runs" / "bench-levers-data"
+    write_examples("scitldr", model_dir, data, a.steps * a.batch_size, a.eval_examples, a.max_length)
+    tokenizer = load_tokenizer(model_dir)
+    prompt = PromptConfig(style="chat", template=INSTRUCTIONS["scitldr"], max_length=a.max_length)
+    rows = {s: [json.loads(x) for x in (data / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "test")}
+    cols = lambda rs: {"input": [r["input"] for r in rs], "target": [r["target"][0] for r in rs]}  # noqa: E731
+    from loraflow.tokenization import bos_prefix
+
+    enc = encode_batch(cols(rows["train"]), prompt, tokenizer, bos_prefix(tokenizer))
+    examples = [{"input_ids": i, "labels": lab} for i, lab in zip(enc["input_ids"], enc["labels"])]
+    prompts = encode_batch(cols(rows["test"]), prompt, tokenizer, bos_prefix(tokenizer))["prompt_ids"]
+
+    report = {"torch_threads": torch.get_num_threads()}
+    report["train"] = train_levers(_load(model_dir), examples, a.batch_size, a.steps, a.max_length)
+    report["eval"] = eval_levers(model_dir, prompts, tokenizer, a.max_new_tokens, a.eval_examples)
+    texts = [r["input"] for r in rows["train"]] * 50
+    report["tokenize"] = tokenize_levers(tokenizer, texts)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2))
+    base = report["train"][0][1]
+    print("\n| training lever | s/step | vs plain script |\n|---|---|---|")
+    for name, sec, _ in report["train"]:
+        print(f"| {name} | {sec:.2f} | {base / sec:.2f}x faster |")
+    base = report["eval"][0][1]
+    print("\n| evaluation lever | examples/s | vs plain script | same outputs |\n|---|---|---|---|")
+    for name, rate, same in report["eval"]:
+        print(f"| {name} | {rate:.3f} | {rate / base:.2f}x | {'yes' if same else 'no'} |")
+    base = report["tokenize"][0][1]
+    print("\n| tokenization | examples/s | vs one call per example |\n|---|---|---|")
+    for name, rate in report["tokenize"]:
+        print(f"| {name} | {rate:.0f} | {rate / base:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

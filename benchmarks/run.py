@@ -1,0 +1,186 @@
+"""loraflow vs a plain Trainer script, side by side on the same examples, model and settings.
+
+    uv run python -m benchmarks.run                      # SciTLDR and aclsum, ~45 min on 2 CPU cores
+    uv run python -m benchmarks.run --datasets aclsum --steps 8
+
+For each dataset, alternately: the baseline script (benchmarks/baseline.py), then `loraflow run`
+cold (empty output folder and result storage), then `loraflow run` again (everything cached), each a
+separate process against one local Prefect server. Writes benchmarks/results/<date>.json and prints the
+markdown table that docs/benchmarks.md holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from benchmarks.data import INSTRUCTIONS, REPO, write_examples
+
+
+def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> dict:
+    """Run `cmd`; wall seconds, launch time and the peak RSS of it and its children (wait4 rusage)."""
+    launched = time.time()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"error: {' '.join(cmd[:4])} ... exited {code}: see {log}")
+    return {"launched_at": launched, "wall_s": round(time.time() - launched, 2),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def bench_config(name: str, data_dir: Path, out: Path, a: argparse.Namespace) -> dict:
+    return {
+        "data": {"source": str(data_dir), "input_column": "input", "target_column": "target", "seed": a.seed},
+        "prompt": {"style": "chat", "template": INSTRUCTIONS[name], "max_length": a.max_length, "max_target_length": 128},
+        "model": {"name_or_path": a.model},
+        "quantization": {"mode": "nf4", "double_quant": True},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "train": {"per_device_train_batch_size": a.batch_size, "max_steps": a.steps, "learning_rate": a.learning_rate,
+                  "lr_scheduler_type": "cosine", "warmup_steps": 2, "logging_steps": 4, "save_steps": a.steps,
+                  "save_total_limit": 1, "seed": 42, "report_to": []},
+        "eval": {"max_new_tokens": a.max_new_tokens, "batch_size": a.eval_batch_size, "compare_base": False},
+        "run": {"name": f"bench-{name}", "output_dir": str(out / "runs"), "result_storage": str(out / "results")},
+    }
+
+
+def flow_timings(api_env: dict[str, str]) -> dict:
+    """Flow-run time and the sum of its task runs' time, from the Prefect API (the newest flow run)."""
+    code = r"""
+import json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.sorting import FlowRunSort
+with get_client(sync_client=True) as c:
+    fr = c.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+    trs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))
+    stages = {t.name.split("-")[0]: t.total_run_time.total_seconds() for t in trs}
+    print(json.dumps({"flow_s": fr.total_run_time.total_seconds(), "stages_s": stages}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], env=api_env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: reading the flow run from the Prefect API failed: {done.stderr.strip()[-1500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def loraflow_side(name: str, data_dir: Path, out: Path, a: argparse.Namespace, env: dict[str, str]) -> dict:
+    shutil.rmtree(out / "runs", ignore_errors=True)
+    shutil.rmtree(out / "results", ignore_errors=True)
+    cfg_path = out / "loraflow.yaml"
+    cfg_path.write_text(yaml.safe_dump(bench_config(name, data_dir, out, a), sort_keys=False))
+    cmd = [sys.executable, "-m", "loraflow.cli", "run", str(cfg_path)]
+    cold = run_measured(cmd, env, out / "loraflow-cold.log")
+    cold["timings"] = flow_timings(env)
+    cached = run_measured(cmd, env, out / "loraflow-cached.log")
+    cached["timings"] = flow_timings(env)
+    runs = out / "runs"
+    train = json.loads(next(runs.glob("train/*/train_metrics.json")).read_text())
+    metrics = json.loads(next(runs.glob("evaluate/*/metrics.json")).read_text())
+    tok_stats = json.loads(next(runs.glob("tokenize/*/stats.json")).read_text())
+    return {"cold": cold, "cached": cached, "train": train, "eval": metrics, "tokenize_stats": tok_stats}
+
+
+def baseline_side(data_dir: Path, out: Path, model_dir: str, name: str, a: argparse.Namespace, env: dict) -> dict:
+    result = out / "baseline.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "baseline.py"), "--train", str(data_dir / "train.jsonl"),
+           "--test", str(data_dir / "test.jsonl"), "--model-dir", model_dir, "--out", str(result),
+           "--instruction", INSTRUCTIONS[name], "--max-length", str(a.max_length), "--steps", str(a.steps),
+           "--batch-size", str(a.batch_size), "--learning-rate", str(a.learning_rate),
+           "--max-new-tokens", str(a.max_new_tokens), "--output-dir", str(out / "baseline-out")]
+    proc = run_measured(cmd, env, out / "baseline.log")
+    return {**proc, **json.loads(result.read_text())}
+
+
+def start_server(work: Path) -> tuple[subprocess.Popen, dict[str, str]]:
+    from loraflow.up import _health
+
+    port = 4300 + os.getpid() % 500
+    env = {**os.environ, "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(REPO)}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=open(work / "server.log", "w"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while not _health(env["PREFECT_API_URL"], None):
+        if server.poll() is not None or time.time() > deadline:
+            raise SystemExit(f"error: the Prefect server did not start: see {work / 'server.log'}")
+        time.sleep(1)
+    return server, env
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", nargs="+", default=["scitldr", "aclsum"])
+    p.add_argument("--model", default="smollm2-gguf", help="model.name_or_path (the demo's SmolLM2-135M-Instruct)")
+    p.add_argument("--train-examples", type=int, default=256)
+    p.add_argument("--test-examples", type=int, default=24)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--eval-batch-size", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", type=Path, default=REPO / "runs" / "bench")
+    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    a = p.parse_args(argv)
+
+    from benchmarks.flops import matmul_peak_flops, model_shape
+    from benchmarks.report import markdown
+    from loraflow.sources import resolve_model_dir
+
+    shutil.rmtree(a.work, ignore_errors=True)
+    a.work.mkdir(parents=True)
+    model_dir = str(resolve_model_dir(a.model, None, None, False))
+    report: dict = {"date": dt.date.today().isoformat(), "machine": machine(), "args": {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}, "datasets": {}}
+    report["matmul_peak_flops"] = matmul_peak_flops()
+    report["model_shape"] = model_shape(model_dir)
+    server, env = start_server(a.work)
+    try:
+        for name in a.datasets:
+            out = a.work / name
+            data_dir = out / "data"
+            stats = write_examples(name, model_dir, data_dir, a.train_examples, a.test_examples, a.max_length, a.seed)
+            print(f"{name}: {stats}", flush=True)
+            base = baseline_side(data_dir, out, model_dir, name, a, env)
+            print(f"{name}: baseline done in {base['wall_s']} s", flush=True)
+            ours = loraflow_side(name, data_dir, out, a, env)
+            print(f"{name}: loraflow cold {ours['cold']['wall_s']} s, cached {ours['cached']['wall_s']} s", flush=True)
+            report["datasets"][name] = {"data": stats, "baseline": base, "loraflow": ours}
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    report["matmul_peak_flops_after"] = matmul_peak_flops()
+    a.results.mkdir(parents=True, exist_ok=True)
+    path = a.results / f"{report['date']}.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    print(markdown(report))
+    print(f"\nresults: {path}")
+    return 0
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

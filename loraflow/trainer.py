@@ -1,0 +1,101 @@
+"""`CompletionTrainer`: a `transformers.Trainer` that computes the LM head only where there are labels.
+
+With completion-only loss most positions are prompt (SciTLDR: ~26 target tokens of ~260), yet a plain
+causal-LM forward projects *every* position onto the vocabulary: SmolLM2's 49k-word head is ~20% of
+its FLOPs, and the (batch, seq, vocab) logits plus their gradient are the largest activations of a
+step. Here the decoder body runs as usual, and only the hidden states whose next token is a label go
+through the head: (K, d) @ (d, vocab) for K label positions. The loss is the same number as the
+model's own (a test checks it); models whose head is not a plain projection fall back to it.
+
+Also counts the label tokens, positions and attention sizes trained on, for train_metrics.json's
+throughput and FLOP figures (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from transformers import Trainer
+
+from loraflow.collator import IGNORE_INDEX
+
+log = logging.getLogger("loraflow")
+
+
+def body_and_head(model) -> tuple[Any, Any] | None:
+    """(decoder body, LM head) of a (peft-wrapped) causal LM, or None when logits are not just head(hidden)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None  # Gemma-2 style soft-capping, Cohere/Granite scaling: leave the logits to the model
+    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if body is None or head is None or body is base:
+        return None
+    return body, head
+
+
+def label_only_loss(body, head, inputs: dict[str, Any], num_items_in_batch=None):
+    """Cross-entropy of the next token at label positions, computing logits only there.
+
+    Position t predicts token t+1, so hidden[:, :-1] pairs with labels[:, 1:]. The sum is divided by
+    `num_items_in_batch` (label tokens across the accumulated batch, as Trainer counts them) when given,
+    else by this batch's label count: the same reductions as transformers' ForCausalLMLoss.
+    """
+    import torch.nn.functional as F
+
+    labels = inputs["labels"]
+    model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    hidden = body(**model_inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, d)
+    targets = labels[:, 1:].to(hidden.device)
+    keep = targets != IGNORE_INDEX  # (B, T-1)
+    logits = head(hidden[keep])  # (K, vocab): the only logits computed
+    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    n_labels = keep.sum()
+    denominator = num_items_in_batch if num_items_in_batch is not None else n_labels.clamp(min=1)
+    return loss / denominator, n_labels
+
+
+class CompletionTrainer(Trainer):
+    """Trainer whose loss computes logits only on label positions (when the model allows it)."""
+
+    def __init__(self, *args, label_only_logits: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.parts = body_and_head(self.model) if label_only_logits else None
+        if label_only_logits and self.parts is None:
+            log.info("train: this model's logits are not a plain projection; computing them at every position")
+        if self.parts is not None:
+            # Trainer counts the label tokens of the whole accumulated batch only for models that take
+            # loss kwargs; our loss divides by that count, so it is already scaled for accumulation.
+            self.model_accepts_loss_kwargs = True
+            self.loss_is_scaled_for_ga = True
+        self.label_tokens_seen = 0  # tokens the loss is on
+        self.positions_seen = 0  # positions the body ran on, padding included (batch * padded length)
+        self.attention_square_sum = 0  # sum over rows of padded length**2: the attention matmuls' size
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            rows, length = inputs["input_ids"].shape
+            self.label_tokens_seen += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+            self.positions_seen += rows * length
+            self.attention_square_sum += rows * length * length
+        if self.parts is None or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, _ = label_only_loss(*self.parts, inputs, num_items_in_batch)
+        if model.training and self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch is summed over ranks and DDP averages gradients: undo the average, as
+            # Trainer.compute_loss does.
+            loss = loss * self.accelerator.num_processes
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Eval loss without logits: the (batch, seq, vocab) tensor is never built, let alone kept."""
+        if self.parts is None or not prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        import torch
+
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, _ = label_only_loss(*self.parts, inputs)
+        return loss.detach(), None, None

@@ -1,0 +1,83 @@
+"""The label-only loss equals the model's own loss, and packed batches equal padded ones."""
+
+import pytest
+import torch
+
+from loraflow.collator import IGNORE_INDEX, CompletionCollator, PackedCollator
+from loraflow.trainer import body_and_head, label_only_loss
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="sdpa")
+    base.config.use_cache = False
+    torch.manual_seed(0)
+    return get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+
+
+def examples(n: int = 3) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        prompt = torch.randint(10, 5000, (7 + 5 * i,), generator=g).tolist()
+        target = torch.randint(10, 5000, (3 + i,), generator=g).tolist()
+        out.append({"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target})
+    return out
+
+
+def lora_grads(model) -> list[torch.Tensor]:
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    return grads
+
+
+def test_label_only_loss_and_gradients_match_the_full_logits_loss(lora_model):
+    batch = CompletionCollator(pad_token_id=0)(examples())
+    full = lora_model(**batch).loss
+    full.backward()
+    want = lora_grads(lora_model)
+
+    parts = body_and_head(lora_model)
+    assert parts is not None
+    loss, n_labels = label_only_loss(*parts, batch)
+    loss.backward()
+    got = lora_grads(lora_model)
+    assert int(n_labels) == 3 + 4 + 5
+    torch.testing.assert_close(loss, full)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_num_items_in_batch_turns_the_mean_into_a_sum_over_the_accumulated_batch(lora_model):
+    batch = CompletionCollator(pad_token_id=0)(examples())
+    parts = body_and_head(lora_model)
+    mean, n = label_only_loss(*parts, batch)
+    scaled, _ = label_only_loss(*parts, batch, num_items_in_batch=40)
+    torch.testing.assert_close(scaled, mean * n / 40)
+
+
+def test_packed_batch_gives_the_padded_loss_so_examples_do_not_see_each_other(lora_model):
+    exs = examples()
+    padded = CompletionCollator(pad_token_id=0)(exs)
+    packed = PackedCollator()(exs)
+    assert packed["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in exs))
+    assert "attention_mask" not in packed
+    assert packed["position_ids"][0, : len(exs[0]["input_ids"]) + 1].tolist()[-2:] == [len(exs[0]["input_ids"]) - 1, 0]
+    parts = body_and_head(lora_model)
+    with torch.no_grad():
+        torch.testing.assert_close(label_only_loss(*parts, packed)[0], label_only_loss(*parts, padded)[0])
+        # Positions that ignore the boundaries would let example 2 attend to example 1: a different loss.
+        leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1])[None]}
+        assert not torch.allclose(label_only_loss(*parts, leaky)[0], label_only_loss(*parts, padded)[0])
+
+
+def test_models_with_scaled_logits_fall_back_to_their_own_loss(lora_model):
+    lora_model.get_base_model().config.final_logit_softcapping = 30.0
+    try:
+        assert body_and_head(lora_model) is None
+    finally:
+        lora_model.get_base_model().config.final_logit_softcapping = None
+    assert body_and_head(lora_model) is not None
