@@ -78,7 +78,7 @@ def train_levers(model, examples: list[dict], batch: int, steps: int, max_length
 def eval_levers(model_dir: str, prompts: list[list[int]], tokenizer, max_new_tokens: int, batch: int):
     """[(lever, examples/s, outputs identical to the first row's)]."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import PeftModel
 
     from loraflow.config import EvalConfig
     from loraflow.evaluation import generate
@@ -104,8 +104,6 @@ def eval_levers(model_dir: str, prompts: list[list[int]], tokenizer, max_new_tok
     rows.append(("plain script: one generate per example, 4-bit", rate, True))
     outs, rate = timed(quantized, batch)
     rows.append((f"batches of {batch}, sorted by length, left-padded, 4-bit", rate, outs == ref))
-    from peft import PeftModel
-
     merged = PeftModel.from_pretrained(_load(model_dir, dequantize=True), adapter).merge_and_unload().eval()
     outs, rate = timed(merged, batch)
     rows.append(("+ dequantized once, adapter merged (loraflow default on CPU)", rate, outs == ref))
@@ -138,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from loraflow.sources import resolve_model_dir
-    from loraflow.tokenization import encode_batch, load_tokenizer
     from loraflow.config import PromptConfig
+    from loraflow.sources import resolve_model_dir
+    from loraflow.tokenization import bos_prefix, encode_batch, load_tokenizer
 
     model_dir = str(resolve_model_dir("smollm2-gguf", None, None, False))
     data = REPO / "runs" / "bench-levers-data"
@@ -149,8 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     prompt = PromptConfig(style="chat", template=INSTRUCTIONS["scitldr"], max_length=a.max_length)
     rows = {s: [json.loads(x) for x in (data / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "test")}
     cols = lambda rs: {"input": [r["input"] for r in rs], "target": [r["target"][0] for r in rs]}  # noqa: E731
-    from loraflow.tokenization import bos_prefix
-
     enc = encode_batch(cols(rows["train"]), prompt, tokenizer, bos_prefix(tokenizer))
     examples = [{"input_ids": i, "labels": lab} for i, lab in zip(enc["input_ids"], enc["labels"])]
     prompts = encode_batch(cols(rows["test"]), prompt, tokenizer, bos_prefix(tokenizer))["prompt_ids"]

@@ -101,7 +101,8 @@ def throughput_callback():
     from transformers import TrainerCallback
 
     class Throughput(TrainerCallback):
-        marks: dict[str, float] = {}
+        def __init__(self) -> None:
+            self.marks: dict[str, float] = {}
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.marks.update(begin=time.time(), begin_step=state.global_step)
