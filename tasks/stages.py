@@ -14,12 +14,12 @@ from typing import Any, Iterator
 from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.logging import get_run_logger
 
 from loraflow.artifacts import Handle, default_cache_dir
 from loraflow.config import DataConfig, LoraConfig, ModelConfig, PipelineConfig, PromptConfig, QuantizationConfig, RunConfig
 from tasks.caching import StageSpec, explain_miss
+from tasks.locks import AtomicFileLockManager
 from tasks.storage import lock_folder
 
 
@@ -74,7 +74,7 @@ def _policy(spec: StageSpec, lock_dir: Path) -> CacheKeyFnPolicy:
     # SERIALIZABLE + a file lock per cache key: two runs of the same config never compute the same stage
     # at once; the second waits for the first and then reads its cached result.
     return CacheKeyFnPolicy(cache_key_fn=spec.key).configure(
-        isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(lock_dir)
+        isolation_level="SERIALIZABLE", lock_manager=AtomicFileLockManager(lock_dir)
     )
 
 
