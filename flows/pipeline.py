@@ -10,6 +10,7 @@ from prefect.logging import get_run_logger
 
 from loraflow.artifacts import Handle, ensure_writable, verify
 from loraflow.config import PipelineConfig, deep_merge, default_config, over_defaults
+from loraflow.distributed import resolve_processes
 from tasks.stages import data_task, evaluate_task, for_run, model_task, tokenize_task, train_task
 from tasks.storage import result_storage_slug
 
@@ -88,6 +89,8 @@ def run_stages(cfg: PipelineConfig) -> Stages:
     data = stage(data_task, cfg, storage, cfg.data, cfg.run)
     tokenized = stage(tokenize_task, cfg, storage, data, cfg.prompt, cfg.model, cfg.run)
     model = stage(model_task, cfg, storage, cfg.model, cfg.quantization, cfg.lora, cfg.run)
+    # 'auto' processes become this machine's GPU count before the train stage's cache key is made.
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_processes": resolve_processes(cfg.train.num_processes)})})
     trained = stage(train_task, cfg, storage, cfg, tokenized, model)
     scores = stage(evaluate_task, cfg, storage, cfg, tokenized, model, trained)
     return Stages(data, tokenized, model, trained, scores, storage)

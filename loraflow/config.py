@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -122,6 +122,14 @@ class TrainConfig(Section):
     label_only_logits: bool = Field(
         True, description="Compute the LM head only at label positions (same loss, less compute and memory)."
     )
+    num_processes: int | Literal["auto"] = Field(
+        "auto",
+        description="Training processes on this machine, one per GPU (DDP through torchrun); 'auto' = the "
+        "number of visible GPUs, 1 on CPU. The effective batch is processes x per-device batch x accumulation.",
+    )
+    ddp_backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend with several processes; 'auto' = nccl on GPUs, gloo on CPU."
+    )
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps > 0).")
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 = use num_train_epochs.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -150,6 +158,15 @@ class TrainConfig(Section):
     extra_args: dict[str, Any] = Field(
         {}, description="Any other transformers.TrainingArguments keyword, passed through unchanged."
     )
+
+    @field_validator("num_processes", mode="before")
+    @classmethod
+    def _processes(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        if isinstance(value, str) and value.isdigit() and int(value) >= 1:
+            return int(value)
+        raise ValueError("expected a number of processes >= 1 or 'auto', e.g. --set train.num_processes=2")
 
 
 class EvalConfig(Section):
@@ -277,7 +294,7 @@ def _format_errors(err: ValidationError) -> str:
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{where}: {e['msg']}{shown}")
+            lines.append(f"{where}: {str(e['msg']).removeprefix('Value error, ')}{shown}")
     return "invalid config: " + "; ".join(lines)
 
 

@@ -22,6 +22,7 @@ from typing import Callable
 
 from loraflow.artifacts import Handle
 from loraflow.config import PipelineConfig
+from loraflow.distributed import ERROR_MARK, resolve_processes, worker_command
 from loraflow.worker import PROGRESS_MARK
 
 log = logging.getLogger("loraflow")
@@ -41,7 +42,7 @@ def _die_with_parent() -> None:
         pass  # not Linux: cancellation still terminates the child through the finally block
 
 
-def _forward(stream, tail: deque, on_progress: Callable[[dict], None] | None = None) -> None:
+def _forward(stream, tail: deque, errors: list[dict], on_progress: Callable[[dict], None] | None = None) -> None:
     buf = b""
     while chunk := stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096):
         sys.stderr.buffer.write(chunk)
@@ -50,12 +51,18 @@ def _forward(stream, tail: deque, on_progress: Callable[[dict], None] | None = N
         *lines, buf = buf.split(b"\n")
         for raw in lines:
             line = raw.decode(errors="replace").split("\r")[-1].rstrip()
-            if line.startswith(PROGRESS_MARK):
+            # A progress bar drawn without a newline may precede our marked lines on the same line.
+            progress, error = line.find(PROGRESS_MARK), line.find(ERROR_MARK)
+            if progress >= 0:
                 if on_progress is not None:
                     try:
-                        on_progress(json.loads(line[len(PROGRESS_MARK):]))
+                        on_progress(json.loads(line[progress + len(PROGRESS_MARK):]))
                     except Exception as err:  # noqa: BLE001 - a report must never stop training
                         log.warning("train: progress report failed (%s)", err)
+            elif error >= 0:
+                report = json.loads(line[error + len(ERROR_MARK):])
+                errors.append(report)
+                log.error("%s", report["error"])
             elif line and not _PROGRESS.search(line):
                 tail.append(line)
                 log.info("%s", line)
@@ -63,9 +70,12 @@ def _forward(stream, tail: deque, on_progress: Callable[[dict], None] | None = N
 
 def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, output_dir: str | Path,
                      on_progress: Callable[[dict], None] | None = None) -> Handle:
-    """Train in `python -m loraflow.worker`; returns the train handle or raises WorkerFailed.
+    """Train in `python -m loraflow.worker` (through torchrun with train.num_processes > 1); returns
+    the train handle or raises WorkerFailed naming the first rank's error.
 
     `on_progress` gets {"step", "max_steps", "loss"} at every logging step."""
+    processes = resolve_processes(cfg.train.num_processes)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_processes": processes})})
     with tempfile.TemporaryDirectory(prefix="loraflow-train-") as tmp:
         request = Path(tmp) / "request.json"
         result = Path(tmp) / "result.json"
@@ -74,13 +84,16 @@ def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, outp
             "output_dir": str(output_dir), "result": str(result),
         }))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if processes > 1:
+            log.info("train: %d processes (DDP) through torchrun", processes)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "loraflow.worker", str(request)],
+            worker_command(processes, str(request)),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent,
         )
         tail: deque[str] = deque(maxlen=20)
+        errors: list[dict] = []  # {"at": time, "error": "rank N: Type: message"} from each failing rank
         try:
-            _forward(proc.stdout, tail, on_progress)
+            _forward(proc.stdout, tail, errors, on_progress)
             code = proc.wait()
         finally:
             if proc.poll() is None:  # we were interrupted or cancelled: let it checkpoint, then make sure
@@ -90,7 +103,8 @@ def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, outp
                 except subprocess.TimeoutExpired:
                     proc.kill()
         if code != 0:
-            last = next((line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "")
+            last = min(errors, key=lambda e: e["at"])["error"] if errors else next(
+                (line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "")
             what = "was stopped (SIGTERM) after saving a checkpoint; rerun to resume" if code == 143 else (
                 "was killed (out of memory?)" if code in (-9, 137) else f"failed: {last}")
             raise WorkerFailed(f"train: the training process (exit code {code}) {what}")

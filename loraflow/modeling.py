@@ -74,7 +74,10 @@ def load_base(model_dir: str | Path, model: ModelConfig, quant: QuantizationConf
         )
     if torch.cuda.is_available():
         # One device per process: under DDP every rank holds its own 4-bit copy.
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        from loraflow.distributed import local_rank
+
+        index = local_rank()  # under torchrun, rank i on GPU i; else the current device
+        kwargs["device_map"] = {"": torch.cuda.current_device() if index is None else index}
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     for p in base.parameters():
         p.requires_grad_(False)

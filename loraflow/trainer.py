@@ -65,6 +65,13 @@ class CompletionTrainer(Trainer):
         self.parts = body_and_head(self.model) if label_only_logits else None
         if label_only_logits and self.parts is None:
             log.info("train: this model's logits are not a plain projection; computing them at every position")
+        if self.parts is not None and self.args.world_size > 1:
+            # DDP all-reduces gradients only for a forward that goes through its wrapper; calling the
+            # body directly would train each rank on its own. Use the model's own forward and loss.
+            self.parts = None
+            if self.args.process_index == 0:
+                log.info("train: %d processes: the LM head runs at every position (through DDP's forward)",
+                         self.args.world_size)
         if self.parts is not None:
             # Trainer counts the label tokens of the whole accumulated batch only for models that take
             # loss kwargs; our loss divides by that count, so it is already scaled for accumulation.
@@ -73,10 +80,13 @@ class CompletionTrainer(Trainer):
         self.label_tokens_seen = 0  # tokens the loss is on
         self.positions_seen = 0  # positions the body ran on, padding included (batch * padded length)
         self.attention_square_sum = 0  # sum over rows of padded length**2: the attention matmuls' size
+        self.examples_seen = 0  # training examples this process stepped through
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             rows, length = inputs["input_ids"].shape
+            packed = inputs.get("position_ids")
+            self.examples_seen += rows if packed is None else int((packed == 0).sum())
             self.label_tokens_seen += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
             self.positions_seen += rows * length
             self.attention_square_sum += rows * length * length

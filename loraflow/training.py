@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, stage_dir, write_json
 from loraflow.config import PipelineConfig, TrainConfig, section_dict
+from loraflow.distributed import ddp_backend, gather_from_ranks, rank, sum_over_ranks
 
 log = logging.getLogger("loraflow")
 CODE_VERSION = "train-2"
@@ -81,7 +82,9 @@ def training_arguments(train: TrainConfig, checkpoint_dir: Path, has_eval: bool)
         train_sampling_strategy="group_by_length" if train.batching == "length_grouped" else "random",
         dataloader_pin_memory=cuda,
         remove_unused_columns=False,
-        ddp_find_unused_parameters=False,
+        ddp_find_unused_parameters=False,  # LoRA: every trainable weight gets a gradient at every step
+        ddp_backend=ddp_backend(train.ddp_backend, cuda),
+        use_cpu=not cuda,  # also what makes accelerate run several CPU processes as DDP (gloo)
         use_cache=False,  # no KV cache while training; generation turns it back on
     )
     kwargs.update(train.extra_args)
@@ -161,8 +164,9 @@ def train_adapter(
     output_dir: str | Path,
     callbacks: list | None = None,
     stop_requested: Callable[[], bool] | None = None,
-) -> Handle:
-    """Fine-tune the LoRA adapter; returns a handle to the folder holding adapter/, logs/ and metrics.
+) -> Handle | None:
+    """Fine-tune the LoRA adapter; returns a handle to the folder holding adapter/, logs/ and metrics
+    (None on the other ranks of a multi-process run).
 
     `stop_requested` (checked after training) turns an early stop into `Preempted`, leaving the
     checkpoint in the work folder for the rerun instead of publishing a half-trained adapter.
@@ -172,6 +176,8 @@ def train_adapter(
     if not is_complete(final):
         work = final.with_name(f"{key}.work")  # survives crashes: holds the checkpoints to resume from
         _run_training(cfg, tokenized, model_handle, final, work, callbacks or [], stop_requested)
+        if rank() != 0:
+            return None  # under DDP, rank 0 writes the stage folder and returns the handle
     metrics = json.loads((final / "train_metrics.json").read_text())
     return Handle(stage="train", path=str(final), fingerprint=key, info=metrics)
 
@@ -223,8 +229,13 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     marks = timer.marks
     loop_s = marks.get("end", marks["begin"]) - marks["begin"]
-    examples = (trainer.state.global_step - marks["begin_step"]) * args.train_batch_size * \
-        args.gradient_accumulation_steps * args.world_size
+    effective_batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    examples = (trainer.state.global_step - marks["begin_step"]) * effective_batch
+    seen = sum_over_ranks({"label_tokens_seen": trainer.label_tokens_seen, "positions_seen": trainer.positions_seen,
+                           "attention_square_sum": trainer.attention_square_sum,
+                           "examples_seen": trainer.examples_seen}, args.device)
+    # DDP keeps the ranks' adapters identical; a divergence would mean gradients were not all-reduced.
+    adapter_sums = gather_from_ranks(sum(float(p.detach().float().sum()) for p in model.parameters() if p.requires_grad))
     metrics = {
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
@@ -233,11 +244,13 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "train_examples_per_second": round(examples / loop_s, 4) if loop_s > 0 else None,
-        "target_tokens_per_second": round(trainer.label_tokens_seen / loop_s, 2) if loop_s > 0 else None,
+        "target_tokens_per_second": round(seen["label_tokens_seen"] / loop_s, 2) if loop_s > 0 else None,
         "train_loop_s": round(loop_s, 3),
-        "label_tokens_seen": trainer.label_tokens_seen,
-        "positions_seen": trainer.positions_seen,
-        "attention_square_sum": trainer.attention_square_sum,
+        **seen,  # summed over all processes
+        "num_processes": args.world_size,
+        "effective_batch_size": effective_batch,
+        "adapter_sum_per_rank": adapter_sums,
+        "written_by_rank": rank(),
         "first_step_at": marks.get("first_step_at"),  # time.time() of the first optimizer step's end
         "batching": cfg.train.batching,
         "label_only_logits": trainer.parts is not None,
@@ -248,6 +261,8 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
     }
     if before != after:
         raise RuntimeError("train: base weights changed during LoRA training; this is a bug, please report it")
+    if not trainer.is_world_process_zero():
+        return  # rank 0 alone publishes the stage folder
     model.config.use_cache = True
     with atomic_dir(final, {"stage": "train"}) as tmp:
         model.save_pretrained(tmp / "adapter")  # adapter weights only, as safetensors

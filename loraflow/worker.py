@@ -4,13 +4,16 @@ Training runs in its own process so GPU memory is released when it ends, an out-
 one task instead of the flow process, and a cancelled run can be stopped with a signal.
 On SIGTERM (cancellation, a preempted spot GPU, an evicted pod) it saves a checkpoint at the end of
 the current step and exits with code 143, so the rerun resumes without losing a finished step.
+With train.num_processes > 1, torchrun starts one of these per rank (see `loraflow.distributed`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a terminated process
@@ -62,6 +65,7 @@ def progress_callback():
 def main(argv: list[str] | None = None) -> int:
     from loraflow.artifacts import Handle
     from loraflow.config import PipelineConfig
+    from loraflow.distributed import ERROR_MARK, rank
     from loraflow.training import Preempted, train_adapter
 
     argv = sys.argv[1:] if argv is None else argv
@@ -76,7 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as err:
         print(f"train worker: {err}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
-    Path(request["result"]).write_text(handle.model_dump_json())
+    except Exception as err:
+        # One line the launcher can quote: under torchrun, every rank that fails reports, and the earliest
+        # is the cause (the others typically fail because a peer's connection closed).
+        where = f"rank {rank()}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        report = {"at": time.time(), "error": f"{where}{type(err).__name__}: {err}".replace("\n", " ")}
+        print(ERROR_MARK + json.dumps(report), file=sys.stderr, flush=True)
+        raise
+    if handle is not None:  # rank 0 (the only rank in a single process) publishes the result
+        Path(request["result"]).write_text(handle.model_dump_json())
     return 0
 
 
