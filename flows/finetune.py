@@ -15,6 +15,7 @@ from prefect.logging import get_run_logger
 
 from flows.pipeline import resolve_config, run_stages
 from loraflow.config import PipelineConfig, default_config
+from loraflow.remote import is_url, remote_folder
 from loraflow.report import results_table
 from tasks.reporting import publish_results
 
@@ -29,8 +30,11 @@ def finetune(cfg: PipelineConfig = default_config()) -> dict[str, Any]:
     logger = get_run_logger()
     logger.info("%s", results_table(stages.scores.info))
     logger.info("adapter: %s", adapter)
+    urls = {"adapter_url": remote_folder(cfg.run.output_dir, "train", stages.trained.fingerprint) + "/adapter"} \
+        if is_url(cfg.run.output_dir) else {}
     return {
         "adapter": adapter,
+        **urls,
         "metrics": stages.scores.info,
         "metrics_file": str(Path(stages.scores.path) / "metrics.json"),
         "train": stages.trained.info,

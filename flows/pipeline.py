@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect.logging import get_run_logger
@@ -11,6 +12,7 @@ from prefect.logging import get_run_logger
 from loraflow.artifacts import Handle, ensure_writable, verify
 from loraflow.config import PipelineConfig, deep_merge, default_config, over_defaults
 from loraflow.distributed import resolve_processes
+from loraflow.remote import check_writable, download, is_url, local_root, remote_folder
 from tasks.stages import data_task, evaluate_task, for_run, model_task, tokenize_task, train_task
 from tasks.storage import result_storage_slug
 
@@ -37,7 +39,10 @@ def resolve_config(cfg: PipelineConfig) -> PipelineConfig:
     if deployment.id:
         base = deep_merge(default_config().model_dump(mode="json"), _deployment_cfg(deployment.id))
         cfg = over_defaults(cfg, base)
-    output_dir = ensure_writable(cfg.run.output_dir)  # fail before any stage, not after training
+    if is_url(cfg.run.output_dir):  # fail before any stage, not after training
+        check_writable(cfg.run.output_dir)
+        return cfg
+    output_dir = ensure_writable(cfg.run.output_dir)
     return cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(output_dir)})})
 
 
@@ -59,6 +64,7 @@ def stage(task_obj, cfg: PipelineConfig, storage: str | None, *args: Any) -> Han
     state = task_obj.with_options(refresh_cache=refresh or None)(*args, return_state=True)
     handle: Handle = state.result()
     if state.name == "Cached":
+        handle = localize(handle, cfg)
         problem = verify(handle.path)
         if problem is None:
             logger.info("%s: hit — cached %s", handle.stage, handle.path)
@@ -66,6 +72,27 @@ def stage(task_obj, cfg: PipelineConfig, storage: str | None, *args: Any) -> Han
         logger.warning("%s: cached result unusable (%s): recomputing", handle.stage, problem)
         handle = task_obj.with_options(refresh_cache=True)(*args)
     return handle
+
+
+def localize(handle: Handle, cfg: PipelineConfig) -> Handle:
+    """A cached stage as this machine sees it. With a URL output_dir the folder is this machine's mirror
+    copy, downloaded from the URL when missing (another worker computed it); a model stage computed
+    elsewhere gets this machine's copy of the base model (same content: its digest is in the key)."""
+    if not is_url(cfg.run.output_dir):
+        return handle
+    local = local_root(cfg.run.output_dir, cfg.run.cache_dir) / handle.stage / handle.fingerprint
+    if verify(local) is not None:
+        problem = download(remote_folder(cfg.run.output_dir, handle.stage, handle.fingerprint), local)
+        if problem is not None:
+            get_run_logger().warning("%s: %s", handle.stage, problem)
+    update: dict[str, Any] = {"path": str(local)}
+    if handle.stage == "model" and not Path(handle.info.get("base_dir", "")).is_dir():
+        from loraflow.sources import resolve_model_dir
+
+        m = cfg.model
+        base_dir = resolve_model_dir(m.name_or_path, m.revision, cfg.run.cache_dir, m.allow_pickle_weights)
+        update["info"] = {**handle.info, "base_dir": str(base_dir)}
+    return handle.model_copy(update=update)
 
 
 def load_hub_token(secret_name: str | None) -> None:

@@ -19,6 +19,7 @@ from flows.pipeline import Stages, resolve_config, run_stages, stage
 from loraflow.artifacts import Handle
 from loraflow.config import PipelineConfig, default_config
 from loraflow.registry import Candidate, Registry, decide
+from loraflow.remote import is_url
 from tasks.reporting import publish_results
 from tasks.stages import evaluate_task
 
@@ -52,6 +53,9 @@ def retrain(cfg: PipelineConfig = default_config()) -> dict[str, Any]:
 
     logger = get_run_logger()
     cfg = resolve_config(cfg)
+    if cfg.promotion.registry_dir is None and is_url(cfg.run.output_dir):
+        raise ValueError(f"promotion.registry_dir: run.output_dir is a URL ({cfg.run.output_dir}); set "
+                         "promotion.registry_dir to a folder every retraining run can see, e.g. /shared/registry")
     registry = Registry(cfg.promotion.registry_dir or Path(cfg.run.output_dir) / "registry")
     stages = run_stages(cfg)
     metric, margin = cfg.promotion.metric, cfg.promotion.margin

@@ -205,7 +205,9 @@ class PromotionConfig(Section):
 class RunConfig(Section):
     name: str = Field("loraflow", description="Run name; used in folder names and Prefect run names.")
     output_dir: str = Field(
-        "runs", description="Where stage artifacts and the adapter are written (relative to the working dir)."
+        "runs", description="Where stage artifacts and the adapter are written: a folder (relative to the working "
+        "dir) or an fsspec URL such as s3://bucket/prefix (stages then work in a local mirror under cache_dir "
+        "and upload each finished stage; other workers download what they reuse)."
     )
     cache_dir: str | None = Field(
         None, description="Shared cache (converted GGUF models, Prefect result records); default ~/.cache/loraflow."

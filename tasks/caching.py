@@ -21,6 +21,7 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from loraflow.artifacts import Handle, write_json
+from loraflow.remote import is_url, local_root
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "rouge-score")
 
@@ -49,6 +50,10 @@ def module_source_hash(*modules: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _location(output_dir: str) -> str:
+    return output_dir.rstrip("/") if is_url(output_dir) else str(local_root(output_dir, None))
+
+
 def _token(value: Any) -> Any:
     if isinstance(value, Handle):
         return value.fingerprint
@@ -73,7 +78,7 @@ class StageSpec:
         out: dict[str, Any] = {
             "code": module_source_hash("tasks.stages", *self.modules),
             "libraries": library_versions(),
-            "run.output_dir": str(Path(run.output_dir).expanduser().resolve()) if run is not None else None,
+            "run.output_dir": _location(run.output_dir) if run is not None else None,
         }
         for name, value in sorted(params.items()):
             out[f"upstream {name}" if isinstance(value, Handle) else name] = _token(value)

@@ -18,6 +18,7 @@ from prefect.logging import get_run_logger
 
 from loraflow.artifacts import Handle, default_cache_dir
 from loraflow.config import DataConfig, LoraConfig, ModelConfig, PipelineConfig, PromptConfig, QuantizationConfig, RunConfig
+from loraflow.remote import is_url, local_root, remote_folder, upload
 from tasks.caching import StageSpec, explain_miss
 from tasks.locks import AtomicFileLockManager
 from tasks.storage import lock_folder
@@ -83,6 +84,18 @@ def _options(spec: StageSpec, **kw: Any) -> dict[str, Any]:
     return dict(name=spec.stage, cache_policy=policy, persist_result=True, result_serializer="json", **kw)
 
 
+def workspace(run: RunConfig) -> str:
+    """The folder stages write to: run.output_dir, or this machine's mirror when it is a URL."""
+    return str(local_root(run.output_dir, run.cache_dir))
+
+
+def published(handle: Handle, run: RunConfig) -> Handle:
+    """With a URL output_dir, upload the finished stage folder there (see `loraflow.remote`)."""
+    if is_url(run.output_dir):
+        upload(Path(handle.path), remote_folder(run.output_dir, handle.stage, handle.fingerprint))
+    return handle
+
+
 def _retryable(_task: Any, _run: Any, state: Any) -> bool:
     """Retry what a retry can fix (a network failure), not a data error the user must fix."""
     try:
@@ -104,8 +117,8 @@ def data_task(data: DataConfig, run: RunConfig) -> Handle:
     """Load, map, validate and split the dataset."""
     from loraflow.data import prepare_data
 
-    with stage_logs(DATA, run.output_dir):
-        return prepare_data(data, run.output_dir)
+    with stage_logs(DATA, workspace(run)):
+        return published(prepare_data(data, workspace(run)), run)
 
 
 @task(**_options(TOKENIZE))
@@ -114,9 +127,9 @@ def tokenize_task(data: Handle, prompt: PromptConfig, model: ModelConfig, run: R
     from loraflow.sources import resolve_model_dir
     from loraflow.tokenization import tokenize_data
 
-    with stage_logs(TOKENIZE, run.output_dir):
+    with stage_logs(TOKENIZE, workspace(run)):
         tokenizer_dir = resolve_model_dir(model.name_or_path, model.revision, run.cache_dir, model.allow_pickle_weights)
-        return tokenize_data(data, prompt, tokenizer_dir, run.output_dir)
+        return published(tokenize_data(data, prompt, tokenizer_dir, workspace(run)), run)
 
 
 @task(**_options(MODEL, retries=1))
@@ -124,8 +137,8 @@ def model_task(model: ModelConfig, quantization: QuantizationConfig, lora: LoraC
     """Load the base model in 4 bits, attach LoRA, save the initial adapter."""
     from loraflow.modeling import build_model
 
-    with stage_logs(MODEL, run.output_dir):
-        return build_model(model, quantization, lora, run.output_dir, run.cache_dir)
+    with stage_logs(MODEL, workspace(run)):
+        return published(build_model(model, quantization, lora, workspace(run), run.cache_dir), run)
 
 
 @task(**_options(TRAIN, tags=["gpu"]))
@@ -134,8 +147,9 @@ def train_task(cfg: PipelineConfig, tokenized: Handle, model: Handle) -> Handle:
     from loraflow.launch import run_train_worker
     from tasks.reporting import progress_reporter
 
-    with stage_logs(TRAIN, cfg.run.output_dir):
-        return run_train_worker(cfg, tokenized, model, cfg.run.output_dir, progress_reporter(cfg.train.max_steps))
+    with stage_logs(TRAIN, workspace(cfg.run)):
+        trained = run_train_worker(cfg, tokenized, model, workspace(cfg.run), progress_reporter(cfg.train.max_steps))
+        return published(trained, cfg.run)
 
 
 @task(**_options(EVALUATE, tags=["gpu"]))
@@ -143,5 +157,5 @@ def evaluate_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, trained
     """Generate on the test split and score ROUGE for the fine-tuned and base models."""
     from loraflow.evaluation import evaluate_adapter
 
-    with stage_logs(EVALUATE, cfg.run.output_dir):
-        return evaluate_adapter(cfg, tokenized, model, trained, cfg.run.output_dir)
+    with stage_logs(EVALUATE, workspace(cfg.run)):
+        return published(evaluate_adapter(cfg, tokenized, model, trained, workspace(cfg.run)), cfg.run)
