@@ -3,6 +3,7 @@
     loraflow run [CONFIG] [--set train.learning_rate=1e-4 ...]
     loraflow validate CONFIG [--set ...]
     loraflow show-config [CONFIG] [--set ...]
+    loraflow sweep [CONFIG] --grid train.learning_rate=1e-4,2e-4 --grid lora.r=4,8 [--max-concurrent 2]
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("config", nargs="?", help=f"YAML preset (default: {DEFAULT_CONFIG.relative_to(REPO_ROOT)})")
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field by dotted key, e.g. --set train.max_steps=10 (repeatable)")
+    sw = sub.add_parser("sweep", help="run one fine-tune child run per combination of --grid values, ranked by ROUGE")
+    sw.add_argument("config", nargs="?", help=f"base YAML preset (default: {DEFAULT_CONFIG.relative_to(REPO_ROOT)})")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="values to sweep for a dotted key, parsed like --set values, e.g. --grid lora.r=4,8 (repeatable: "
+                    "every combination runs)")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field of the base config for every run (repeatable)")
+    sw.add_argument("--max-concurrent", type=int, default=2, help="child runs at once (default: 2)")
+    sw.add_argument("--metric", choices=["rouge1", "rouge2", "rougeL", "rougeLsum"], default="rougeL",
+                    help="fine-tuned ROUGE F1 that ranks the runs (default: rougeL)")
     up = sub.add_parser("up", help="start a local Prefect server + worker and deploy deployments/prefect.yaml")
     up.add_argument("--host", default="127.0.0.1", help="server bind address (default: loopback only)")
     up.add_argument("--port", type=int, default=4200)
@@ -54,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return up(args.host, args.port, args.pool)
     config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    if args.command == "sweep":
+        return _sweep(config_path, args)
     try:
         cfg = load_config(config_path, args.overrides)
     except ConfigError as err:
@@ -83,6 +96,40 @@ def main(argv: list[str] | None = None) -> int:
     print(results_table(result["metrics"]))
     print(f"adapter: {result['adapter']}\nmetrics: {result['metrics_file']}")
     print(json.dumps({"adapter": result["adapter"], "stages": result["stages"]}, indent=2))
+    return 0
+
+
+def _sweep(config_path: Path | None, args: argparse.Namespace) -> int:
+    from loraflow.sweep import parse_grid_arg, plan_sweep, ranking_rows, ranking_text
+
+    grid: dict[str, list] = {}
+    try:
+        cfg = load_config(config_path, args.overrides)
+        for item in args.grid:
+            key, values = parse_grid_arg(item)
+            if key in grid:
+                raise ConfigError(f"--grid {key} is given twice: list all its values in one, e.g. --grid {key}=a,b")
+            grid[key] = values
+        if args.max_concurrent < 1:
+            raise ConfigError(f"--max-concurrent must be at least 1 (got {args.max_concurrent})")
+        plan_sweep(cfg, grid)  # every child validated before Prefect starts
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    _prefect_defaults()
+    from flows.sweep import sweep
+
+    try:
+        result = sweep(cfg, grid=grid, max_concurrent=args.max_concurrent, metric=args.metric)
+    except (ValueError, RuntimeError, FileNotFoundError, PermissionError) as err:
+        print(f"error: {err}", file=sys.stderr)  # e.g. every child failed: the first one's error
+        return 1
+    print(f"sweep ranking by fine-tuned {args.metric} F1 (x100):")
+    print(ranking_text(ranking_rows(result["ranking"])))
+    if result["failed"]:
+        print(f"warning: {len(result['failed'])} of {len(result['ranking'])} runs failed: "
+              f"{', '.join(result['failed'])}", file=sys.stderr)
     return 0
 
 

@@ -7,6 +7,7 @@ and datasets never travel between tasks.
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -55,20 +56,45 @@ def stage_logs(spec: StageSpec, output_dir: str) -> Iterator[None]:
     run_logger = get_run_logger()
     run_logger.info("%s: miss — %s", spec.stage, explain_miss(spec, TaskRunContext.get().parameters, output_dir))
     logger = logging.getLogger("loraflow")
+    thread = threading.get_ident()
 
     class Forward(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            run_logger.log(record.levelno, record.getMessage())
+            if record.thread == thread:  # concurrent runs (a sweep's children) keep their own lines
+                run_logger.log(record.levelno, record.getMessage())
 
     handler = Forward()
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    propagate, logger.propagate = logger.propagate, False  # Prefect's logger already prints to the console
+    with _FORWARDING:  # the first stage in flight turns propagation off, the last one restores it
+        if _FORWARDING.count == 0:
+            _FORWARDING.propagate, logger.propagate = logger.propagate, False  # Prefect already prints them
+        _FORWARDING.count += 1
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        logger.propagate = propagate
+        with _FORWARDING:
+            _FORWARDING.count -= 1
+            if _FORWARDING.count == 0:
+                logger.propagate = _FORWARDING.propagate
+
+
+class _Forwarding:
+    """How many stages forward `loraflow` records right now, and the propagation to restore after them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count, self.propagate = 0, True
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+_FORWARDING = _Forwarding()
 
 
 def _policy(spec: StageSpec, lock_dir: Path) -> CacheKeyFnPolicy:

@@ -125,3 +125,14 @@ def test_a_second_worker_reuses_every_stage_through_s3(s3, tmp_path, tiny_llama_
     for stage, fp in again.result()["stages"].items():
         assert verify(mirror_b / stage / fp) is None, stage  # downloaded and checked before use
     assert again.result()["metrics"] == result["metrics"]
+
+
+def test_retraining_to_a_url_needs_a_registry_folder(s3, tmp_path, tiny_llama_dir, prefect_harness):
+    from flows.retrain import retrain
+
+    cfg = tiny_config(tmp_path, write_examples(tmp_path / "toy.jsonl"), tiny_llama_dir)
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": f"s3://{BUCKET}/retrain"})})
+    with pytest.raises(ValueError, match=r"^promotion.registry_dir: run.output_dir is a URL .*; set "
+                                         r"promotion.registry_dir to a folder every retraining run can see"):
+        retrain(cfg)
+    assert not s3.exists(f"{BUCKET}/retrain/data")  # refused before any stage ran
