@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, stage_dir, write_json
 from loraflow.config import PipelineConfig, TrainConfig, section_dict
-from loraflow.distributed import ddp_backend, gather_from_ranks, rank, sum_over_ranks
+from loraflow.distributed import ddp_backend, gather_from_ranks, rank, resolve_processes, sum_over_ranks
 
 log = logging.getLogger("loraflow")
 CODE_VERSION = "train-2"
@@ -154,7 +154,9 @@ def last_checkpoint(checkpoint_dir: Path) -> str | None:
 
 
 def train_key(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle) -> str:
-    return fingerprint(tokenized.fingerprint, model_handle.fingerprint, section_dict(cfg.train), CODE_VERSION)
+    # 'auto' processes and the number it stands for here are one setting: the same folder, the same checkpoints.
+    train = {**section_dict(cfg.train), "num_processes": resolve_processes(cfg.train.num_processes)}
+    return fingerprint(tokenized.fingerprint, model_handle.fingerprint, train, CODE_VERSION)
 
 
 def train_adapter(

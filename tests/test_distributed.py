@@ -147,3 +147,12 @@ def test_bad_process_count_is_one_line_naming_the_fix():
     with pytest.raises(ConfigError, match=r"^invalid config: train.num_processes: expected a number of processes >= 1 "
                                           r"or 'auto', e.g. --set train.num_processes=2 \(got 0\)$"):
         build_config({"train": {"num_processes": 0}})
+
+
+def test_auto_and_the_count_it_stands_for_share_one_train_folder(monkeypatch):
+    from loraflow.artifacts import Handle
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    up = Handle(stage="tokenize", path="/x", fingerprint="t"), Handle(stage="model", path="/y", fingerprint="m")
+    auto, two, one = (build_config({"train": {"num_processes": n}}) for n in ("auto", 2, 1))
+    assert train_key(auto, *up) == train_key(two, *up) != train_key(one, *up)
