@@ -84,6 +84,7 @@ def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trai
 
     from loraflow import rouge
     from loraflow.modeling import load_base
+    from loraflow.buildlock import MODEL_BUILD
 
     test = datasets.load_from_disk(str(Path(tokenized.path) / "dataset"))["test"]
     prompts, references = test["prompt_ids"], test["references"]
@@ -93,16 +94,18 @@ def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trai
     base = load_base(model_handle.info["base_dir"], cfg.model, cfg.quantization)
     dequantized = use_dequantized(cfg.eval, cfg.quantization.mode != "none")
     if dequantized:
-        base = base.dequantize()  # bitsandbytes Linear4bit -> nn.Linear holding the dequantized weights
+        with MODEL_BUILD:
+            base = base.dequantize()  # bitsandbytes Linear4bit -> nn.Linear holding the dequantized weights
     base.eval()
     base.config.use_cache = True
     adapter = Path(trained.path) / "adapter"
     base_preds: list[str] | None = None
     if cfg.eval.compare_base and dequantized:  # before merging the adapter into the weights
         base_preds = generate(base, tokenizer, prompts, cfg.eval, "generate (base)")
-    model = PeftModel.from_pretrained(base, adapter).eval()
-    if dequantized:
-        model = model.merge_and_unload()
+    with MODEL_BUILD:
+        model = PeftModel.from_pretrained(base, adapter).eval()
+        if dequantized:
+            model = model.merge_and_unload()
 
     t0 = time.perf_counter()
     tuned = generate(model, tokenizer, prompts, cfg.eval, "generate (fine-tuned)")

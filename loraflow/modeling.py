@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, stage_dir, write_json
+from loraflow.buildlock import MODEL_BUILD
 from loraflow.config import LoraConfig, ModelConfig, QuantizationConfig, section_dict
 from loraflow.sources import resolve_model_dir, weights_digest
 
@@ -78,7 +79,8 @@ def load_base(model_dir: str | Path, model: ModelConfig, quant: QuantizationConf
 
         index = local_rank()  # under torchrun, rank i on GPU i; else the current device
         kwargs["device_map"] = {"": torch.cuda.current_device() if index is None else index}
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    with MODEL_BUILD:
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     for p in base.parameters():
         p.requires_grad_(False)
     return base
@@ -110,10 +112,11 @@ def attach_lora(base, lora: LoraConfig, quantized: bool, gradient_checkpointing:
                 f"lora.target_modules {missing} not found in the model: choose from {sorted(names - {'lm_head'})} "
                 "or use 'all-linear'"
             )
-    if quantized:
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
-    torch.manual_seed(lora.seed)
-    return get_peft_model(base, peft_config(lora))
+    with MODEL_BUILD:
+        if quantized:
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
+        torch.manual_seed(lora.seed)
+        return get_peft_model(base, peft_config(lora))
 
 
 def parameter_counts(model) -> dict[str, int]:
@@ -168,4 +171,5 @@ def load_for_training(model_handle: Handle, model: ModelConfig, quant: Quantizat
     elif gradient_checkpointing:
         base.gradient_checkpointing_enable()
         base.enable_input_require_grads()
-    return PeftModel.from_pretrained(base, Path(model_handle.path) / "adapter_init", is_trainable=True)
+    with MODEL_BUILD:
+        return PeftModel.from_pretrained(base, Path(model_handle.path) / "adapter_init", is_trainable=True)

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from loraflow.artifacts import atomic_dir, default_cache_dir, content_digest, is_complete
+from loraflow.buildlock import MODEL_BUILD
 
 log = logging.getLogger("loraflow")
 
@@ -50,7 +51,8 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with MODEL_BUILD:
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as err:  # gguf raises a variety of errors for bad files
         raise ModelSourceError(
@@ -61,7 +63,8 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = "float32"
-    model = AutoModelForCausalLM.from_config(config)
+    with MODEL_BUILD:
+        model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
     with atomic_dir(target, {"source": str(gguf)}) as tmp:
         model.save_pretrained(tmp)  # safetensors by default

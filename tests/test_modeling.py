@@ -60,3 +60,36 @@ def test_cpu_defaults():
     args = training_arguments(TrainConfig(eval_steps=5, optim="paged_adamw_8bit"), Path("/tmp/x"), has_eval=True)
     assert args.eval_strategy == "steps" and args.eval_steps == 5 and args.prediction_loss_only is True
     assert args.optim == "paged_adamw_8bit"
+
+
+def test_models_built_in_parallel_threads_leave_transformers_intact(tiny_llama_dir):
+    # transformers swaps torch.nn.init and tie_weights for no-ops while it builds a model; without
+    # loraflow's build lock, threads restore each other's no-ops and later models come out untied.
+    import threading
+
+    import torch
+    from transformers import PreTrainedModel
+
+    from loraflow.config import ModelConfig, QuantizationConfig
+    from loraflow.modeling import load_base
+
+    tie, init = PreTrainedModel.tie_weights, torch.nn.init.normal_
+    cfg, quant = ModelConfig(name_or_path=str(tiny_llama_dir)), QuantizationConfig(mode="none")
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            for _ in range(4):
+                load_base(tiny_llama_dir, cfg, quant)
+        except BaseException as err:  # noqa: BLE001 - asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert errors == []
+    assert PreTrainedModel.tie_weights is tie and torch.nn.init.normal_ is init
+    model = load_base(tiny_llama_dir, cfg, quant)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as the checkpoint says
