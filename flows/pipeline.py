@@ -64,8 +64,7 @@ def stage(task_obj, cfg: PipelineConfig, storage: str | None, *args: Any) -> Han
     state = task_obj.with_options(refresh_cache=refresh or None)(*args, return_state=True)
     handle: Handle = state.result()
     if state.name == "Cached":
-        handle = localize(handle, cfg)
-        problem = verify(handle.path)
+        handle, problem = localize(handle, cfg)
         if problem is None:
             logger.info("%s: hit — cached %s", handle.stage, handle.path)
             return handle
@@ -74,17 +73,17 @@ def stage(task_obj, cfg: PipelineConfig, storage: str | None, *args: Any) -> Han
     return handle
 
 
-def localize(handle: Handle, cfg: PipelineConfig) -> Handle:
-    """A cached stage as this machine sees it. With a URL output_dir the folder is this machine's mirror
-    copy, downloaded from the URL when missing (another worker computed it); a model stage computed
-    elsewhere gets this machine's copy of the base model (same content: its digest is in the key)."""
+def localize(handle: Handle, cfg: PipelineConfig) -> tuple[Handle, str | None]:
+    """A cached stage as this machine sees it, and what makes its folder unusable (None: checked, usable).
+    With a URL output_dir the folder is this machine's mirror copy, downloaded from the URL when it is
+    missing or damaged (another worker computed it); a model stage computed elsewhere gets this
+    machine's copy of the base model (same content: its digest is in the key)."""
     if not is_url(cfg.run.output_dir):
-        return handle
+        return handle, verify(handle.path)
     local = local_root(cfg.run.output_dir, cfg.run.cache_dir) / handle.stage / handle.fingerprint
-    if verify(local) is not None:
+    problem = verify(local)
+    if problem is not None:  # `download` checks the copy against its manifest before putting it in place
         problem = download(remote_folder(cfg.run.output_dir, handle.stage, handle.fingerprint), local)
-        if problem is not None:
-            get_run_logger().warning("%s: %s", handle.stage, problem)
     update: dict[str, Any] = {"path": str(local)}
     if handle.stage == "model" and not Path(handle.info.get("base_dir", "")).is_dir():
         from loraflow.sources import resolve_model_dir
@@ -92,7 +91,7 @@ def localize(handle: Handle, cfg: PipelineConfig) -> Handle:
         m = cfg.model
         base_dir = resolve_model_dir(m.name_or_path, m.revision, cfg.run.cache_dir, m.allow_pickle_weights)
         update["info"] = {**handle.info, "base_dir": str(base_dir)}
-    return handle.model_copy(update=update)
+    return handle.model_copy(update=update), problem
 
 
 def load_hub_token(secret_name: str | None) -> None:

@@ -83,8 +83,8 @@ def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trai
     from transformers import AutoTokenizer
 
     from loraflow import rouge
-    from loraflow.modeling import load_base
     from loraflow.buildlock import MODEL_BUILD
+    from loraflow.modeling import load_base
 
     test = datasets.load_from_disk(str(Path(tokenized.path) / "dataset"))["test"]
     prompts, references = test["prompt_ids"], test["references"]

@@ -35,10 +35,15 @@ def _fs(url: str) -> tuple[Any, str]:
         raise ValueError(f"run.output_dir '{url}': no filesystem for {scheme}:// ({err}); {hint}") from None
 
 
+def local_path(location: str) -> Path:
+    """A folder given as a path or a file:// URL, made absolute."""
+    return Path(location.removeprefix("file://")).expanduser().resolve()
+
+
 def local_root(output_dir: str, cache_dir: str | None) -> Path:
     """Where stages write: `output_dir` itself, or this machine's mirror of a URL."""
     if not is_url(output_dir):
-        return Path(output_dir.removeprefix("file://")).expanduser().resolve()
+        return local_path(output_dir)
     scheme, rest = output_dir.rstrip("/").split("://", 1)
     return default_cache_dir(cache_dir) / "mirror" / scheme / rest
 

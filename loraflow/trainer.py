@@ -92,12 +92,7 @@ class CompletionTrainer(Trainer):
             self.attention_square_sum += rows * length * length
         if self.parts is None or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, _ = label_only_loss(*self.parts, inputs, num_items_in_batch)
-        if model.training and self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # num_items_in_batch is summed over ranks and DDP averages gradients: undo the average, as
-            # Trainer.compute_loss does.
-            loss = loss * self.accelerator.num_processes
-        return loss
+        return label_only_loss(*self.parts, inputs, num_items_in_batch)[0]  # one process: see __init__
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Eval loss without logits: the (batch, seq, vocab) tensor is never built, let alone kept."""

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from loraflow.artifacts import Handle, write_json
-from loraflow.remote import is_url, local_root
+from loraflow.remote import is_url, local_path
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "rouge-score")
 
@@ -51,7 +51,7 @@ def module_source_hash(*modules: str) -> str:
 
 
 def _location(output_dir: str) -> str:
-    return output_dir.rstrip("/") if is_url(output_dir) else str(local_root(output_dir, None))
+    return output_dir.rstrip("/") if is_url(output_dir) else str(local_path(output_dir))
 
 
 def _token(value: Any) -> Any:

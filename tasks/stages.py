@@ -66,35 +66,22 @@ def stage_logs(spec: StageSpec, output_dir: str) -> Iterator[None]:
     handler = Forward()
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    with _FORWARDING:  # the first stage in flight turns propagation off, the last one restores it
-        if _FORWARDING.count == 0:
-            _FORWARDING.propagate, logger.propagate = logger.propagate, False  # Prefect already prints them
-        _FORWARDING.count += 1
+    with _FORWARDING["lock"]:  # the first stage in flight turns propagation off, the last one restores it
+        if _FORWARDING["count"] == 0:
+            _FORWARDING["propagate"], logger.propagate = logger.propagate, False  # Prefect already prints them
+        _FORWARDING["count"] += 1
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        with _FORWARDING:
-            _FORWARDING.count -= 1
-            if _FORWARDING.count == 0:
-                logger.propagate = _FORWARDING.propagate
+        with _FORWARDING["lock"]:
+            _FORWARDING["count"] -= 1
+            if _FORWARDING["count"] == 0:
+                logger.propagate = _FORWARDING["propagate"]
 
 
-class _Forwarding:
-    """How many stages forward `loraflow` records right now, and the propagation to restore after them."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.count, self.propagate = 0, True
-
-    def __enter__(self) -> None:
-        self._lock.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
-
-
-_FORWARDING = _Forwarding()
+# How many stages forward `loraflow` records right now, and the propagation to restore after them.
+_FORWARDING: dict[str, Any] = {"lock": threading.Lock(), "count": 0, "propagate": True}
 
 
 def _policy(spec: StageSpec, lock_dir: Path) -> CacheKeyFnPolicy:

@@ -11,21 +11,19 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-
-def _is_url(location: str) -> bool:
-    return "://" in location and not location.startswith("file://")
+from loraflow.remote import is_url, local_path
 
 
 def result_storage_slug(location: str) -> str:
     """Save (or update) a storage block for `location` and return its slug, e.g. 'local-file-system/loraflow-…'."""
-    if _is_url(location):
+    if is_url(location):
         from prefect.filesystems import RemoteFileSystem
 
         block, basepath = RemoteFileSystem, location.rstrip("/")
     else:
         from prefect.filesystems import LocalFileSystem
 
-        folder = Path(location.removeprefix("file://")).expanduser().resolve()
+        folder = local_path(location)
         folder.mkdir(parents=True, exist_ok=True)
         block, basepath = LocalFileSystem, str(folder)
     name = "loraflow-results-" + hashlib.sha256(basepath.encode()).hexdigest()[:10]
@@ -35,6 +33,6 @@ def result_storage_slug(location: str) -> str:
 
 def lock_folder(result_storage: str | None, cache_dir: Path) -> Path:
     """Stage locks sit next to local results (so workers sharing the folder share the locks), else in the cache."""
-    if result_storage and not _is_url(result_storage):
-        return Path(result_storage.removeprefix("file://")).expanduser().resolve() / ".locks"
+    if result_storage and not is_url(result_storage):
+        return local_path(result_storage) / ".locks"
     return cache_dir / "locks"
