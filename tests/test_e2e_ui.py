@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,23 +23,17 @@ import pytest
 
 from loraflow.up import REPO, environment, start, stop
 from test_flow_e2e import tiny_config
-from tests_support import write_examples
+from tests_support import free_port, write_examples
 
 pytestmark = pytest.mark.e2e
 SHOTS = REPO / "runs" / "e2e-screenshots"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """`loraflow up` in-process: server + pool + deployments + worker, each in its own process."""
     home = tmp_path_factory.mktemp("e2e")
-    port = _free_port()
+    port = free_port()
     old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
     os.environ["PREFECT_HOME"] = str(home / "prefect-home")
     processes = start("127.0.0.1", port, "loraflow", log_dir=home / "logs")
@@ -199,7 +192,7 @@ def test_basic_auth_server_refuses_clients_without_credentials(tmp_path):
     import urllib.error
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_SERVER_API_AUTH_STRING": "admin:s3cret",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",

@@ -14,21 +14,15 @@ import pytest
 from loraflow.artifacts import atomic_dir, verify
 from loraflow.remote import check_writable, download, local_root, upload
 from test_flow_e2e import _task_states, tiny_config
-from tests_support import write_examples
+from tests_support import free_port, write_examples
 
 BUCKET = "loraflow-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """An S3 endpoint in its own process, reached through the standard AWS settings, with one bucket."""
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=log, stderr=subprocess.STDOUT)
