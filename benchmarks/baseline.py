@@ -36,6 +36,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--output-dir", default="/tmp/baseline-out")
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="matmul dtype (default: bf16 on a CUDA GPU, else fp32); the harness passes loraflow's choice")
     args = p.parse_args()
 
     import datasets
@@ -66,7 +68,8 @@ def main() -> None:
     train_tok = train.map(tokenize, batched=True, remove_columns=train.column_names, keep_in_memory=True)
     tokenize_s = time.perf_counter() - t0
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    dtype = getattr(torch, args.compute_dtype) if args.compute_dtype else (
+        torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(

@@ -1,5 +1,5 @@
-"""FLOPs of a LoRA training step, counted from the model's config (Llama-style decoders), and the
-fp32 matmul peak of this machine, so achieved training FLOP/s can be read against it.
+"""FLOPs of a LoRA training step, counted from the model's config (Llama-style decoders), to read achieved
+training FLOP/s against this machine's matmul peak in the compute dtype (`loraflow.hardware.matmul_peaks`).
 
 A frozen-base LoRA step runs the forward pass and the backward pass for the *inputs* of every layer
 (the frozen weights need no gradient), so it costs ~2x the forward FLOPs, plus 3x the small LoRA terms:
@@ -10,7 +10,6 @@ A frozen-base LoRA step runs the forward pass and the backward pass for the *inp
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 
@@ -37,17 +36,3 @@ def training_flops(shape: dict[str, int], positions: int, head_positions: int, a
         + 2 * d * shape["vocab"] * head_positions
     lora = 2 * lora_rank * shape["lora_in_out"] * positions
     return 2.0 * frozen + 3.0 * lora  # frozen: forward + input gradients; LoRA: also weight gradients
-
-
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 (n x n) @ (n x n) rate of this process's torch threads, in FLOP/s."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best

@@ -25,9 +25,13 @@ def _load(model_dir: str, dequantize: bool = False):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from loraflow.modeling import compute_dtype, set_cpu_4bit_kernel
+
+    dtype = compute_dtype("auto")  # loraflow's rule for this machine, as in the pipeline
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=quant)
+                               bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=quant)
+    set_cpu_4bit_kernel(model, allowed=False)  # as loraflow's training model (see loraflow.modeling)
     model.config.use_cache = False
     if dequantize:
         return model.dequantize()
@@ -151,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     examples = [{"input_ids": i, "labels": lab} for i, lab in zip(enc["input_ids"], enc["labels"])]
     prompts = encode_batch(cols(rows["test"]), prompt, tokenizer, bos_prefix(tokenizer))["prompt_ids"]
 
-    report = {"torch_threads": torch.get_num_threads()}
+    from loraflow.hardware import machine, matmul_peaks
+
+    report = {"machine": machine(), "matmul_peaks": matmul_peaks()}
     report["train"] = train_levers(_load(model_dir), examples, a.batch_size, a.steps, a.max_length)
     report["eval"] = eval_levers(model_dir, prompts, tokenizer, a.max_new_tokens, a.eval_examples)
     texts = [r["input"] for r in rows["train"]] * 50

@@ -56,10 +56,14 @@ def rows_for(d: dict, shape: dict, peak: float) -> list[tuple[str, object, objec
 
 
 def markdown(report: dict) -> str:
-    peak = max(report["matmul_peak_flops"], report.get("matmul_peak_flops_after") or 0)
-    m = report["machine"]
-    lines = [f"Run {report['date']} on {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
-             f"{', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s.", ""]
+    m, before, after = report["machine"], report["matmul_peaks"], report.get("matmul_peaks_after") or {}
+    dtype = m["compute_dtype_auto"]
+    peaks = {k: max(before[k], after.get(k, 0)) for k in before}
+    peak = peaks[f"{dtype}_gflops"] * 1e9  # the dtype both sides compute in
+    flags = ", ".join(f for f, on in m["cpu_flags"].items() if on) or "none of " + ", ".join(m["cpu_flags"])
+    lines = [f"Run {report['date']} on {m['cpu']} (flags: {flags}), {m['cores']} cores, torch {m['torch']} "
+             f"({m['torch_threads']} threads){', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}; compute dtype "
+             f"{dtype}; matmul peak fp32 {peaks['float32_gflops']:.1f}, bf16 {peaks['bfloat16_gflops']:.1f} GFLOP/s.", ""]
     for name, d in report["datasets"].items():
         stats = d["data"]
         lines += [f"**{name}**: {stats['n_train']} train / {stats['n_test']} test examples, mean "

@@ -15,7 +15,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.data import INSTRUCTIONS, REPO, write_examples
+from loraflow.hardware import resolve_compute_dtype
 
 
 def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> dict:
@@ -97,7 +97,8 @@ def baseline_side(data_dir: Path, out: Path, model_dir: str, name: str, a: argpa
            "--test", str(data_dir / "test.jsonl"), "--model-dir", model_dir, "--out", str(result),
            "--instruction", INSTRUCTIONS[name], "--max-length", str(a.max_length), "--steps", str(a.steps),
            "--batch-size", str(a.batch_size), "--learning-rate", str(a.learning_rate),
-           "--max-new-tokens", str(a.max_new_tokens), "--output-dir", str(out / "baseline-out")]
+           "--max-new-tokens", str(a.max_new_tokens), "--output-dir", str(out / "baseline-out"),
+           "--compute-dtype", resolve_compute_dtype("auto")]  # loraflow's rule, so both sides compute alike
     proc = run_measured(cmd, env, out / "baseline.log")
     return {**proc, **json.loads(result.read_text())}
 
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     a = p.parse_args(argv)
 
-    from benchmarks.flops import matmul_peak_flops, model_shape
+    from benchmarks.flops import model_shape
+    from loraflow.hardware import machine, matmul_peaks
     from benchmarks.report import markdown
     from loraflow.sources import resolve_model_dir
 
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = str(resolve_model_dir(a.model, None, None, False))
     report: dict = {"date": dt.date.today().isoformat(), "machine": machine(), "args": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}, "datasets": {}}
-    report["matmul_peak_flops"] = matmul_peak_flops()
+    report["matmul_peaks"] = matmul_peaks()
     report["model_shape"] = model_shape(model_dir)
     server, env = start_server(a.work)
     try:
@@ -163,23 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.terminate()
         server.wait(timeout=60)
-    report["matmul_peak_flops_after"] = matmul_peak_flops()
+    report["matmul_peaks_after"] = matmul_peaks()
     a.results.mkdir(parents=True, exist_ok=True)
     path = a.results / f"{report['date']}.json"
     path.write_text(json.dumps(report, indent=2, default=str))
     print(markdown(report))
     print(f"\nresults: {path}")
     return 0
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "torch": torch.__version__}
 
 
 if __name__ == "__main__":

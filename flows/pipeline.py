@@ -12,6 +12,7 @@ from prefect.logging import get_run_logger
 from loraflow.artifacts import Handle, ensure_writable, verify
 from loraflow.config import PipelineConfig, deep_merge, default_config, over_defaults
 from loraflow.distributed import resolve_processes
+from loraflow.hardware import resolve_compute_dtype, why_dtype
 from loraflow.remote import check_writable, download, is_url, local_root, remote_folder
 from tasks.stages import data_task, evaluate_task, for_run, model_task, tokenize_task, train_task
 from tasks.storage import result_storage_slug
@@ -33,7 +34,8 @@ class Stages:
 def resolve_config(cfg: PipelineConfig) -> PipelineConfig:
     """Inside a deployment run, `cfg` is read field by field over the deployment's config, itself over
     the built-in default (see `over_defaults`): `--param cfg='{"train": {"max_steps": 5}}'` changes
-    one field. The output folder is checked and made absolute before any stage runs."""
+    one field. The output folder is checked and made absolute, and the machine-dependent 'auto'
+    settings resolved (`resolve_hardware`), before any stage runs."""
     from prefect.runtime import deployment
 
     if deployment.id:
@@ -41,9 +43,11 @@ def resolve_config(cfg: PipelineConfig) -> PipelineConfig:
         cfg = over_defaults(cfg, base)
     if is_url(cfg.run.output_dir):  # fail before any stage, not after training
         check_writable(cfg.run.output_dir)
-        return cfg
-    output_dir = ensure_writable(cfg.run.output_dir)
-    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(output_dir)})})
+    else:
+        output_dir = ensure_writable(cfg.run.output_dir)
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(output_dir)})})
+    get_run_logger().info("%s", why_dtype(cfg.quantization.compute_dtype))
+    return resolve_hardware(cfg)
 
 
 def _deployment_cfg(deployment_id: str) -> dict[str, Any]:
@@ -109,14 +113,20 @@ def load_hub_token(secret_name: str | None) -> None:
         ) from None
 
 
+def resolve_hardware(cfg: PipelineConfig) -> PipelineConfig:
+    """`cfg` with the machine-dependent 'auto' settings replaced by what they mean here, before any
+    cache key is made: the compute dtype (`loraflow.hardware`) and the number of training processes."""
+    quant = cfg.quantization.model_copy(update={"compute_dtype": resolve_compute_dtype(cfg.quantization.compute_dtype)})
+    train = cfg.train.model_copy(update={"num_processes": resolve_processes(cfg.train.num_processes)})
+    return cfg.model_copy(update={"quantization": quant, "train": train})
+
+
 def run_stages(cfg: PipelineConfig) -> Stages:
     load_hub_token(cfg.run.hf_token_secret)
     storage = result_storage_slug(cfg.run.result_storage) if cfg.run.result_storage else None
     data = stage(data_task, cfg, storage, cfg.data, cfg.run)
     tokenized = stage(tokenize_task, cfg, storage, data, cfg.prompt, cfg.model, cfg.run)
     model = stage(model_task, cfg, storage, cfg.model, cfg.quantization, cfg.lora, cfg.run)
-    # 'auto' processes become this machine's GPU count before the train stage's cache key is made.
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_processes": resolve_processes(cfg.train.num_processes)})})
     trained = stage(train_task, cfg, storage, cfg, tokenized, model)
     scores = stage(evaluate_task, cfg, storage, cfg, tokenized, model, trained)
     return Stages(data, tokenized, model, trained, scores, storage)

@@ -93,7 +93,9 @@ class QuantizationConfig(Section):
     )
     double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Dtype of matmuls; 'auto' = bfloat16 on CUDA with bf16 support, float32 on CPU."
+        "auto",
+        description="Dtype of matmuls; 'auto' = bfloat16 where it is native (a CUDA GPU with bf16; a CPU with "
+        "avx512_bf16 or amx_bf16), else float32. Resolved before the cache keys (loraflow/hardware.py).",
     )
 
 

@@ -4,8 +4,10 @@ Generation is batched with left padding (so every prompt ends where generation s
 sorted by length (less padding per batch), the KV cache on and `torch.inference_mode`.
 The base model is the same loaded model without the adapter, so both are scored on the same examples
 with the same quantized weights. On CPU (`eval.dequantize: auto`) the NF4 weights are expanded to the
-compute dtype once and the adapter is merged into them: the same numbers (greedy outputs are identical,
-docs/benchmarks.md), without a dequantize per matmul per token or the adapter's extra matmuls.
+compute dtype once and the adapter is merged into them: the same weights the 4-bit path dequantizes
+on every call (in fp32 the very same computation, so identical greedy outputs; in bf16 the same numbers
+to bf16 rounding, tests/test_evaluation.py), without a dequantize per matmul per token or the adapter's
+extra matmuls.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Any
 
 from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, stage_dir, write_json
 from loraflow.config import EvalConfig, PipelineConfig, section_dict
+from loraflow.hardware import resolve_compute_dtype
 
 log = logging.getLogger("loraflow")
-CODE_VERSION = "evaluate-2"
+CODE_VERSION = "evaluate-3"
 
 
 def generate(model, tokenizer, prompts: list[list[int]], ev: EvalConfig, desc: str) -> list[str]:
@@ -69,7 +72,9 @@ def use_dequantized(ev: EvalConfig, quantized: bool) -> bool:
 
 def evaluate_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, output_dir: str | Path) -> Handle:
     """Score the fine-tuned adapter (and the base model) with ROUGE; writes predictions.jsonl + metrics.json."""
-    key = fingerprint(tokenized.fingerprint, model_handle.fingerprint, trained.fingerprint, section_dict(cfg.eval), CODE_VERSION)
+    dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
+    key = fingerprint(tokenized.fingerprint, model_handle.fingerprint, trained.fingerprint, section_dict(cfg.eval),
+                      dtype, CODE_VERSION)
     final = stage_dir(output_dir, "evaluate", key)
     if not is_complete(final):
         _run_eval(cfg, tokenized, model_handle, trained, final)
@@ -116,6 +121,7 @@ def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trai
         "generation_examples_per_second": round(len(prompts) / seconds, 3),
         "generation_s": round(seconds, 3),
         "dequantized": dequantized,
+        "compute_dtype": resolve_compute_dtype(cfg.quantization.compute_dtype),
     }
     if cfg.eval.compare_base and not dequantized:
         with model.disable_adapter():

@@ -15,10 +15,11 @@ from typing import Any
 from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, stage_dir, write_json
 from loraflow.buildlock import MODEL_BUILD
 from loraflow.config import LoraConfig, ModelConfig, QuantizationConfig, section_dict
+from loraflow.hardware import resolve_compute_dtype
 from loraflow.sources import resolve_model_dir, weights_digest
 
 log = logging.getLogger("loraflow")
-CODE_VERSION = "model-1"
+CODE_VERSION = "model-2"
 
 
 class ModelError(ValueError):
@@ -32,13 +33,29 @@ def device_type() -> str:
 
 
 def compute_dtype(name: str):
-    """'auto' = bf16 on a CUDA GPU that supports it, else fp32 (fp32 matmuls are ~2.5x faster than bf16 on CPU)."""
+    """The torch dtype of matmuls; 'auto' is resolved by `loraflow.hardware` (bf16 where it is native)."""
     import torch
 
-    if name == "auto":
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    return getattr(torch, name)
+    return getattr(torch, resolve_compute_dtype(name))
+
+
+def resolved(quant: QuantizationConfig) -> QuantizationConfig:
+    """`quant` with `compute_dtype: auto` replaced by the dtype it means on this machine (for keys)."""
+    return quant.model_copy(update={"compute_dtype": resolve_compute_dtype(quant.compute_dtype)})
+
+
+def set_cpu_4bit_kernel(model, allowed: bool) -> None:
+    """Allow or forbid bitsandbytes' packed bf16 CPU kernel for this model's 4-bit layers.
+
+    On a CPU with AVX512-BF16, a `Linear4bit` in eval mode repacks its weight for an inference-only bf16
+    kernel (`gemv_4bit`) and never unpacks it when it goes back to `train()`: after an in-training
+    evaluation every later forward used a kernel without a backward, so the gradients reaching earlier
+    layers through the frozen weights were silently wrong. It also computes in bf16 whatever
+    `compute_dtype` says. So: forbidden for training and for fp32 compute, allowed for bf16 inference.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = allowed and module.support_avx512bf16_for_cpu
 
 
 def check_bitsandbytes(mode: str) -> None:
@@ -52,8 +69,9 @@ def check_bitsandbytes(mode: str) -> None:
         ) from None
 
 
-def load_base(model_dir: str | Path, model: ModelConfig, quant: QuantizationConfig):
-    """Load the frozen base model, quantized to 4 bits unless quant.mode == 'none'."""
+def load_base(model_dir: str | Path, model: ModelConfig, quant: QuantizationConfig, training: bool = False):
+    """Load the frozen base model, quantized to 4 bits unless quant.mode == 'none' (see
+    `set_cpu_4bit_kernel` for what `training` changes)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -83,6 +101,7 @@ def load_base(model_dir: str | Path, model: ModelConfig, quant: QuantizationConf
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     for p in base.parameters():
         p.requires_grad_(False)
+    set_cpu_4bit_kernel(base, allowed=not training and dtype == torch.bfloat16)
     return base
 
 
@@ -134,6 +153,7 @@ def build_model(
 ) -> Handle:
     """Resolve the base model, load it quantized with LoRA, save the initial adapter and report sizes."""
     model_dir = resolve_model_dir(model.name_or_path, model.revision, cache_dir, model.allow_pickle_weights)
+    quant = resolved(quant)
     key = fingerprint(
         section_dict(model), section_dict(quant), section_dict(lora), weights_digest(model_dir), CODE_VERSION
     )
@@ -145,6 +165,7 @@ def build_model(
             "base_dir": str(model_dir),
             "device": device_type(),
             "quantization": quant.mode,
+            "compute_dtype": quant.compute_dtype,
             "memory_footprint_mb": round(base.get_memory_footprint() / 2**20, 1),
             **parameter_counts(peft_model),
         }
@@ -165,7 +186,7 @@ def load_for_training(model_handle: Handle, model: ModelConfig, quant: Quantizat
     """Base (quantized) + the model stage's initial adapter, trainable."""
     from peft import PeftModel, prepare_model_for_kbit_training
 
-    base = load_base(model_handle.info["base_dir"], model, quant)
+    base = load_base(model_handle.info["base_dir"], model, quant, training=True)
     if quant.mode != "none":
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:

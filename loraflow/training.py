@@ -16,9 +16,10 @@ from typing import Any, Callable
 from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, stage_dir, write_json
 from loraflow.config import PipelineConfig, TrainConfig, section_dict
 from loraflow.distributed import ddp_backend, gather_from_ranks, rank, resolve_processes, sum_over_ranks
+from loraflow.hardware import resolve_compute_dtype
 
 log = logging.getLogger("loraflow")
-CODE_VERSION = "train-2"
+CODE_VERSION = "train-3"
 MODEL_COLUMNS = ["input_ids", "labels"]
 
 
@@ -156,7 +157,8 @@ def last_checkpoint(checkpoint_dir: Path) -> str | None:
 def train_key(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle) -> str:
     # 'auto' processes and the number it stands for here are one setting: the same folder, the same checkpoints.
     train = {**section_dict(cfg.train), "num_processes": resolve_processes(cfg.train.num_processes)}
-    return fingerprint(tokenized.fingerprint, model_handle.fingerprint, train, CODE_VERSION)
+    dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
+    return fingerprint(tokenized.fingerprint, model_handle.fingerprint, train, dtype, CODE_VERSION)
 
 
 def train_adapter(
@@ -260,6 +262,7 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         "base_weights_unchanged": before == after,
         "resumed_from": resume,
         "device": str(args.device),
+        "compute_dtype": resolve_compute_dtype(cfg.quantization.compute_dtype),
     }
     if before != after:
         raise RuntimeError("train: base weights changed during LoRA training; this is a bug, please report it")

@@ -40,13 +40,14 @@ def _model_source(parameters: dict[str, Any]) -> Any:
 
 DATA = StageSpec("data", ("loraflow.data", "loraflow.aclsum"), source=_data_source)
 TOKENIZE = StageSpec("tokenize", ("loraflow.prompts", "loraflow.tokenization"), source=_model_source)
-MODEL = StageSpec("model", ("loraflow.modeling", "loraflow.sources"), source=_model_source)
+MODEL = StageSpec("model", ("loraflow.modeling", "loraflow.sources", "loraflow.hardware"), source=_model_source)
 TRAIN = StageSpec(
     "train",
     ("loraflow.training", "loraflow.trainer", "loraflow.collator", "loraflow.modeling", "loraflow.launch", "loraflow.worker"),
-    sections=("train",),
+    sections=("train", "quantization"),  # quantization.compute_dtype arrives resolved (flows.pipeline)
 )
-EVALUATE = StageSpec("evaluate", ("loraflow.evaluation", "loraflow.rouge", "loraflow.modeling"), sections=("eval",))
+EVALUATE = StageSpec("evaluate", ("loraflow.evaluation", "loraflow.rouge", "loraflow.modeling"),
+                     sections=("eval", "quantization"))
 SPECS = {spec.stage: spec for spec in (DATA, TOKENIZE, MODEL, TRAIN, EVALUATE)}
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from loraflow.config import build_config
+from loraflow.hardware import resolve_compute_dtype
 from tests_support import write_examples
 
 def tiny_config(tmp_path: Path, data_file: Path, model_dir: Path, **train):
@@ -41,6 +42,7 @@ def test_flow_trains_and_scores_tiny_model(tmp_path, tiny_llama_dir, prefect_har
     assert train["global_step"] == 24
     assert train["last_logged_loss"] < 0.8 * train["first_logged_loss"], train
     assert train["base_weights_unchanged"] is True
+    assert train["compute_dtype"] == resolve_compute_dtype("auto")  # what 'auto' means on this CPU
 
     adapter = Path(result["adapter"])
     assert (adapter / "adapter_model.safetensors").is_file()
@@ -62,6 +64,7 @@ def test_flow_trains_and_scores_tiny_model(tmp_path, tiny_llama_dir, prefect_har
                 assert 0.0 <= metrics[who][f"{k}_{part}"] <= 1.0
     preds = [json.loads(line) for line in open(Path(result["metrics_file"]).with_name("predictions.jsonl"))]
     assert len(preds) == metrics["n_examples"] == 12
+    assert metrics["compute_dtype"] == train["compute_dtype"]
     # The toy task is easy: after training the adapter should beat the random base model.
     assert metrics["finetuned"]["rougeL_fmeasure"] > metrics["base"]["rougeL_fmeasure"]
 

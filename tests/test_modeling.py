@@ -15,7 +15,8 @@ from loraflow.modeling import ModelError, build_model, compute_dtype
 def built(tiny_llama_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("models")
     model = ModelConfig(name_or_path=str(tiny_llama_dir))
-    return {mode: build_model(model, QuantizationConfig(mode=mode), LoraConfig(r=4), out) for mode in ("nf4", "fp4", "none")}
+    quant = {mode: QuantizationConfig(mode=mode, compute_dtype="float32") for mode in ("nf4", "fp4", "none")}
+    return {mode: build_model(model, q, LoraConfig(r=4), out) for mode, q in quant.items()}
 
 
 def test_every_quantization_mode_builds_and_reports_sizes(built):
@@ -48,12 +49,16 @@ def test_unknown_target_modules_list_the_candidates(tiny_llama_dir, tmp_path):
     assert not list(tmp_path.rglob("model.json"))
 
 
-def test_cpu_defaults():
+def test_cpu_defaults(monkeypatch):
     import torch
 
     from loraflow.training import training_arguments
 
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("LORAFLOW_CPU_FLAGS", "avx2 avx512f")  # a CPU without native bf16
     assert compute_dtype("auto") == torch.float32 and compute_dtype("bfloat16") == torch.bfloat16
+    monkeypatch.setenv("LORAFLOW_CPU_FLAGS", "avx2 avx512f avx512_bf16")
+    assert compute_dtype("auto") == torch.bfloat16 and compute_dtype("float32") == torch.float32
     args = training_arguments(TrainConfig(extra_args={"adam_beta2": 0.99}), Path("/tmp/x"), has_eval=True)
     assert args.optim == "adamw_torch" and args.bf16 is False and args.fp16 is False
     assert args.eval_strategy == "no" and args.adam_beta2 == 0.99 and args.ddp_find_unused_parameters is False

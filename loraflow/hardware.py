@@ -1,0 +1,139 @@
+"""What this machine computes fast, decided by a fixed rule and without importing torch.
+
+`quantization.compute_dtype: auto` is resolved here, once, before any cache key is made, so the key
+holds the dtype that shapes the numbers ('bfloat16' or 'float32'), never 'auto':
+- with a CUDA GPU: bf16 when the GPU supports it (compute capability 8.0+: Ampere and later), else fp32;
+- on a CPU: bf16 when the CPU has native bf16 matmul instructions (the `avx512_bf16` or `amx_bf16`
+  flags: AMD Zen 4+, Intel Cooper Lake / Sapphire Rapids+), else fp32. Without them bf16 is emulated
+  and ~2.5x slower than fp32; with them bf16 matmuls run ~4x faster than fp32 (docs/benchmarks.md).
+No timing takes part in the choice (a timing would make cache keys differ between runs of one machine);
+`matmul_peaks` measures both dtypes for the log and the benchmarks only.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from functools import lru_cache
+
+from loraflow.distributed import visible_gpu_count
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+REPORTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+# Tests and benchmarks set this to stand in for another CPU (space-separated flags; empty = none).
+FLAGS_ENV = "LORAFLOW_CPU_FLAGS"
+
+
+def _cpuinfo_field(name: str) -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (/proc/cpuinfo), or LORAFLOW_CPU_FLAGS when set."""
+    forced = os.environ.get(FLAGS_ENV)
+    if forced is not None:
+        return frozenset(forced.split())
+    return frozenset(_cpuinfo_field("flags").split())
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_has_native_bf16() -> bool:
+    return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
+
+
+@lru_cache(maxsize=None)
+def _cuda_bf16() -> bool:
+    """Every visible GPU has compute capability >= 8.0 (nvidia-smi; torch only if it cannot tell)."""
+    if shutil.which("nvidia-smi") is not None:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+            caps = [float(line) for line in out.split() if line.replace(".", "", 1).isdigit()]
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if visible and all(d.strip().isdigit() for d in visible.split(",")):
+                caps = [caps[int(d)] for d in visible.split(",") if int(d) < len(caps)]
+            if caps:
+                return min(caps) >= 8.0
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+    import torch  # a GPU that nvidia-smi cannot describe: ask CUDA itself
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def resolve_compute_dtype(name: str) -> str:
+    """'auto' -> 'bfloat16' or 'float32' by the rule above; any other name is returned as given."""
+    if name != "auto":
+        return name
+    if visible_gpu_count() > 0:
+        return "bfloat16" if _cuda_bf16() else "float32"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def why_dtype(name: str) -> str:
+    """One line saying which rule chose the compute dtype, for the log."""
+    resolved = resolve_compute_dtype(name)
+    if name != "auto":
+        return f"compute dtype {resolved} (set in the config)"
+    if visible_gpu_count() > 0:
+        return f"compute dtype {resolved} (auto: CUDA GPU {'with' if resolved == 'bfloat16' else 'without'} bf16)"
+    have = sorted(set(BF16_CPU_FLAGS) & cpu_flags())
+    reason = f"CPU has {', '.join(have)}" if have else f"CPU has none of {', '.join(BF16_CPU_FLAGS)}"
+    return f"compute dtype {resolved} (auto: {reason})"
+
+
+def matmul_peaks(size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """Best-of-`repeats` GFLOP/s of a size x size matmul in fp32 and bf16 on this process's device.
+    Information only: nothing chooses by it."""
+    import time
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        torch.mm(a, b)  # warm-up: kernel selection, page faults
+        best = float("inf")
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        out[f"{str(dtype).removeprefix('torch.')}_gflops"] = round(2 * size**3 / best / 1e9, 1)
+    return out
+
+
+def machine() -> dict[str, object]:
+    """The facts a speed number depends on: CPU, the flags that matter, threads, torch build, GPUs."""
+    import torch
+
+    flags = cpu_flags()
+    info: dict[str, object] = {
+        "cpu": cpu_model(),
+        "cpu_flags": {flag: flag in flags for flag in REPORTED_FLAGS},
+        "cpu_flags_forced": os.environ.get(FLAGS_ENV) is not None,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "compute_dtype_auto": resolve_compute_dtype("auto"),
+    }
+    return info

@@ -1,0 +1,119 @@
+"""Both compute dtypes on this CPU, whatever it is: bf16 tracks fp32, training works in each, and an
+in-training evaluation leaves the gradients alone (bitsandbytes' eval-only CPU kernel must not leak)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraflow.config import build_config
+from loraflow.data import prepare_data
+from loraflow.modeling import build_model, load_for_training
+from loraflow.tokenization import tokenize_data
+from loraflow.training import train_adapter
+from tests_support import write_examples
+
+DTYPES = ("float32", "bfloat16")
+
+
+def toy_config(root, tiny_llama_dir, dtype: str, **train):
+    return build_config({
+        "data": {"source": str(write_examples(root / "toy.jsonl")), "input_column": "text", "target_column": "summary",
+                 "test_size": 0.125},
+        "prompt": {"style": "template", "template": "Text: {input}\nSummary:", "max_length": 64, "max_target_length": 16},
+        "model": {"name_or_path": str(tiny_llama_dir)},
+        "quantization": {"mode": "nf4", "compute_dtype": dtype},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "train": {"max_steps": 10, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 4,
+                  "save_steps": 100, "lr_scheduler_type": "constant", "report_to": [], **train},
+    })
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_llama_dir, tmp_path_factory):
+    """Data, tokens and the model stage for each dtype (the model stage's key holds the dtype)."""
+    root = tmp_path_factory.mktemp("dtypes")
+    out = {}
+    for dtype in DTYPES:
+        cfg = toy_config(root, tiny_llama_dir, dtype)
+        data = prepare_data(cfg.data, root / "shared")
+        tokenized = tokenize_data(data, cfg.prompt, tiny_llama_dir, root / "shared")
+        out[dtype] = (cfg, tokenized, build_model(cfg.model, cfg.quantization, cfg.lora, root / "shared"))
+    assert out["float32"][2].fingerprint != out["bfloat16"][2].fingerprint
+    assert out["bfloat16"][2].info["compute_dtype"] == "bfloat16"
+    return root, out
+
+
+def batch(tokenized, n: int = 8) -> dict[str, torch.Tensor]:
+    import datasets
+
+    from loraflow.collator import CompletionCollator
+
+    rows = datasets.load_from_disk(f"{tokenized.path}/dataset")["train"].select(range(n))
+    return CompletionCollator(pad_token_id=0)([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+
+
+def trainable_model(stage):
+    """The train stage's model with a trained-looking adapter (the initial B = 0 gives A no gradient)."""
+    cfg, _, model_handle = stage
+    model = load_for_training(model_handle, cfg.model, cfg.quantization, gradient_checkpointing=False)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    return model
+
+
+def loss_and_grads(model, inputs) -> tuple[float, dict[str, torch.Tensor]]:
+    model.train()
+    model.zero_grad()
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_bf16_loss_and_gradients_track_fp32(prepared):
+    _, stages = prepared
+    got = {}
+    for dtype in DTYPES:
+        got[dtype] = loss_and_grads(trainable_model(stages[dtype]), batch(stages[dtype][1]))
+    (loss32, grads32), (loss16, grads16) = got["float32"], got["bfloat16"]
+    assert loss16 == pytest.approx(loss32, rel=2e-2)
+    # bf16 keeps 8 bits of mantissa: the gradient of every LoRA tensor points the same way as fp32's
+    for name, g in grads32.items():
+        cosine = torch.nn.functional.cosine_similarity(g.flatten(), grads16[name].flatten(), dim=0)
+        assert cosine > 0.98, (name, float(cosine))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradients_after_an_eval_pass_equal_gradients_without_one(prepared, dtype):
+    # On an AVX512-BF16 CPU, bitsandbytes repacked 4-bit weights for an inference-only kernel in eval
+    # mode and kept using it after train(): the gradients through the frozen weights were then wrong.
+    _, stages = prepared
+    model, inputs = trainable_model(stages[dtype]), batch(stages[dtype][1])
+    loss_before, before = loss_and_grads(model, inputs)
+    model.eval()
+    with torch.no_grad():  # what Trainer's evaluation does between training steps
+        model(**inputs)
+    loss_after, after = loss_and_grads(model, inputs)
+    assert loss_after == loss_before
+    for name, g in before.items():
+        torch.testing.assert_close(after[name], g, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_training_with_in_training_evaluation_matches_training_without_it(prepared, dtype):
+    from safetensors.torch import load_file
+
+    root, stages = prepared
+    cfg, tokenized, model_handle = stages[dtype]
+    plain = train_adapter(cfg, tokenized, model_handle, root / f"plain-{dtype}")
+    evaluated_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_steps": 3})})
+    evaluated = train_adapter(evaluated_cfg, tokenized, model_handle, root / f"eval-{dtype}")
+    assert plain.info["compute_dtype"] == evaluated.info["compute_dtype"] == dtype
+    assert plain.info["last_logged_loss"] < 0.8 * plain.info["first_logged_loss"], plain.info
+    a = load_file(f"{plain.path}/adapter/adapter_model.safetensors")
+    b = load_file(f"{evaluated.path}/adapter/adapter_model.safetensors")
+    for name, w in a.items():
+        torch.testing.assert_close(b[name], w, msg=name)
