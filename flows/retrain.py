@@ -2,13 +2,16 @@
 
 Runs the same cached stages as `loraflow-finetune`. When the data (and config) are those the champion
 was trained on, every stage is a cache hit and the run says so in seconds. Otherwise the new adapter
-(the challenger) is trained and evaluated, the champion is scored on the *same* test examples, and
-the challenger is promoted only if it beats the champion by `promotion.margin` on
-`promotion.metric`. Every decision is recorded in the registry (see `loraflow.registry`).
+(the challenger) is trained and evaluated, the champion is re-scored on its *own* base model on the
+same validation and test rows, and the challenger is promoted only if the paired validation
+comparison on `promotion.metric` clears `promotion.margin` (`promotion.rule`: its 95% lower bound, or
+its mean). The test comparison is reported, never decided on. A champion trained on another base
+model is not compared (refused with the reason). Every decision is recorded in the registry.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,30 +21,59 @@ from prefect.logging import get_run_logger
 from flows.pipeline import Stages, resolve_config, run_stages, stage
 from loraflow.artifacts import Handle
 from loraflow.config import PipelineConfig, default_config
-from loraflow.registry import Candidate, Registry, decide
+from loraflow.bootstrap import fmt_interval, paired_bootstrap
+from loraflow.registry import Candidate, Registry, base_identity, decide
 from loraflow.remote import is_url
 from tasks.reporting import publish_results
 from tasks.stages import evaluate_task
 
 
-def _champion_scores(cfg: PipelineConfig, stages: Stages, champion: Candidate) -> dict[str, float] | None:
-    """The champion's ROUGE on this run's test examples (a cached evaluate task of its adapter)."""
+def _champion_eval(cfg: PipelineConfig, stages: Stages, champion: Candidate) -> Handle | None:
+    """The champion scored on this run's validation and test rows (a cached evaluate task of its adapter,
+    on the model stage it was trained from)."""
     train_dir = Path(champion.adapter).parent
     if not (train_dir / "adapter" / "adapter_config.json").is_file():
         get_run_logger().warning("champion %s: adapter %s is gone; the challenger is compared with nothing",
                                  champion.id, champion.adapter)
         return None
     quick = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"compare_base": False})})
+    model = Handle.model_validate(champion.model_handle) if champion.model_handle else stages.model
     handle = Handle(stage="train", path=str(train_dir), fingerprint=champion.train_fingerprint, info={})
-    scored = stage(evaluate_task, quick, stages.storage, quick, stages.tokenized, stages.model, handle)
-    return scored.info["finetuned"]
+    return stage(evaluate_task, quick, stages.storage, quick, stages.tokenized, model, handle)
 
 
-def _already_decided(registry: Registry, stages: Stages, champion: Candidate | None, margin: float) -> Candidate | None:
-    """The earlier rejection of this very challenger against this champion with this margin, if any."""
+def _row_scores(eval_dir: str, split: str, key: str) -> tuple[list[float], list[str]]:
+    """Per-row `key` F1 of the fine-tuned model and the rows' clusters, from the evaluate stage's files."""
+    name = "validation_predictions.jsonl" if split == "validation" else "predictions.jsonl"
+    rows = [json.loads(line) for line in (Path(eval_dir) / name).read_text().splitlines()]
+    return [r["prediction_scores"][key] for r in rows], [r["cluster"] for r in rows]
+
+
+def _paired(ours: Handle, theirs: Handle, split: str, key: str, cfg: PipelineConfig) -> dict[str, Any]:
+    a, clusters = _row_scores(ours.path, split, key)
+    b, _ = _row_scores(theirs.path, split, key)
+    return paired_bootstrap(a, b, clusters, cfg.eval.bootstrap_samples, cfg.eval.bootstrap_seed)
+
+
+def _base_of(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"model": cfg.model.model_dump(mode="json"), "quantization": cfg.quantization.model_dump(mode="json"),
+            "lora": cfg.lora.model_dump(mode="json")}
+
+
+def refusal(champion: Candidate | None, base: dict[str, Any]) -> str | None:
+    """Why the challenger cannot be compared with the champion (another base model), or None."""
+    if champion is None or champion.base is None or base_identity(champion.base) == base_identity(base):
+        return None
+    return (f"refused: champion {champion.id} was trained on {base_identity(champion.base)}, this run on "
+            f"{base_identity(base)}; adapters on different base models are not compared: promote by hand")
+
+
+def _already_decided(registry: Registry, stages: Stages, champion: Candidate | None, cfg: PipelineConfig) -> Candidate | None:
+    """The earlier rejection of this very challenger against this champion by the same rule, if any."""
+    p = cfg.promotion
     for c in reversed(registry.read().candidates):
         if (c.train_fingerprint == stages.trained.fingerprint and c.champion_id == (champion.id if champion else None)
-                and c.margin == margin and not c.promoted):
+                and c.margin == p.margin and c.rule == p.rule and c.metric == p.metric and not c.promoted):
             return c
     return None
 
@@ -58,32 +90,44 @@ def retrain(cfg: PipelineConfig = default_config()) -> dict[str, Any]:
                          "promotion.registry_dir to a folder every retraining run can see, e.g. /shared/registry")
     registry = Registry(cfg.promotion.registry_dir or Path(cfg.run.output_dir) / "registry")
     stages = run_stages(cfg)
-    metric, margin = cfg.promotion.metric, cfg.promotion.margin
-    key = f"{metric}_fmeasure"
+    p = cfg.promotion
+    key = f"{p.metric}_fmeasure"
     champion = registry.champion()
-    score = stages.scores.info["finetuned"][key]
+    score = stages.scores.info["validation"]["finetuned"][key]
+    champion_scores = None
 
     if champion is not None and champion.train_fingerprint == stages.trained.fingerprint:
         decision, promoted = (f"unchanged: data fingerprint {stages.data.fingerprint} and config are those champion "
                               f"{champion.id} was trained on; every stage was cached, nothing to promote"), False
-        champion_scores = stages.scores.info["finetuned"]
-    elif (seen := _already_decided(registry, stages, champion, margin)) is not None:
+    elif (seen := _already_decided(registry, stages, champion, cfg)) is not None:
         decision, promoted = f"unchanged since candidate {seen.id} was judged: {seen.reason} (kept: rejected)", False
-        champion_scores = _champion_scores(cfg, stages, champion) if champion is not None else None
     else:
-        champion_scores = _champion_scores(cfg, stages, champion) if champion is not None else None
-        champion_score = champion_scores[key] if champion_scores else None
-        promoted, reason = decide(metric, margin, score, champion, champion_score)
+        base = _base_of(cfg)
+        champ_eval = validation = test = None
+        if (refused := refusal(champion, base)) is not None:
+            promoted, reason = False, refused
+        else:
+            champ_eval = _champion_eval(cfg, stages, champion) if champion is not None else None
+            if champ_eval is not None:
+                validation = _paired(stages.scores, champ_eval, "validation", key, cfg)
+                test = _paired(stages.scores, champ_eval, "test", key, cfg)
+                champion_scores = champ_eval.info["finetuned"]
+            promoted, reason = decide(p.metric, p.margin, p.rule, champion if champ_eval else None, validation)
         entry = Candidate(
             flow_run_id=str(flow_run.id) if flow_run.id else None,
             adapter=str(Path(stages.trained.path) / "adapter"),
             train_fingerprint=stages.trained.fingerprint, data_fingerprint=stages.data.fingerprint,
-            test_fingerprint=stages.tokenized.fingerprint, metric=metric, margin=margin, score=score,
-            champion_id=champion.id if champion else None, champion_score=champion_score,
+            test_fingerprint=stages.tokenized.fingerprint, metric=p.metric, margin=p.margin, rule=p.rule,
+            score=score, test_score=stages.scores.info["finetuned"][key],
+            champion_id=champion.id if champion else None,
+            champion_score=champ_eval.info["validation"]["finetuned"][key] if champ_eval else None,
+            validation=validation, test=test, base=base, model_handle=stages.model.model_dump(mode="json"),
             promoted=promoted, reason=reason,
         )
         registry.record(entry)
         decision = f"{'promoted' if promoted else 'rejected'} challenger {entry.id}: {reason}"
+        if test is not None:
+            decision += f"; on test (reported, not decided on): {fmt_interval(test)}"
     logger.info("retrain: %s", decision)
     publish_results(stages.scores.info, stages.scores.path, stages.trained.path,
                     champion=champion_scores, decision=decision)

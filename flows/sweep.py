@@ -68,7 +68,8 @@ def sweep(
         runs: Explicit runs appended after the grid's, each a dict of overrides, dotted or nested,
             e.g. [{"lora.r": 16, "lora.alpha": 32}, {"train": {"max_steps": 50}}].
         max_concurrent: How many child runs train at once (each loads its own model copy).
-        metric: The fine-tuned model's ROUGE F1 that ranks the runs (best first).
+        metric: The fine-tuned model's ROUGE F1 on the validation split that ranks the runs (best first);
+            test scores are reported beside it, never ranked by.
     """
     logger = get_run_logger()
     cfg = resolve_config(cfg)
@@ -84,7 +85,7 @@ def sweep(
     ranked = rank(results, metric)
     rows = ranking_rows(ranked)
     _publish(rows, metric)
-    logger.info("sweep ranking by fine-tuned %s F1 (x100):\n%s", metric, ranking_text(rows))
+    logger.info("sweep ranking by fine-tuned validation %s F1 (x100):\n%s", metric, ranking_text(rows))
     failed = [r for r in ranked if r["state"] != "Completed"]
     summary = {"metric": metric, "best": ranked[0] if ranked[0]["rank"] == 1 else None,
                "ranking": ranked, "failed": [r["run"] for r in failed]}
@@ -103,5 +104,6 @@ def _publish(rows: list[dict[str, Any]], metric: str) -> None:
     from tasks.reporting import artifact_prefix
 
     create_table_artifact(rows, key=f"{artifact_prefix()}-ranking",
-                          description=f"Sweep runs ranked by the fine-tuned model's {metric} F1 (ROUGE x100); "
+                          description=f"Sweep runs ranked by the fine-tuned model's validation {metric} F1 (ROUGE x100, with its "
+                                      "95% interval; test ROUGE beside it); "
                                       "failed runs last, with their error")

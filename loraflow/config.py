@@ -40,14 +40,40 @@ class DataConfig(Section):
         True, description="If the input column holds a list of strings (sentences), join them with spaces."
     )
     train_split: str = Field("train", description="Split used for training when the source has splits.")
+    validation_split: str = Field(
+        "validation",
+        description="The source's split that drives every choice (eval loss, best checkpoint, early stopping, "
+        "sweep ranking, promotion); 'dev', 'val' and 'valid' count as this name. Without it, "
+        "`validation_size` carves one out of train (never out of test).",
+    )
     test_split: str = Field(
-        "test", description="Split used for evaluation when the source has it; otherwise `test_size` carves one."
+        "test", description="Split read only for the final report when the source has it; otherwise `test_size` "
+        "carves one out of train."
     )
     test_size: float = Field(
-        0.1, gt=0.0, lt=1.0, description="Fraction of examples held out when the source has no test split."
+        0.1, gt=0.0, lt=1.0,
+        description="Fraction of train's clusters held out as test when the source has no test split (by a hash "
+        "of each row's cluster key: a row keeps its split as the data grows).",
     )
-    seed: int = Field(42, description="Seed for the train/test split and sample caps; same seed, same split.")
+    validation_size: float | int = Field(
+        0.1, gt=0,
+        description="Validation carved out of train when the source has no validation split: a fraction (< 1, "
+        "by hash, stable as data grows) or a count of clusters (e.g. 50); capped by max_validation_samples.",
+    )
+    cluster_column: str | None = Field(
+        None,
+        description="Rows with equal values are one cluster: always in the same split, and resampled together by "
+        "the bootstrap intervals (aclsum: three summaries of one paper). Default: the input text.",
+    )
+    multi_reference: Literal["first", "all"] = Field(
+        "first", description="Targets with several references: train on the first, or on one row per reference "
+        "('all'); evaluation always scores against every reference (best match)."
+    )
+    seed: int = Field(42, description="Seed for the split hashes and sample caps; same seed, same split.")
     max_train_samples: int | None = Field(None, ge=1, description="Keep at most this many training examples.")
+    max_validation_samples: int | None = Field(
+        256, ge=1, description="Keep at most this many validation rows (carved rows beyond it go back to train)."
+    )
     max_eval_samples: int | None = Field(None, ge=1, description="Keep at most this many test examples.")
     aclsum_aspect: Literal["challenge", "approach", "outcome", "all"] = Field(
         "all", description="aclsum only: which one-sentence aspect summary is the target ('all' = one row each)."
@@ -148,14 +174,28 @@ class TrainConfig(Section):
         "auto", description="bf16 mixed precision; 'auto' = on for CUDA with bf16 support (fp16 is never used)."
     )
     logging_steps: int = Field(10, ge=1, description="Log loss every N steps.")
-    eval_steps: int | None = Field(None, ge=1, description="Eval loss on the test split every N steps (None = off).")
+    eval_steps: int | None = Field(None, ge=1, description="Eval loss on the validation split every N steps (None = off).")
     save_steps: int = Field(50, ge=1, description="Write a checkpoint every N steps.")
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
-    load_best_model_at_end: bool = Field(False, description="Reload the best checkpoint by eval loss at the end.")
+    load_best_model_at_end: bool = Field(
+        False, description="Reload the best checkpoint by metric_for_best_model on the validation split at the end."
+    )
     report_to: list[Literal["tensorboard"]] = Field(
         ["tensorboard"], description="Loggers; TensorBoard writes to <train dir>/logs."
     )
     seed: int = Field(42, description="Seed for data order, dropout and initialisation in Trainer.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without improving metric_for_best_model on the "
+        "validation split (needs eval_steps; turns load_best_model_at_end on)."
+    )
+    eval_generate_samples: int | None = Field(
+        None, ge=1, description="At each eval step, also generate on this many validation rows and log their "
+        "ROUGE-L F1 as eval_rougeL (usable as metric_for_best_model)."
+    )
+    metric_for_best_model: Literal["eval_loss", "eval_rougeL"] = Field(
+        "eval_loss", description="What 'best checkpoint' and early stopping read, on the validation split: the "
+        "eval loss (lower is better) or eval_rougeL (higher; needs eval_generate_samples)."
+    )
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for the data loader.")
     extra_args: dict[str, Any] = Field(
         {}, description="Any other transformers.TrainingArguments keyword, passed through unchanged."
@@ -180,6 +220,14 @@ class EvalConfig(Section):
     num_beams: int = Field(1, ge=1, description="Beam search width (1 = greedy/sampling).")
     repetition_penalty: float = Field(1.0, gt=0, description="Penalty for repeated tokens (1 = none).")
     compare_base: bool = Field(True, description="Also score the base model (adapter off) on the same examples.")
+    max_validation_samples: int | None = Field(
+        64, ge=1, description="Validation rows generated for the validation ROUGE that ranks sweeps and decides "
+        "promotions (None = every validation row)."
+    )
+    bootstrap_samples: int = Field(
+        1000, ge=100, description="Resamples of the paired cluster bootstrap behind every interval."
+    )
+    bootstrap_seed: int = Field(0, description="Seed of the bootstrap; the same seed gives the same interval.")
     use_stemmer: bool = Field(True, description="Porter-stem words before ROUGE matching.")
     dequantize: Literal["auto", True, False] = Field(
         "auto",
@@ -197,7 +245,11 @@ class PromotionConfig(Section):
     margin: float = Field(
         0.0, ge=-1, le=1,
         description="How much the challenger must beat the champion by (F1, 0-1 scale: 0.01 = one ROUGE point), "
-        "both scored on the same test examples.",
+        "both scored on the same validation examples.",
+    )
+    rule: Literal["interval", "mean"] = Field(
+        "interval", description="'interval': promote only if the lower bound of the paired 95% validation interval "
+        "(challenger - champion) exceeds the margin; 'mean': if the mean difference does."
     )
     registry_dir: str | None = Field(
         None, description="Folder of the model registry (champion pointer + history); default <run.output_dir>/registry."
@@ -255,10 +307,16 @@ class PipelineConfig(Section):
             )
         if self.train.load_best_model_at_end and self.train.eval_steps is None:
             problems.append("train.load_best_model_at_end needs train.eval_steps: set train.eval_steps=N")
-        if self.train.load_best_model_at_end and self.train.eval_steps and self.train.save_steps % self.train.eval_steps:
+        if self.train.early_stopping_patience and self.train.eval_steps is None:
+            problems.append("train.early_stopping_patience needs train.eval_steps: set train.eval_steps=N")
+        if self.train.metric_for_best_model == "eval_rougeL" and not self.train.eval_generate_samples:
+            problems.append("train.metric_for_best_model=eval_rougeL needs train.eval_generate_samples: set it "
+                            "to the number of validation rows to generate at each eval, e.g. 32")
+        best = self.train.load_best_model_at_end or self.train.early_stopping_patience
+        if best and self.train.eval_steps and self.train.save_steps % self.train.eval_steps:
             problems.append(
                 f"train.save_steps ({self.train.save_steps}) must be a multiple of train.eval_steps "
-                f"({self.train.eval_steps}) with load_best_model_at_end"
+                f"({self.train.eval_steps}) with load_best_model_at_end or early stopping"
             )
         if "{" not in self.prompt.template:
             problems.append("prompt.template has no {field}: add the input column, e.g. '...\\n\\n{input}'")

@@ -1,12 +1,17 @@
-"""The **data** stage: load a source, map its columns, validate, split train/test deterministically.
+"""The **data** stage: load a source, map its columns, validate, split train/validation/test.
+
+The split policy is `loraflow.splits`: the source's own splits, else carved from train by a hash of
+each row's cluster key, so a row keeps its split as the data grows. Validation drives every choice
+(checkpoints, early stopping, sweep ranking, promotion); test is only read for the final report.
 
 Output folder `<output_dir>/data/<key>/`:
-    dataset/        a `DatasetDict` {train, test} saved with `save_to_disk` (Arrow), columns
-                    input (str), target (str: the first reference, what training uses),
+    dataset/        a `DatasetDict` {train, validation, test} saved with `save_to_disk` (Arrow), columns
+                    input (str), target (str: the reference training uses),
                     references (list[str]: every reference, what ROUGE scores against),
+                    cluster (str: rows with one key share a split and are resampled together),
                     plus the source's other string columns (so templates can use e.g. {aspect}).
-    info.json       {n_train, n_test, source, dropped} (also the Handle's info)
-    splits.json     where each split came from, e.g. {"train": "train", "test": "validation"}
+    info.json       {n_train, n_validation, n_test, source, dropped} (also the Handle's info)
+    splits.json     where each split came from, e.g. {"train": "train", "validation": "train (hash < 0.1)"}
     manifest.json   file checksums (artifacts.atomic_dir) + the data config
 
 `key = fingerprint(data config, source content digest, CODE_VERSION)`: editing a local file in place,
@@ -24,15 +29,16 @@ from typing import Any
 
 from loraflow.artifacts import Handle, atomic_dir, content_digest, fingerprint, is_complete, stage_dir, write_json
 from loraflow.config import DataConfig, section_dict
+from loraflow.splits import carve, smallest_hash_first
 
 log = logging.getLogger("loraflow")
-CODE_VERSION = "data-2"  # bump when the output for the same inputs changes
+CODE_VERSION = "data-3"  # bump when the output for the same inputs changes
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}  # suffix -> datasets builder
 # Folder files named train*/test*/validation*/dev* are splits ("train-00000-of-00002.parquet" too);
 # the prefix must not run on into a letter, so "trainer.jsonl" or "testimonials.csv" are not splits.
 _SPLIT_FILE = re.compile(r"^(training|train|testing|test|validation|valid|val|dev)(?![a-z])", re.IGNORECASE)
 _CANONICAL = {"training": "train", "testing": "test", "valid": "validation", "val": "validation", "dev": "validation"}
-OWN_COLUMNS = ("input", "target", "references")
+OWN_COLUMNS = ("input", "target", "references", "cluster")
 
 
 class DataError(ValueError):
@@ -197,6 +203,9 @@ def _kind(feature: Any) -> str:
 
 def _normalise(ds, cfg: DataConfig, split: str):
     """Map columns onto input/target/references and drop empty rows; returns (dataset, n_dropped)."""
+    if cfg.cluster_column is not None and cfg.cluster_column not in ds.column_names:
+        raise DataError(f"data.cluster_column: no column '{cfg.cluster_column}' in the {split} split of "
+                        f"'{cfg.source}': available columns are {', '.join(ds.column_names)}")
     for field, col in (("input_column", cfg.input_column), ("target_column", cfg.target_column)):
         if col not in ds.column_names:
             raise DataError(f"data.{field}: no column '{col}' in the {split} split of '{cfg.source}': "
@@ -212,7 +221,7 @@ def _normalise(ds, cfg: DataConfig, split: str):
              if _kind(f) == "text" and c not in (cfg.input_column, cfg.target_column, *OWN_COLUMNS)]
 
     def convert(batch: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {"input": [], "target": [], "references": [], **{c: [] for c in extra}}
+        out: dict[str, list] = {"input": [], "target": [], "references": [], "cluster": [], **{c: [] for c in extra}}
         for i, (src, tgt) in enumerate(zip(batch[cfg.input_column], batch[cfg.target_column])):
             if isinstance(src, list):
                 src = " ".join(str(s).strip() for s in src if s is not None)
@@ -221,6 +230,8 @@ def _normalise(ds, cfg: DataConfig, split: str):
             out["input"].append("" if src is None else str(src).strip())
             out["target"].append(refs[0] if refs else "")
             out["references"].append(refs)
+            key = batch[cfg.cluster_column][i] if cfg.cluster_column else out["input"][-1]
+            out["cluster"].append("" if key is None else str(key))
             for c in extra:
                 out[c].append(batch[c][i] or "")
         return out
@@ -250,8 +261,34 @@ def _cap(ds, n: int | None, seed: int):
     return ds.shuffle(seed=seed).select(range(n))
 
 
+def _carve(pool, size: float | int, seed: int, salt: str, what: str, field: str, source: str):
+    """(rest, carved) of `pool` by `splits.carve`; a one-line error when nothing is carved."""
+    if len(set(pool["cluster"])) < 2:
+        raise DataError(f"data: only {len(pool)} usable example{'s' * (len(pool) != 1)} in '{source}' "
+                        f"({len(set(pool['cluster']))} distinct inputs): need at least 2 to hold out {what}")
+    chosen = carve(pool["cluster"], size, seed, salt)
+    carved = [i for i, c in enumerate(chosen) if c]
+    if not carved or len(carved) == len(pool):
+        raise DataError(f"data.{field}={size} carves {len(carved)} of the {len(pool)} usable rows of '{source}' "
+                        f"into {what}: change data.{field} (a fraction, or a count of rows such as 20)")
+    return pool.select([i for i, c in enumerate(chosen) if not c]), pool.select(carved)
+
+
+def _explode_references(ds):
+    """One training row per reference (data.multi_reference=all)."""
+    def explode(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {k: [] for k in batch}
+        for i, refs in enumerate(batch["references"]):
+            for ref in refs:
+                for k in batch:
+                    out[k].append(ref if k == "target" else batch[k][i])
+        return out
+
+    return ds.map(explode, batched=True, desc="data: one row per reference")
+
+
 def build_splits(cfg: DataConfig, cache_dir: str | Path | None = None) -> tuple[Any, int, dict[str, str]]:
-    """(DatasetDict {train, test}, rows dropped as empty, where each split came from)."""
+    """(DatasetDict {train, validation, test}, rows dropped as empty, where each split came from)."""
     import datasets
 
     source = load_source(cfg, cache_dir)
@@ -259,33 +296,39 @@ def build_splits(cfg: DataConfig, cache_dir: str | Path | None = None) -> tuple[
     for name in names:
         if len(source[name]) == 0:
             raise DataError(f"data.source: the {name} split of '{cfg.source}' has no rows: add examples or remove it")
-    train_name, test_name = _find_split(names, cfg.train_split), _find_split(names, cfg.test_split)
+    train_name = _find_split(names, cfg.train_split)
     if train_name is None and len(names) == 1:
-        train_name = names[0]  # a single pool (one file, or a hub dataset with one split): carve the test split
+        train_name = names[0]  # a single pool (one file, or a hub dataset with one split): carve the others
     if train_name is None:
         raise DataError(f"data.train_split: '{cfg.source}' has no split '{cfg.train_split}'; its splits are "
                         f"{', '.join(names)}: set data.train_split (and data.test_split) to one of them")
-    if test_name == train_name:
-        test_name = None
+    test_name, val_name = _find_split(names, cfg.test_split), _find_split(names, cfg.validation_split)
+    test_name = None if test_name == train_name else test_name
+    val_name = None if val_name in (train_name, test_name) else val_name
     train, dropped = _normalise(source[train_name], cfg, train_name)
-    if test_name is not None:  # only the configured names: a 'validation' split is never promoted to test
-        test, dropped_test = _normalise(source[test_name], cfg, test_name)
-        dropped += dropped_test
-        origin = {"train": train_name, "test": test_name}
-    else:
-        if len(train) < 2:
-            raise DataError(f"data: only {len(train)} usable example in '{cfg.source}': "
-                            "need at least 2 to hold out a test split")
-        try:
-            parts = train.train_test_split(test_size=cfg.test_size, seed=cfg.seed)
-        except ValueError as err:
-            raise DataError(f"data.test_size={cfg.test_size} cannot split {len(train)} examples ({err}): "
-                            "change data.test_size") from None
-        train, test = parts["train"], parts["test"]
-        origin = {"train": f"{train_name} ({1 - cfg.test_size:g})",
-                  "test": f"{train_name} ({cfg.test_size:g}, seed {cfg.seed})"}
-    out = datasets.DatasetDict({"train": _cap(train, cfg.max_train_samples, cfg.seed),
-                                "test": _cap(test, cfg.max_eval_samples, cfg.seed)})
+    origin = {"train": train_name}
+    parts: dict[str, Any] = {}
+    for split, name, size, field in (("test", test_name, cfg.test_size, "test_size"),
+                                     ("validation", val_name, cfg.validation_size, "validation_size")):
+        if name is not None:
+            parts[split], n_dropped = _normalise(source[name], cfg, name)
+            dropped += n_dropped
+            origin[split] = name
+        else:
+            train, parts[split] = _carve(train, size, cfg.seed, split, f"a {split} split", field, cfg.source)
+            rule = f"hash < {size:g}" if isinstance(size, float) else f"{size} smallest hashes"
+            origin[split] = f"{train_name} ({rule}, seed {cfg.seed}, by {cfg.cluster_column or 'input'})"
+    validation = parts["validation"]
+    if cfg.max_validation_samples is not None and len(validation) > cfg.max_validation_samples:
+        order = smallest_hash_first(validation["cluster"], cfg.seed, "validation-cap")
+        validation = validation.select(sorted(order[: cfg.max_validation_samples]))
+        if val_name is None:  # carved rows beyond the cap go back to training, not to waste
+            rest = sorted(order[cfg.max_validation_samples :])
+            train = datasets.concatenate_datasets([train, parts["validation"].select(rest)])
+    if cfg.multi_reference == "all":
+        train = _explode_references(train)
+    out = datasets.DatasetDict({"train": _cap(train, cfg.max_train_samples, cfg.seed), "validation": validation,
+                                "test": _cap(parts["test"], cfg.max_eval_samples, cfg.seed)})
     return out, dropped, origin
 
 
@@ -301,19 +344,20 @@ def prepare_data(cfg: DataConfig, output_dir: str | Path) -> Handle:
             splits, dropped, origin = build_splits(cfg, scratch)
             if dropped:
                 log.warning("data: dropped %d rows with an empty input or target", dropped)
-            info = {"n_train": len(splits["train"]), "n_test": len(splits["test"]),
-                    "source": cfg.source, "dropped": dropped}
+            info = {"n_train": len(splits["train"]), "n_validation": len(splits["validation"]),
+                    "n_test": len(splits["test"]), "source": cfg.source, "dropped": dropped}
             splits.save_to_disk(str(tmp / "dataset"))
             write_json(tmp / "info.json", info)
             write_json(tmp / "splits.json", origin)
             del splits  # memory-maps files in scratch/
             shutil.rmtree(scratch, ignore_errors=True)  # parsed copies of local files: not part of the artifact
     info = json.loads((final / "info.json").read_text())
+    log.info("data: %d train / %d validation / %d test rows", info["n_train"], info["n_validation"], info["n_test"])
     return Handle(stage="data", path=str(final), fingerprint=key, info=info)
 
 
 def load_split(handle: Handle | str | Path, split: str):
-    """One split ("train" or "test") of a data stage folder, as a `datasets.Dataset`."""
+    """One split ("train", "validation" or "test") of a data stage folder, as a `datasets.Dataset`."""
     import datasets
 
     path = Path(handle.path if isinstance(handle, Handle) else handle)

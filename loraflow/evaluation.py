@@ -1,4 +1,10 @@
-"""The **evaluate** stage: generate on the test split and score ROUGE, fine-tuned vs base.
+"""The **evaluate** stage: generate and score ROUGE with intervals, fine-tuned vs base.
+
+Two splits, two purposes. *Validation* (the first `eval.max_validation_samples` rows, fine-tuned
+model only): the score that ranks sweeps and decides promotions. *Test*: the final report, fine-tuned
+and base, each with a 95% cluster-bootstrap interval and a paired interval for the difference
+(`loraflow.scoring`). Nothing but this stage reads the test split, and nothing chooses on it.
+Generation stops on every end-of-turn id (`prompts.stop_token_ids`), not a single eos id.
 
 Generation is batched with left padding (so every prompt ends where generation starts), prompts
 sorted by length (less padding per batch), the KV cache on and `torch.inference_mode`.
@@ -26,8 +32,10 @@ log = logging.getLogger("loraflow")
 CODE_VERSION = "evaluate-3"
 
 
-def generate(model, tokenizer, prompts: list[list[int]], ev: EvalConfig, desc: str) -> list[str]:
-    """Decode completions for token-id prompts, returned in the input order."""
+def generate(model, tokenizer, prompts: list[list[int]], ev: EvalConfig, desc: str,
+             stop_ids: list[int] | None = None) -> list[str]:
+    """Decode completions for token-id prompts, returned in the input order; stop on any of `stop_ids`
+    (default: the tokenizer's eos)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -42,7 +50,7 @@ def generate(model, tokenizer, prompts: list[list[int]], ev: EvalConfig, desc: s
         num_beams=ev.num_beams,
         repetition_penalty=ev.repetition_penalty,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_ids or tokenizer.eos_token_id,
         use_cache=True,
     )
     if ev.do_sample:
@@ -87,16 +95,21 @@ def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trai
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from loraflow import rouge
     from loraflow.buildlock import MODEL_BUILD
     from loraflow.modeling import load_base
+    from loraflow.prompts import stop_token_ids
+    from loraflow.scoring import score_split
 
-    test = datasets.load_from_disk(str(Path(tokenized.path) / "dataset"))["test"]
-    prompts, references = test["prompt_ids"], test["references"]
+    splits = datasets.load_from_disk(str(Path(tokenized.path) / "dataset"))
+    test, validation = splits["test"], splits["validation"]
+    if cfg.eval.max_validation_samples is not None:
+        validation = validation.select(range(min(cfg.eval.max_validation_samples, len(validation))))
+    prompts = test["prompt_ids"]
     tokenizer = AutoTokenizer.from_pretrained(Path(trained.path) / "adapter")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     base = load_base(model_handle.info["base_dir"], cfg.model, cfg.quantization)
+    stops = stop_token_ids(tokenizer, cfg.prompt, base.generation_config)
     dequantized = use_dequantized(cfg.eval, cfg.quantization.mode != "none")
     if dequantized:
         with MODEL_BUILD:
@@ -106,33 +119,46 @@ def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trai
     adapter = Path(trained.path) / "adapter"
     base_preds: list[str] | None = None
     if cfg.eval.compare_base and dequantized:  # before merging the adapter into the weights
-        base_preds = generate(base, tokenizer, prompts, cfg.eval, "generate (base)")
+        base_preds = generate(base, tokenizer, prompts, cfg.eval, "generate (base)", stops)
     with MODEL_BUILD:
         model = PeftModel.from_pretrained(base, adapter).eval()
         if dequantized:
             model = model.merge_and_unload()
 
     t0 = time.perf_counter()
-    tuned = generate(model, tokenizer, prompts, cfg.eval, "generate (fine-tuned)")
+    tuned = generate(model, tokenizer, prompts, cfg.eval, "generate (fine-tuned)", stops)
     seconds = time.perf_counter() - t0
+    val_preds = generate(model, tokenizer, validation["prompt_ids"], cfg.eval, "generate (validation)", stops)
+    if cfg.eval.compare_base and not dequantized:
+        with model.disable_adapter():
+            base_preds = generate(model, tokenizer, prompts, cfg.eval, "generate (base)", stops)
+    systems = {"finetuned": tuned, **({"base": base_preds} if base_preds is not None else {})}
+    summary, per = score_split(systems, test["references"], test["cluster"], cfg.eval)
+    val_summary, val_per = score_split({"finetuned": val_preds}, validation["references"], validation["cluster"], cfg.eval)
     metrics: dict[str, Any] = {
-        "n_examples": len(prompts),
-        "finetuned": rouge.score(tuned, references, use_stemmer=cfg.eval.use_stemmer),
+        **summary,  # the test report: n_examples, finetuned, base, intervals, vs_base
+        "validation": val_summary,  # what sweeps and promotion choose by
         "generation_examples_per_second": round(len(prompts) / seconds, 3),
         "generation_s": round(seconds, 3),
         "dequantized": dequantized,
         "compute_dtype": resolve_compute_dtype(cfg.quantization.compute_dtype),
+        "stop_token_ids": stops,
     }
-    if cfg.eval.compare_base and not dequantized:
-        with model.disable_adapter():
-            base_preds = generate(model, tokenizer, prompts, cfg.eval, "generate (base)")
-    if base_preds is not None:
-        metrics["base"] = rouge.score(base_preds, references, use_stemmer=cfg.eval.use_stemmer)
     with atomic_dir(final, {"stage": "evaluate"}) as tmp:
-        with open(tmp / "predictions.jsonl", "w") as fh:
-            for i in range(len(prompts)):
-                row = {"input": test[i].get("input"), "references": references[i], "prediction": tuned[i]}
-                if base_preds is not None:
-                    row["base_prediction"] = base_preds[i]
-                fh.write(json.dumps(row) + "\n")
+        write_predictions(tmp / "predictions.jsonl", test, systems, per)
+        write_predictions(tmp / "validation_predictions.jsonl", validation, {"finetuned": val_preds}, val_per)
         write_json(tmp / "metrics.json", metrics)
+
+
+def write_predictions(path: Path, rows, systems: dict[str, list[str]], per: dict[str, dict[str, list[float]]]) -> None:
+    """One JSON line per row: input, references, cluster, each system's prediction and its ROUGE F1 scores."""
+    from loraflow.scoring import row_scores
+
+    names = {"finetuned": "prediction", "base": "base_prediction"}
+    with open(path, "w") as fh:
+        for i in range(len(rows)):
+            row = {"input": rows[i].get("input"), "references": rows[i]["references"], "cluster": rows[i]["cluster"]}
+            for name, preds in systems.items():
+                row[names[name]] = preds[i]
+                row[f"{names[name]}_scores"] = row_scores(per, name, i)
+            fh.write(json.dumps(row) + "\n")

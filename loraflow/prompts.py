@@ -1,7 +1,8 @@
 """Prompt rendering: a format string over the dataset's columns, optionally wrapped in the chat template.
 
 The prompt is everything the model sees before its answer; the completion is the target plus the
-EOS token, so a fine-tuned model learns where to stop. Nothing here imports torch or transformers:
+end of turn (`end_of_turn`: what the chat template closes an answer with, else EOS), so a fine-tuned
+model learns to stop where its template says a turn ends. Nothing here imports torch or transformers:
 the tokenizer is passed in.
 """
 
@@ -80,11 +81,60 @@ def render_prompt(row: dict[str, Any], prompt: PromptConfig, tokenizer) -> str:
         raise
 
 
-def completion_text(target: str, tokenizer) -> str:
-    """The text the model learns to write: the target, then EOS so that generation stops."""
-    if tokenizer.eos_token is None:
+MARK = "\u2063loraflow-answer\u2063"  # a string no template writes, to find where the answer sits
+
+
+def end_of_turn(tokenizer, prompt: PromptConfig) -> str:
+    """The text that closes the assistant's answer, which the model must learn to write so it stops.
+
+    'chat': what the chat template writes after an assistant message (SmolLM2/Qwen: '<|im_end|>\n',
+    Llama-3: '<|eot_id|>', Gemma: '<end_of_turn>\n'), found by rendering a conversation with a marker
+    as the answer; plus the EOS token when that text holds no special token (nothing could stop on it).
+    'template', or a chat template that does not show its answer: the EOS token.
+    """
+    eos = tokenizer.eos_token
+    if eos is None:
         raise PromptError(
             "the tokenizer has no eos_token, so a fine-tuned model could not learn to stop: "
             "use a tokenizer with an EOS token (set eos_token in its tokenizer_config.json)"
         )
-    return target + tokenizer.eos_token
+    if prompt.style != "chat" or not getattr(tokenizer, "chat_template", None):
+        return eos
+    messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + [{"role": "user", "content": "x"}]
+    try:
+        text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": MARK}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that rejects this conversation: fall back to EOS
+        return eos
+    if MARK not in text:
+        return eos
+    suffix = text.split(MARK, 1)[1]
+    return suffix if any(tok in suffix for tok in special_tokens(tokenizer)) else suffix + eos
+
+
+def special_tokens(tokenizer) -> list[str]:
+    """Special and added tokens (those a text can contain whole, as one id)."""
+    added = [str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    return sorted(set(tokenizer.all_special_tokens) | set(added), key=len, reverse=True)
+
+
+def stop_token_ids(tokenizer, prompt: PromptConfig, generation_config=None) -> list[int]:
+    """Every id generation must stop on: the model's own `eos_token_id` (an id or a list, from its
+    generation config), the tokenizer's EOS, and the first special token of the end of turn."""
+    ids: list[int] = []
+    configured = getattr(generation_config, "eos_token_id", None)
+    for value in (configured if isinstance(configured, list) else [configured]) + [tokenizer.eos_token_id]:
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    suffix = end_of_turn(tokenizer, prompt)
+    specials = special_tokens(tokenizer)
+    first = min(((suffix.find(t), t) for t in specials if t in suffix), default=None)
+    if first is not None:
+        token_id = tokenizer.convert_tokens_to_ids(first[1])
+        if token_id is not None and token_id not in ids:
+            ids.append(int(token_id))
+    return ids
+
+
+def completion_text(target: str, tokenizer, prompt: PromptConfig) -> str:
+    """The text the model learns to write: the target, then the end of turn so that generation stops."""
+    return target + end_of_turn(tokenizer, prompt)

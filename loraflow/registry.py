@@ -27,12 +27,18 @@ class Candidate(BaseModel):
     adapter: str
     train_fingerprint: str
     data_fingerprint: str
-    test_fingerprint: str  # the tokenized test set the score was measured on
+    test_fingerprint: str  # the tokenized data (validation + test) the scores were measured on
     metric: str
     margin: float = 0.0
-    score: float
+    rule: str = "mean"
+    score: float  # validation `metric` F1: what the decision read
     champion_id: str | None = None  # the champion it was compared with
-    champion_score: float | None = None  # that champion's score on the same test examples
+    champion_score: float | None = None  # that champion's validation score on the same rows
+    validation: dict | None = None  # paired bootstrap, challenger - champion: mean_diff, ci95, n, n_clusters
+    test: dict | None = None  # the same on the test split: reported, never decided on
+    test_score: float | None = None
+    base: dict | None = None  # what the adapter needs: base model, quantization, LoRA settings
+    model_handle: dict | None = None  # the model stage it was trained from (to re-score it on its own base)
     promoted: bool
     reason: str
 
@@ -85,13 +91,24 @@ class Registry:
             return state
 
 
-def decide(metric: str, margin: float, score: float, champion: Candidate | None,
-           champion_score: float | None) -> tuple[bool, str]:
-    """Promote when there is no champion, or the challenger beats it by `margin` on the same examples."""
-    if champion is None or champion_score is None:
-        return True, "no champion yet"
-    gain = score - champion_score
-    verdict = "beats" if gain >= margin else "does not beat"
-    return gain >= margin, (f"{metric} {100 * score:.2f} vs champion {100 * champion_score:.2f} "
-                            f"({100 * gain:+.2f}) {verdict} the required margin {100 * margin:+.2f}")
+def base_identity(base: dict | None) -> tuple:
+    """What makes two adapters comparable: the same base model (id, revision) and quantization."""
+    base = base or {}
+    model, quant = base.get("model") or {}, base.get("quantization") or {}
+    return model.get("name_or_path"), model.get("revision"), quant.get("mode"), quant.get("compute_dtype")
 
+
+def decide(metric: str, margin: float, rule: str, champion: Candidate | None,
+           comparison: dict | None) -> tuple[bool, str]:
+    """Promote when there is no champion, or when the paired validation comparison (challenger - champion)
+    clears `margin`: its 95% lower bound (rule 'interval') or its mean (rule 'mean')."""
+    if champion is None or comparison is None:
+        return True, "no champion yet"
+    diff, (lo, hi) = comparison["mean_diff"], comparison["ci95"]
+    evidence = lo if rule == "interval" else diff
+    promoted = evidence > margin if rule == "interval" else evidence >= margin
+    what = "the 95% lower bound" if rule == "interval" else "the mean difference"
+    verdict = "clears" if promoted else "does not clear"
+    return promoted, (f"validation {metric} vs champion {100 * diff:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] "
+                      f"(paired, n={comparison['n']} in {comparison['n_clusters']} clusters): {what} "
+                      f"{verdict} the required margin {100 * margin:+.2f}")

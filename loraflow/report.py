@@ -7,16 +7,35 @@ from typing import Any
 KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
+def _ci(stats: dict[str, Any] | None) -> str:
+    from loraflow.bootstrap import fmt_interval
+
+    return fmt_interval(stats) if stats else "–"
+
+
 def results_table(metrics: dict[str, Any]) -> str:
-    """A small base-vs-fine-tuned ROUGE F1 table (x100)."""
+    """A base-vs-fine-tuned ROUGE F1 table (x100), then ROUGE-L with 95% intervals and n."""
     rows = [("fine-tuned", metrics["finetuned"])]
     if "base" in metrics:
         rows.insert(0, ("base", metrics["base"]))
     head = f"{'ROUGE F1 (x100)':<16}" + "".join(f"{k:>10}" for k in KEYS)
-    lines = [f"ROUGE on {metrics['n_examples']} test examples", head, "-" * len(head)]
+    clusters = metrics.get("n_clusters")
+    size = f"{metrics['n_examples']} test examples" + (f" ({clusters} clusters)" if clusters else "")
+    lines = [f"ROUGE on {size}", head, "-" * len(head)]
     for name, m in rows:
         lines.append(f"{name:<16}" + "".join(f"{100 * m[f'{k}_fmeasure']:>10.2f}" for k in KEYS))
+    intervals = metrics.get("intervals", {})
+    if intervals:
+        lines.append("ROUGE-L, 95% cluster-bootstrap intervals: " + ", ".join(
+            f"{label} {_ci(intervals.get(who, {}).get('rougeL_fmeasure'))}"
+            for label, who in (("base", "base"), ("fine-tuned", "finetuned")) if who in intervals))
     if "base" in metrics:
         delta = metrics["finetuned"]["rougeL_fmeasure"] - metrics["base"]["rougeL_fmeasure"]
-        lines.append(f"ROUGE-L change: {100 * delta:+.2f}")
+        paired = metrics.get("vs_base", {}).get("rougeL_fmeasure")
+        lines.append(f"ROUGE-L change: {_ci(paired) if paired else f'{100 * delta:+.2f}'}"
+                     + (" (paired 95% interval)" if paired else ""))
+    val = metrics.get("validation")
+    if val:
+        lines.append(f"validation ROUGE-L (fine-tuned, n={val['n_examples']}, what sweeps and promotion read): "
+                     f"{_ci(val['intervals']['finetuned']['rougeL_fmeasure'])}")
     return "\n".join(lines)

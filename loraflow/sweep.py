@@ -181,10 +181,12 @@ def plan_sweep(cfg: PipelineConfig, grid: dict[str, list[Any]] | None = None,
 
 
 def rank(results: list[dict[str, Any]], metric: Metric) -> list[dict[str, Any]]:
-    """Completed runs by the fine-tuned model's `metric` F1, best first (ties keep sweep order); then failed runs.
+    """Completed runs by the fine-tuned model's `metric` F1 on the *validation* split, best first (ties keep
+    sweep order); then failed runs. The test scores are reported beside it, never ranked by.
     A result is {'run', 'values', 'state', 'flow_run_id', 'metrics' (evaluate's dict, or None), 'train', 'error'}."""
     key = f"{metric}_fmeasure"
-    done = sorted((r for r in results if r.get("metrics")), key=lambda r: -r["metrics"]["finetuned"][key])
+    done = sorted((r for r in results if r.get("metrics")),
+                  key=lambda r: -r["metrics"]["validation"]["finetuned"][key])
     failed = [r for r in results if not r.get("metrics")]
     return [{**r, "rank": i} for i, r in enumerate(done, 1)] + [{**r, "rank": None} for r in failed]
 
@@ -194,15 +196,20 @@ def _pct(x: float | None) -> float | None:
 
 
 def ranking_rows(ranked: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Table rows (ROUGE F1 x100): rank, run, swept values, fine-tuned ROUGE, base ROUGE-L, train loss, state."""
+    """Table rows (ROUGE F1 x100): rank, run, swept values, validation ROUGE-L with its interval (what ranks),
+    test ROUGE of the fine-tuned model, base ROUGE-L, train loss, state."""
+    from loraflow.bootstrap import fmt_interval
+
     rows = []
     for r in ranked:
         metrics, train = r.get("metrics") or {}, r.get("train") or {}
         finetuned, base = metrics.get("finetuned", {}), metrics.get("base") or {}
+        val = (metrics.get("validation") or {}).get("intervals", {}).get("finetuned", {}).get("rougeL_fmeasure")
         loss = train.get("train_loss")
         rows.append({
             "rank": r["rank"], "run": r["run"],
             **{k: _fmt(v) if isinstance(v, (list, dict)) else v for k, v in r["values"].items()},
+            "validation rougeL": fmt_interval(val) if val else None,
             **{k: _pct(finetuned.get(f"{k}_fmeasure")) for k in KEYS},
             "base rougeL": _pct(base.get("rougeL_fmeasure")),
             "train loss": None if loss is None else round(loss, 4),

@@ -1,13 +1,17 @@
 """The **tokenize** stage: prompts + targets -> input_ids and labels with the prompt masked out.
 
-Prompt and completion (target + EOS) are tokenized separately, so BPE never merges a token across
-the boundary, and concatenated; labels are -100 on every prompt token, so the loss is on the
-completion only. Truncation cuts the *input text* inside the prompt, never the instruction, the
-chat header or the target (the target is only cut to `prompt.max_target_length`).
+Prompt and completion (target + the end of turn, `prompts.end_of_turn`) are tokenized separately, so
+BPE never merges a token across the boundary, and concatenated; labels are -100 on every prompt
+token, so the loss is on the completion only. Truncation cuts the *input text* inside the prompt,
+never the instruction, the chat header or the target (the target is only cut to
+`prompt.max_target_length`, keeping its end of turn).
+
+Generation prompts (`prompt_ids`, validation and test) get the same budget on every row,
+`max_length - max_target_length`: what the model is asked must not depend on the reference's length.
 
 Output folder `<output_dir>/tokenize/<key>/`:
-  dataset/    DatasetDict: train (input_ids, labels), test (input_ids, labels, prompt_ids,
-              references, input, target and the data stage's other text columns); unpadded.
+  dataset/    DatasetDict: train (input_ids, labels); validation and test (input_ids, labels, prompt_ids,
+              references, input, target, cluster and the data stage's other text columns); unpadded.
   stats.json  per split: n, truncated, dropped, mean/max prompt and target tokens, label_tokens.
 """
 
@@ -22,16 +26,16 @@ from typing import Any
 from loraflow.artifacts import Handle, atomic_dir, content_digest, fingerprint, is_complete, stage_dir, write_json
 from loraflow.collator import IGNORE_INDEX
 from loraflow.config import PromptConfig, section_dict
-from loraflow.prompts import PromptError, check_template, completion_text, render_prompt
+from loraflow.prompts import PromptError, check_template, end_of_turn, render_prompt
 
 log = logging.getLogger("loraflow")
-CODE_VERSION = "tokenize-3"  # bump when the output for the same inputs changes
+CODE_VERSION = "tokenize-4"  # bump when the output for the same inputs changes
 # Files that decide how text becomes ids (a model folder's weights are deliberately not hashed).
 TOKENIZER_GLOBS = ("tokenizer*.json", "*.model", "vocab*", "merges*", "added_tokens.json",
                    "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
 TRAIN_COLUMNS = ["input_ids", "labels"]
-TEST_COLUMNS = ["input_ids", "labels", "prompt_ids", "references", "input", "target"]
+TEST_COLUMNS = ["input_ids", "labels", "prompt_ids", "references", "input", "target", "cluster"]
 
 
 def load_tokenizer(tokenizer_dir: str | Path):
@@ -92,39 +96,39 @@ def _fit_prompt(row: dict[str, Any], prompt: PromptConfig, tokenizer, prefix: li
 def encode_batch(rows: dict[str, list], prompt: PromptConfig, tokenizer, prefix: list[int]) -> dict[str, list]:
     """Batched `encode_example` over a column dict (the shape `datasets.map(batched=True)` passes).
 
-    Prompts and completions go through one batched (Rust, for fast tokenizers) call each; only the
+    Prompts and targets go through one batched (Rust, for fast tokenizers) call each; only the
     rare rows that are too long are re-tokenized one by one.
     """
     n = len(rows["input"])
     row_dicts = [{k: v[i] for k, v in rows.items()} for i in range(n)]
     prompts = [render_prompt(r, prompt, tokenizer) for r in row_dicts]
-    completions = [completion_text(t, tokenizer) for t in rows["target"]]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
-    eos, max_t = tokenizer.eos_token_id, prompt.max_target_length
-    out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_ids": [], "truncated": []}
+    target_ids = tokenizer(list(rows["target"]), add_special_tokens=False)["input_ids"]
+    stop = tokenizer(end_of_turn(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    keep = max(1, prompt.max_target_length - len(stop))  # target tokens kept: the end of turn always fits
+    generation_budget = prompt.max_length - prompt.max_target_length  # the same for every row
+    out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_ids": [], "truncated": [], "prompt_truncated": []}
     for row, p, t in zip(row_dicts, prompt_ids, target_ids):
-        if not t or t[-1] != eos:  # a tokenizer that splits special tokens in text: add the id itself
-            t = t + [eos]
-        if len(t) > max_t:
-            t = t[: max_t - 1] + [eos]  # cut the target, but keep the stop signal
+        t = t[:keep] + stop
         p = _with_bos(p, prefix)
         budget = prompt.max_length - len(t)  # > 0: max_target_length < max_length is checked by the stage
-        truncated = len(p) > budget
-        if truncated:
-            p = _fit_prompt(row, prompt, tokenizer, prefix, budget, len(p)) or []
-        out["input_ids"].append(p + t if p else [])
-        out["labels"].append([IGNORE_INDEX] * len(p) + t if p else [])
-        out["prompt_ids"].append(p)
-        out["truncated"].append(truncated)
+        train_p = _fit_prompt(row, prompt, tokenizer, prefix, budget, len(p)) or [] if len(p) > budget else p
+        gen_p = _fit_prompt(row, prompt, tokenizer, prefix, generation_budget, len(p)) or [] \
+            if len(p) > generation_budget else p
+        out["input_ids"].append(train_p + t if train_p else [])
+        out["labels"].append([IGNORE_INDEX] * len(train_p) + t if train_p else [])
+        out["prompt_ids"].append(gen_p)
+        out["truncated"].append(len(p) > budget)
+        out["prompt_truncated"].append(len(p) > generation_budget)
     return out
 
 
 def encode_example(row: dict[str, Any], prompt: PromptConfig, tokenizer) -> dict[str, Any]:
-    """{input_ids, labels, prompt_ids, truncated} for one row with `input` and `target`.
+    """{input_ids, labels, prompt_ids, truncated, prompt_truncated} for one row with `input` and `target`.
 
-    labels = [-100] * len(prompt_ids) + completion ids (ending with EOS). When even an input cut to
-    nothing would not fit in `prompt.max_length`, all three id lists are empty (the stage drops the row).
+    labels = [-100] * prompt tokens + completion ids (ending with the end of turn); prompt_ids is the
+    generation prompt, cut to `max_length - max_target_length` whatever the target. When even an input
+    cut to nothing would not fit, the id lists are empty (the stage drops the row).
     """
     batch = encode_batch({k: [v] for k, v in row.items()}, prompt, tokenizer, bos_prefix(tokenizer))
     return {k: v[0] for k, v in batch.items()}
@@ -185,12 +189,16 @@ def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, final: Path, k
         enc = ds.map(lambda rows: encode_batch(rows, prompt, tokenizer, prefix), batched=True, batch_size=1000,
                      keep_in_memory=True, new_fingerprint=f"{key}-{name}", desc=f"tokenize {name}")
         seconds = time.perf_counter() - started
-        prompt_lens = [len(p) for p in enc["prompt_ids"]]
-        kept = [i for i, n in enumerate(prompt_lens) if n]
+        labels = enc["labels"]
+        prompt_lens = [sum(1 for x in lab if x == IGNORE_INDEX) for lab in labels]  # the training prompt
+        fits = enc["prompt_ids"] if name != "train" else enc["input_ids"]
+        kept = [i for i, ids in enumerate(fits) if ids and enc["input_ids"][i]]
         if not kept:
             raise PromptError(_nothing_fits(ds[0], prompt, tokenizer, prefix, name, len(ds)))
-        truncated = list(enc["truncated"])
-        target_lens = [len(x) - n for x, n in zip(enc["input_ids"], prompt_lens)]
+        truncated = list(enc["truncated"] if name == "train" else enc["prompt_truncated"])
+        if name != "train":
+            prompt_lens = [len(p) for p in enc["prompt_ids"]]
+        target_lens = [len(lab) - sum(1 for x in lab if x == IGNORE_INDEX) for lab in labels]
         stats[name] = _stats([prompt_lens[i] for i in kept], [target_lens[i] for i in kept],
                              sum(truncated[i] for i in kept), len(ds) - len(kept))
         stats[name]["examples_per_second"] = round(len(ds) / seconds, 1)

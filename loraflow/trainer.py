@@ -60,8 +60,9 @@ def label_only_loss(body, head, inputs: dict[str, Any], num_items_in_batch=None)
 class CompletionTrainer(Trainer):
     """Trainer whose loss computes logits only on label positions (when the model allows it)."""
 
-    def __init__(self, *args, label_only_logits: bool = True, **kwargs):
+    def __init__(self, *args, label_only_logits: bool = True, rouge_eval=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.rouge_eval = rouge_eval  # model -> validation ROUGE-L F1, added to each evaluation's metrics
         self.parts = body_and_head(self.model) if label_only_logits else None
         if label_only_logits and self.parts is None:
             log.info("train: this model's logits are not a plain projection; computing them at every position")
@@ -93,6 +94,18 @@ class CompletionTrainer(Trainer):
         if self.parts is None or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return label_only_loss(*self.parts, inputs, num_items_in_batch)[0]  # one process: see __init__
+
+    def evaluation_loop(self, *args, **kwargs):
+        """The eval loss, plus `eval_rougeL` from generation when configured: added here, before
+        Trainer logs the metrics and hands them to callbacks (best checkpoint, early stopping)."""
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.rouge_eval is not None:
+            prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+            was_training = self.model.training
+            self.model.eval()
+            output.metrics[f"{prefix}_rougeL"] = self.rouge_eval(self.model)
+            self.model.train(was_training)
+        return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Eval loss without logits: the (batch, seq, vocab) tensor is never built, let alone kept."""

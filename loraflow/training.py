@@ -74,8 +74,10 @@ def training_arguments(train: TrainConfig, checkpoint_dir: Path, has_eval: bool)
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
-        load_best_model_at_end=train.load_best_model_at_end and eval_on,
-        metric_for_best_model="eval_loss" if eval_on else None,
+        # Every choice reads the validation split (the eval set): never the test split it is reported on.
+        load_best_model_at_end=bool(train.load_best_model_at_end or train.early_stopping_patience) and eval_on,
+        metric_for_best_model=train.metric_for_best_model if eval_on else None,
+        greater_is_better=train.metric_for_best_model != "eval_loss" if eval_on else None,
         report_to="none",  # TensorBoard is attached explicitly, with our log dir
         seed=train.seed,
         data_seed=train.seed,
@@ -154,6 +156,38 @@ def last_checkpoint(checkpoint_dir: Path) -> str | None:
     return None
 
 
+def validation_rouge(cfg: PipelineConfig, validation, tokenizer) -> Callable[[Any], float]:
+    """ROUGE-L F1 of greedy generation on the first `train.eval_generate_samples` validation rows, for
+    `eval_rougeL` at each eval step (CompletionTrainer)."""
+    rows = validation.select(range(min(cfg.train.eval_generate_samples or 0, len(validation))))
+    prompts, references = rows["prompt_ids"], rows["references"]
+
+    def score(model) -> float:
+        from loraflow import rouge
+        from loraflow.evaluation import generate
+
+        predictions = generate(model, tokenizer, prompts, cfg.eval, "eval generate", stop_ids(cfg, tokenizer, model))
+        return rouge.score(predictions, references, use_stemmer=cfg.eval.use_stemmer)["rougeL_fmeasure"]
+
+    return score
+
+
+def stop_ids(cfg: PipelineConfig, tokenizer, model) -> list[int]:
+    from loraflow.prompts import stop_token_ids
+
+    return stop_token_ids(tokenizer, cfg.prompt, getattr(model, "generation_config", None))
+
+
+def stopping_generation_config(model, tokenizer, cfg: PipelineConfig):
+    """The model's generation config, made to stop on every end-of-turn id (saved with the adapter)."""
+    import copy
+
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = stop_ids(cfg, tokenizer, model)
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
 def train_key(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle) -> str:
     # 'auto' processes and the number it stands for here are one setting: the same folder, the same checkpoints.
     train = {**section_dict(cfg.train), "num_processes": resolve_processes(cfg.train.num_processes)}
@@ -198,7 +232,7 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
 
     data = datasets.load_from_disk(str(Path(tokenized.path) / "dataset"))
     train_ds = data["train"].select_columns(MODEL_COLUMNS)
-    eval_ds = data["test"].select_columns(MODEL_COLUMNS) if cfg.train.eval_steps else None
+    eval_ds = data["validation"].select_columns(MODEL_COLUMNS) if cfg.train.eval_steps else None
     tokenizer = AutoTokenizer.from_pretrained(model_handle.info["base_dir"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -210,6 +244,10 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
     args = training_arguments(cfg.train, work / "checkpoints", has_eval=eval_ds is not None)
     timer = throughput_callback()
     callbacks = [timer, *extra_callbacks]
+    if cfg.train.early_stopping_patience and eval_ds is not None:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     if "tensorboard" in cfg.train.report_to:
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(work / "logs"))))
     trainer = CompletionTrainer(
@@ -221,6 +259,7 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         processing_class=tokenizer,
         callbacks=callbacks,
         label_only_logits=cfg.train.label_only_logits,
+        rouge_eval=validation_rouge(cfg, data["validation"], tokenizer) if cfg.train.eval_generate_samples else None,
     )
     resume = last_checkpoint(work / "checkpoints")
     if resume:
@@ -271,7 +310,8 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
     model.config.use_cache = True
     with atomic_dir(final, {"stage": "train"}) as tmp:
         model.save_pretrained(tmp / "adapter")  # adapter weights only, as safetensors
-        tokenizer.save_pretrained(tmp / "adapter")
+        tokenizer.save_pretrained(tmp / "adapter")  # with the chat template the prompts were rendered with
+        stopping_generation_config(model, tokenizer, cfg).save_pretrained(tmp / "adapter")
         trainer.state.save_to_json(str(tmp / "trainer_state.json"))
         write_json(tmp / "train_metrics.json", metrics)
         for sub in ("checkpoints", "logs"):

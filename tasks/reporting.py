@@ -29,8 +29,20 @@ def artifact_prefix() -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "loraflow"
 
 
-def rouge_rows(scores: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    return [{"model": who, **{k: round(100 * m[f"{k}_fmeasure"], 2) for k in KEYS}} for who, m in scores.items()]
+def rouge_rows(scores: dict[str, dict[str, float]], intervals: dict[str, dict[str, Any]] | None = None,
+               vs_base: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """ROUGE F1 x100 per model, each with its ROUGE-L 95% interval; then the paired change over base."""
+    from loraflow.bootstrap import fmt_interval
+
+    intervals = intervals or {}
+    rows = [{"model": {"finetuned": "fine-tuned"}.get(who, who), **{k: round(100 * m[f"{k}_fmeasure"], 2) for k in KEYS},
+             "rougeL 95% CI": fmt_interval(intervals[who]["rougeL_fmeasure"]) if who in intervals else "–"}
+            for who, m in scores.items()]
+    if vs_base:
+        rows.append({"model": "fine-tuned − base (paired)",
+                     **{k: round(100 * vs_base[f"{k}_fmeasure"]["mean_diff"], 2) for k in KEYS},
+                     "rougeL 95% CI": fmt_interval(vs_base["rougeL_fmeasure"])})
+    return rows
 
 
 def publish_results(metrics: dict[str, Any], eval_dir: str, train_dir: str, champion: dict[str, Any] | None = None,
@@ -40,11 +52,13 @@ def publish_results(metrics: dict[str, Any], eval_dir: str, train_dir: str, cham
 
     prefix = artifact_prefix()
     scores = {"base": metrics["base"]} if "base" in metrics else {}
-    scores["fine-tuned"] = metrics["finetuned"]
+    scores["finetuned"] = metrics["finetuned"]
     if champion is not None:
         scores["champion"] = champion
-    what = f"ROUGE F1 x100 on {metrics['n_examples']} test examples" + (f". {decision}" if decision else "")
-    create_table_artifact(rouge_rows(scores), key=f"{prefix}-rouge", description=what)
+    what = (f"ROUGE F1 x100 on {metrics['n_examples']} test examples ({metrics.get('n_clusters', '?')} clusters), "
+            "95% cluster-bootstrap intervals" + (f". {decision}" if decision else ""))
+    rows = rouge_rows(scores, metrics.get("intervals"), metrics.get("vs_base"))
+    create_table_artifact(rows, key=f"{prefix}-rouge", description=what)
 
     rows = []
     with open(Path(eval_dir) / "predictions.jsonl") as fh:

@@ -24,7 +24,7 @@ def test_demo_config_runs_end_to_end_through_the_cli(tmp_path):
         sys.executable, "-m", "loraflow.cli", "run",
         "--set", "data.max_train_samples=8", "--set", "data.max_eval_samples=4",
         "--set", "train.max_steps=2", "--set", "train.logging_steps=1", "--set", "train.save_steps=2",
-        "--set", "eval.max_new_tokens=16", "--set", f"run.output_dir={out}",
+        "--set", "eval.max_new_tokens=16", "--set", "eval.max_validation_samples=4", "--set", f"run.output_dir={out}",
     ]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
@@ -35,5 +35,8 @@ def test_demo_config_runs_end_to_end_through_the_cli(tmp_path):
     assert (adapter / "adapter_model.safetensors").is_file() and adapter.is_relative_to(out)
     metrics = json.loads(next(out.glob("evaluate/*/metrics.json")).read_text())
     assert metrics["n_examples"] == 4 and 0 < metrics["base"]["rougeL_fmeasure"] < 1
+    assert metrics["validation"]["n_examples"] == 4 and "vs_base" in metrics
+    im_end = 2  # SmolLM2's <|im_end|>: what its chat template ends a turn with, and eos too
+    assert im_end in metrics["stop_token_ids"]
     state = json.loads(next(out.glob("train/*/trainer_state.json")).read_text())
     assert state["global_step"] == 2 and any("loss" in e for e in state["log_history"])

@@ -15,6 +15,7 @@ from loraflow.config import EvalConfig, LoraConfig, ModelConfig, QuantizationCon
 from loraflow.evaluation import generate, use_dequantized
 from loraflow.modeling import attach_lora, load_base
 from loraflow.tokenization import load_tokenizer
+from tests_support import train_briefly
 
 # Largest |logit difference| allowed, as a fraction of the logits' range (max |logit|).
 TOLERANCE = {"float32": 1e-4, "bfloat16": 4e-2}
@@ -33,15 +34,8 @@ def trained_adapter(tiny_llama_dir, tmp_path_factory):
     tokenizer = load_tokenizer(tiny_llama_dir)
     base = load_base(tiny_llama_dir, ModelConfig(), QuantizationConfig(mode="nf4", compute_dtype="float32"), training=True)
     model = attach_lora(base, LoraConfig(r=16, alpha=32, dropout=0.0), quantized=True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     target = tokenizer(ANSWER)["input_ids"] + [tokenizer.eos_token_id]
-    model.train()
-    for step in range(120):
-        prompt = tokenizer(prompt_text(step))["input_ids"]
-        loss = model(input_ids=torch.tensor([prompt + target]), labels=torch.tensor([[-100] * len(prompt) + target])).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_briefly(model, tokenizer, [prompt_text(i) for i in range(120)], target)
     out = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(out)
     return out

@@ -11,6 +11,12 @@ from loraflow.config import build_config
 from loraflow.hardware import resolve_compute_dtype
 from tests_support import write_examples
 
+def tokenizer_eos(model_dir) -> int:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir).eos_token_id
+
+
 def tiny_config(tmp_path: Path, data_file: Path, model_dir: Path, **train):
     return build_config(
         {
@@ -63,7 +69,18 @@ def test_flow_trains_and_scores_tiny_model(tmp_path, tiny_llama_dir, prefect_har
             for part in ("precision", "recall", "fmeasure"):
                 assert 0.0 <= metrics[who][f"{k}_{part}"] <= 1.0
     preds = [json.loads(line) for line in open(Path(result["metrics_file"]).with_name("predictions.jsonl"))]
-    assert len(preds) == metrics["n_examples"] == 12
+    n_test = json.loads(next((tmp_path / "runs" / "data").glob("*/info.json")).read_text())["n_test"]
+    assert len(preds) == metrics["n_examples"] == n_test > 0
+    # Every score comes with n and an interval; the change over base with a paired one; per-row scores kept.
+    lo, hi = metrics["vs_base"]["rougeL_fmeasure"]["ci95"]
+    assert lo <= metrics["vs_base"]["rougeL_fmeasure"]["mean_diff"] <= hi
+    assert metrics["intervals"]["finetuned"]["rougeL_fmeasure"]["n"] == n_test
+    assert all(set(p["prediction_scores"]) == {"rouge1_fmeasure", "rouge2_fmeasure", "rougeL_fmeasure",
+                                                "rougeLsum_fmeasure"} for p in preds)
+    assert metrics["validation"]["n_examples"] > 0 and "base" not in metrics["validation"]
+    generation = json.loads((adapter / "generation_config.json").read_text())  # stops where training taught it to
+    assert tokenizer_eos(tiny_llama_dir) in (generation["eos_token_id"] if isinstance(generation["eos_token_id"], list)
+                                             else [generation["eos_token_id"]])
     assert metrics["compute_dtype"] == train["compute_dtype"]
     # The toy task is easy: after training the adapter should beat the random base model.
     assert metrics["finetuned"]["rougeL_fmeasure"] > metrics["base"]["rougeL_fmeasure"]

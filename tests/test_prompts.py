@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loraflow.config import PromptConfig
-from loraflow.prompts import PromptError, check_template, completion_text, render_prompt
+from loraflow.prompts import PromptError, check_template, completion_text, end_of_turn, render_prompt, stop_token_ids
 from loraflow.tokenization import load_tokenizer
 
 ROW = {"input": "We study pretraining on long documents.", "target": "Pretraining helps.",
@@ -65,5 +65,23 @@ def test_template_reading_the_answer_is_rejected():
     check_template("{aspect}: {input!r}", list(ROW))  # conversions and format specs are fine
 
 
-def test_completion_ends_with_eos(tok):
-    assert completion_text("Pretraining helps.", tok) == "Pretraining helps.<|endoftext|>"
+def test_completion_ends_where_the_template_ends_a_turn(tok, gpt2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    assert completion_text("Pretraining helps.", tok, PromptConfig(style="template")) == "Pretraining helps.<|endoftext|>"
+    # The chat template closes a turn with '<|im_end|>\n'; in GPT-2's vocabulary that is plain text, which
+    # nothing could stop on, so EOS follows it.
+    assert end_of_turn(tok, PromptConfig(style="chat")) == "<|im_end|>\n<|endoftext|>"
+    # With <|im_end|> a special token of its own (SmolLM2, Qwen), the turn ends there and EOS is not added.
+    chatml = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)
+    chatml.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    assert end_of_turn(chatml, PromptConfig(style="chat")) == "<|im_end|>\n"
+    im_end = chatml.convert_tokens_to_ids("<|im_end|>")
+    assert im_end != chatml.eos_token_id
+    assert stop_token_ids(chatml, PromptConfig(style="chat")) == [chatml.eos_token_id, im_end]
+
+    class GenerationConfig:  # a model whose own config already lists two stop ids
+        eos_token_id = [7, chatml.eos_token_id]
+
+    assert stop_token_ids(chatml, PromptConfig(style="chat"), GenerationConfig()) == [7, chatml.eos_token_id, im_end]
+    assert stop_token_ids(chatml, PromptConfig(style="template")) == [chatml.eos_token_id]

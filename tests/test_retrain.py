@@ -7,7 +7,9 @@ import json
 import threading
 from pathlib import Path
 
-from loraflow.config import PromotionConfig
+import pytest
+
+from loraflow.config import PromotionConfig, build_config
 from loraflow.registry import Candidate, Registry, decide
 from test_flow_e2e import _task_states, tiny_config
 from tests_support import write_examples
@@ -28,8 +30,8 @@ def test_retraining_promotes_only_what_beats_the_champion(tmp_path, tiny_llama_d
     cfg = tiny_config(tmp_path, data, tiny_llama_dir, max_steps=6, save_steps=6)
     registry = Registry(tmp_path / "runs" / "registry")
 
-    def run(margin: float):
-        config = cfg.model_copy(update={"promotion": PromotionConfig(metric="rougeL", margin=margin)})
+    def run(margin: float, rule: str = "interval"):
+        config = cfg.model_copy(update={"promotion": PromotionConfig(metric="rougeL", margin=margin, rule=rule)})
         state = retrain(config, return_state=True)
         assert state.is_completed()
         return state, state.result()
@@ -55,23 +57,65 @@ def test_retraining_promotes_only_what_beats_the_champion(tmp_path, tiny_llama_d
     assert challenger.data_fingerprint != champion.data_fingerprint
     assert challenger.test_fingerprint != champion.test_fingerprint  # the split grew: both scored on the new one
     assert challenger.champion_score is not None and challenger.score - challenger.champion_score < 1.0
+    # The decision read the paired validation interval; the test comparison is recorded beside it.
+    n_val = third["metrics"]["validation"]["n_examples"]
+    assert challenger.validation["n"] == n_val and len(challenger.validation["ci95"]) == 2
+    assert challenger.validation["mean_diff"] == pytest.approx(challenger.score - challenger.champion_score, abs=1e-5)
+    assert challenger.test["n"] == third["metrics"]["n_examples"] and challenger.rule == "interval"
+    assert challenger.base["model"]["name_or_path"] == str(tiny_llama_dir) and challenger.model_handle["stage"] == "model"
+    assert "paired, n=" in challenger.reason and "on test (reported, not decided on)" in third["decision"]
 
-    # Same challenger, a margin it does meet: promoted (no retraining: its stages are cached).
-    lenient = challenger.score - challenger.champion_score - 1e-6
-    again, fourth = run(lenient)
+    # Same challenger, by the mean rule with a margin its mean meets: promoted (no retraining: cached).
+    lenient = challenger.validation["mean_diff"] - 1e-6
+    again, fourth = run(lenient, rule="mean")
     assert fourth["promoted"], fourth["decision"]
     assert {s for s, names in _task_states(again).items() if names - {"Cached"}} == set()
     assert registry.champion().train_fingerprint == challenger.train_fingerprint
     assert [c.promoted for c in registry.read().candidates] == [True, False, True]
 
 
+def _eval_dir(folder: Path, validation: list[float], test: list[float]) -> Path:
+    """An evaluate-stage folder as the stage writes it: per-row scores of the fine-tuned model."""
+    folder.mkdir()
+    for name, scores in (("validation_predictions.jsonl", validation), ("predictions.jsonl", test)):
+        (folder / name).write_text("".join(json.dumps({"cluster": f"c{i}", "prediction_scores": {"rougeL_fmeasure": x}})
+                                           + "\n" for i, x in enumerate(scores)))
+    return folder
+
+
+def test_promotion_reads_validation_rows_and_only_reports_test(tmp_path):
+    from flows.retrain import _paired
+    from loraflow.artifacts import Handle
+
+    # On validation the challenger is clearly better; on test it would be clearly worse.
+    ours = Handle(stage="evaluate", path=str(_eval_dir(tmp_path / "ours", [0.5] * 20, [0.1] * 20)), fingerprint="o")
+    theirs = Handle(stage="evaluate", path=str(_eval_dir(tmp_path / "theirs", [0.3] * 20, [0.4] * 20)), fingerprint="t")
+    cfg = build_config({})
+    validation = _paired(ours, theirs, "validation", "rougeL_fmeasure", cfg)
+    test = _paired(ours, theirs, "test", "rougeL_fmeasure", cfg)
+    assert validation["mean_diff"] == pytest.approx(0.2) and test["mean_diff"] == pytest.approx(-0.3)
+    champ = Candidate(adapter="a", train_fingerprint="t", data_fingerprint="d", test_fingerprint="x",
+                      metric="rougeL", score=0.30, promoted=True, reason="first")
+    assert decide("rougeL", 0.0, "interval", champ, validation)[0] is True
+
+
+def test_champions_on_another_base_model_are_not_compared():
+    from flows.retrain import _base_of, refusal
+
+    ours = _base_of(build_config({"model": {"name_or_path": "org/model-a"}}))
+    champ = Candidate(adapter="a", train_fingerprint="t", data_fingerprint="d", test_fingerprint="x",
+                      metric="rougeL", score=0.30, promoted=True, reason="first", base=ours)
+    assert refusal(champ, ours) is None
+    assert refusal(champ, {**ours, "lora": {"r": 64}}) is None  # another LoRA rank on the same base: comparable
+    other = _base_of(build_config({"model": {"name_or_path": "org/model-b"}}))
+    reason = refusal(champ, other)
+    assert "refused" in reason and "org/model-a" in reason and "org/model-b" in reason and "\n" not in reason
+    assert refusal(champ.model_copy(update={"base": None}), other) is None  # an older entry without its base
+
+
 def test_decision_rule_and_atomic_registry(tmp_path):
     champ = Candidate(adapter="a", train_fingerprint="t", data_fingerprint="d", test_fingerprint="x",
                       metric="rougeL", score=0.30, promoted=True, reason="first")
-    assert decide("rougeL", 0.0, 0.31, None, None) == (True, "no champion yet")
-    assert decide("rougeL", 0.02, 0.31, champ, 0.30)[0] is False
-    assert decide("rougeL", 0.01, 0.31, champ, 0.30)[0] is True
-    assert decide("rougeL", 0.0, 0.29, champ, 0.30)[0] is False
 
     registry = Registry(tmp_path / "reg")
     registry.record(champ)

@@ -107,13 +107,21 @@ def test_cli_sweep_rejects_a_bad_grid_before_starting_anything(capsys):
 # --------------------------------------------------------------------------- ranking
 
 
-def _result(run: str, rouge_l: float | None, error: str | None = None) -> dict:
-    scores = None if rouge_l is None else {k: rouge_l for k in ("rouge1_fmeasure", "rouge2_fmeasure", "rougeL_fmeasure",
-                                                                  "rougeLsum_fmeasure")}
+def _result(run: str, rouge_l: float | None, error: str | None = None, test_rouge_l: float | None = None) -> dict:
+    """A child's result: `rouge_l` on validation, `test_rouge_l` (default: the same) on test."""
+    def scores(x):
+        return {k: x for k in ("rouge1_fmeasure", "rouge2_fmeasure", "rougeL_fmeasure", "rougeLsum_fmeasure")}
+
+    metrics = None
+    if rouge_l is not None:
+        test = scores(rouge_l if test_rouge_l is None else test_rouge_l)
+        interval = {"mean": rouge_l, "ci95": [rouge_l - 0.05, rouge_l + 0.05], "n": 8, "n_clusters": 8}
+        metrics = {"finetuned": test, "base": {**test, "rougeL_fmeasure": 0.1}, "n_examples": 4,
+                   "validation": {"finetuned": scores(rouge_l), "n_examples": 8,
+                                  "intervals": {"finetuned": {"rougeL_fmeasure": interval}}}}
     return {"run": run, "values": {"train.learning_rate": 1e-4, "lora.target_modules": ["q_proj", "v_proj"]},
             "state": "Failed" if error else "Completed", "flow_run_id": f"id-{run}",
-            "metrics": scores and {"finetuned": scores, "base": {**scores, "rougeL_fmeasure": 0.1}, "n_examples": 4},
-            "train": scores and {"train_loss": 1.234567}, "error": error}
+            "metrics": metrics, "train": metrics and {"train_loss": 1.234567}, "error": error}
 
 
 def test_ranking_puts_the_best_first_keeps_ties_in_order_and_failures_last():
@@ -121,13 +129,21 @@ def test_ranking_puts_the_best_first_keeps_ties_in_order_and_failures_last():
     ranked = rank(results, "rougeL")
     assert [(r["rank"], r["run"]) for r in ranked] == [(1, "c"), (2, "a"), (3, "d"), (None, "b")]
     rows = ranking_rows(ranked)
-    assert list(rows[0]) == ["rank", "run", "train.learning_rate", "lora.target_modules", "rouge1", "rouge2", "rougeL",
-                             "rougeLsum", "base rougeL", "train loss", "state", "flow run id", "error"]
+    assert list(rows[0]) == ["rank", "run", "train.learning_rate", "lora.target_modules", "validation rougeL",
+                             "rouge1", "rouge2", "rougeL", "rougeLsum", "base rougeL", "train loss", "state",
+                             "flow run id", "error"]
     assert rows[0]["rougeL"] == 50.0 and rows[0]["base rougeL"] == 10.0 and rows[0]["train loss"] == 1.2346
+    assert rows[0]["validation rougeL"] == "50.00 [45.00, 55.00]"
     assert rows[0]["lora.target_modules"] == "q_proj+v_proj"
     assert rows[-1]["rougeL"] is None and rows[-1]["state"] == "Failed" and rows[-1]["error"] == "ValueError: boom"
     text = ranking_text(rows)
     assert text.splitlines()[1].startswith("1 ") and "b: ValueError: boom" in text
+
+
+def test_ranking_reads_validation_never_test():
+    # The test split would rank b first; validation says a. The sweep must follow validation.
+    ranked = rank([_result("a", 0.4, test_rouge_l=0.1), _result("b", 0.3, test_rouge_l=0.9)], "rougeL")
+    assert [r["run"] for r in ranked] == ["a", "b"]
 
 
 # --------------------------------------------------------------------------- the flow, on the tiny model
@@ -207,8 +223,8 @@ def test_sweep_runs_children_that_share_cached_stages_and_ranks_them(tmp_path, t
     names = ["sweep-lr=0.001", "sweep-lr=0.01", "sweep-r=4", "sweep-targets=no_such_proj"]
     assert sorted(r["run"] for r in ranked) == names
     assert [r["rank"] for r in ranked] == [1, 2, 3, None] and result["best"] == ranked[0]
-    # Best rougeL first; equal scores (likely on a tiny model) keep the sweep's order.
-    score = {r["run"]: r["metrics"]["finetuned"]["rougeL_fmeasure"] for r in ranked[:3]}
+    # Best validation rougeL first; equal scores (likely on a tiny model) keep the sweep's order.
+    score = {r["run"]: r["metrics"]["validation"]["finetuned"]["rougeL_fmeasure"] for r in ranked[:3]}
     expected = sorted(names[:3], key=lambda name: (-score[name], names.index(name)))
     assert [r["run"] for r in ranked[:3]] == expected, score
     assert ranked[3]["state"] == "Failed" and "lora.target_modules ['no_such_proj'] not found" in ranked[3]["error"]
@@ -234,7 +250,8 @@ def test_sweep_runs_children_that_share_cached_stages_and_ranks_them(tmp_path, t
     rows = _artifact_rows("loraflow-sweep-ranking")
     assert [row["run"] for row in rows] == [r["run"] for r in ranked]
     assert [row["rank"] for row in rows] == [1, 2, 3, None]
-    assert [row["rougeL"] for row in rows[:3]] == sorted((row["rougeL"] for row in rows[:3]), reverse=True)
+    val = [float(row["validation rougeL"].split()[0]) for row in rows[:3]]
+    assert val == sorted(val, reverse=True)
     assert [row["train.learning_rate"] for row in rows if row["run"] == "sweep-r=4"] == [1e-2]  # the base's value
     assert {row["flow run id"] for row in rows} == {str(c.id) for c in children}
     assert rows[-1]["state"] == "Failed" and "no_such_proj" in rows[-1]["error"]

@@ -12,7 +12,7 @@ import pytest
 from loraflow.artifacts import Handle, is_complete
 from loraflow.collator import IGNORE_INDEX
 from loraflow.config import PromptConfig
-from loraflow.prompts import PromptError, render_prompt
+from loraflow.prompts import PromptError, end_of_turn, render_prompt
 from loraflow.tokenization import encode_example, load_tokenizer, tokenize_data, tokenizer_digest
 
 ROW = {"input": "We study the effect of pretraining on long documents.", "target": "Pretraining helps.",
@@ -42,8 +42,10 @@ def test_labels_mask_the_prompt_and_keep_the_completion(tok, style):
     assert enc["input_ids"][:n] == enc["prompt_ids"]
     assert enc["labels"][:n] == [IGNORE_INDEX] * n
     assert enc["labels"][n:] == enc["input_ids"][n:] and IGNORE_INDEX not in enc["labels"][n:]
-    # Tokenized on its own (no BPE merge with the prompt's last characters), then EOS: the model learns to stop.
-    assert enc["labels"][n:] == tok(ROW["target"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # Tokenized on its own (no BPE merge with the prompt's last characters), then the end of turn
+    # (here the chat template's '<|im_end|>\n', plain text to GPT-2, then EOS): the model learns to stop.
+    stop = tok(end_of_turn(tok, cfg), add_special_tokens=False)["input_ids"]
+    assert enc["labels"][n:] == tok(ROW["target"], add_special_tokens=False)["input_ids"] + stop
     assert enc["labels"][-1] == tok.eos_token_id and enc["truncated"] is False
 
 
@@ -69,7 +71,18 @@ def test_truncation_cuts_the_input_and_keeps_instruction_header_and_target(tok, 
     assert "Summarize the outcome:\nword0 word1 word2" in text and text.endswith(expected_end)
     kept = text.split("Summarize the outcome:\n")[1].removesuffix(expected_end)
     assert long_input.startswith(kept) and len(kept) < len(long_input) / 2
-    assert tok.decode(completion(enc["labels"])) == "Pretraining helps.<|endoftext|>"
+    assert tok.decode(completion(enc["labels"])) == "Pretraining helps." + end_of_turn(tok, cfg)
+
+
+def test_generation_prompts_do_not_depend_on_the_reference(tok):
+    # The same input with a short and a long reference: training fits each prompt around its own target,
+    # but the prompt the model is asked at evaluation has one budget for every row.
+    long_input = " ".join(f"word{i}" for i in range(400))
+    cfg = PromptConfig(style="chat", template=INSTRUCTION, max_length=96, max_target_length=32)
+    short = encode_example({**ROW, "input": long_input, "target": "Yes."}, cfg, tok)
+    long = encode_example({**ROW, "input": long_input, "target": "very " * 40}, cfg, tok)
+    assert short["prompt_ids"] == long["prompt_ids"] and len(short["prompt_ids"]) <= 96 - 32
+    assert len(short["input_ids"]) - len(completion(short["labels"])) > len(short["prompt_ids"])  # training keeps more
 
 
 def test_long_target_is_cut_to_max_target_length_and_keeps_eos(tok):
@@ -91,8 +104,9 @@ def _data_handle(tmp_path: Path, n_long: int = 0, fp: str = "data-fp", huge_aspe
                  "aspect": "x " * 200 if huge_aspect and i == 0 else "outcome"} for i in range(n)]
 
     path = tmp_path / "data"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows(8, "train")),
-                          "test": datasets.Dataset.from_list(rows(4, "test"))}).save_to_disk(str(path / "dataset"))
+    splits = {"train": rows(8, "train"), "validation": rows(4, "validation"), "test": rows(4, "test")}
+    datasets.DatasetDict({k: datasets.Dataset.from_list([{**r, "cluster": r["input"]} for r in v])
+                          for k, v in splits.items()}).save_to_disk(str(path / "dataset"))
     return Handle(stage="data", path=str(path), fingerprint=fp)
 
 
@@ -114,10 +128,11 @@ def test_stage_writes_arrow_and_stats_and_reuses_its_folder(tmp_path, gpt2_token
 
     ds = datasets.load_from_disk(str(Path(h.path) / "dataset"))
     assert ds["train"].column_names == ["input_ids", "labels"] and len(ds["train"]) == 8
-    assert ds["test"].column_names == ["input_ids", "labels", "prompt_ids", "references", "input", "target",
-                                       "id", "aspect"]
+    assert ds["test"].column_names == ds["validation"].column_names == [
+        "input_ids", "labels", "prompt_ids", "references", "input", "target", "cluster", "id", "aspect"]
     first = ds["test"][1]
     assert first["input_ids"] == encode_example(_data_row(first), cfg, tok)["input_ids"]
+    assert first["prompt_ids"] == encode_example(_data_row(first), cfg, tok)["prompt_ids"]
     assert first["references"] == ["t 1", "other"]
     assert all(len(x) <= 96 for x in ds["train"]["input_ids"])
 
@@ -126,6 +141,7 @@ def test_stage_writes_arrow_and_stats_and_reuses_its_folder(tmp_path, gpt2_token
     assert stats["train"]["n"] == 8 and stats["train"]["dropped"] == 0
     assert stats["train"]["label_tokens"] == sum(len(completion(x)) for x in ds["train"]["labels"])
     assert h.info == {"n_train": 8, "truncated_train": 3, "dropped_train": 0,
+                      "n_validation": 4, "truncated_validation": 3, "dropped_validation": 0,
                       "n_test": 4, "truncated_test": 3, "dropped_test": 0}
 
     mtime = (Path(h.path) / "manifest.json").stat().st_mtime_ns
@@ -139,7 +155,7 @@ def test_stage_writes_arrow_and_stats_and_reuses_its_folder(tmp_path, gpt2_token
 
 
 def _data_row(test_row: dict) -> dict:
-    return {k: test_row[k] for k in ("input", "target", "references", "id", "aspect")}
+    return {k: test_row[k] for k in ("input", "target", "references", "cluster", "id", "aspect")}
 
 
 def test_tokenizer_files_are_part_of_the_key(tmp_path, gpt2_tokenizer_dir):
@@ -154,6 +170,7 @@ def test_rows_that_cannot_fit_are_dropped_and_counted(tmp_path, gpt2_tokenizer_d
     data = _data_handle(tmp_path, huge_aspect=True)  # row 0 of each split: the {aspect} alone exceeds the budget
     h = tokenize_data(data, template(max_length=96, max_target_length=16), gpt2_tokenizer_dir, tmp_path / "out")
     assert (h.info["n_train"], h.info["dropped_train"], h.info["n_test"], h.info["dropped_test"]) == (7, 1, 3, 1)
+    assert (h.info["n_validation"], h.info["dropped_validation"]) == (3, 1)
 
 
 def test_stage_fails_in_one_line_when_nothing_fits(tmp_path, gpt2_tokenizer_dir):

@@ -27,3 +27,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def train_briefly(model, tokenizer, prompts: list[str], answer_ids: list[int], steps: int = 120, lr: float = 1e-2):
+    """Teach a (peft) model to answer every prompt with `answer_ids`: a plain loop, confident in ~120 steps."""
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for step in range(steps):
+        prompt = tokenizer(prompts[step % len(prompts)])["input_ids"]
+        ids = torch.tensor([prompt + answer_ids])
+        model(input_ids=ids, labels=torch.tensor([[-100] * len(prompt) + answer_ids])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()

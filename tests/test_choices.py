@@ -1,0 +1,110 @@
+"""Nothing chooses on the test split: the best checkpoint is chosen on validation losses (sweep ranking:
+tests/test_sweep.py; promotion: tests/test_retrain.py)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from loraflow.config import build_config
+from loraflow.data import prepare_data
+from loraflow.modeling import build_model
+from loraflow.tokenization import tokenize_data
+from loraflow.training import train_adapter
+from tests_support import ANIMALS, COLORS, write_examples
+
+
+def _folder(root: Path) -> Path:
+    """train/validation: the toy task (repeat the input's colour and animal); test: the *wrong* colour and
+    animal, a loss of its own."""
+    folder = root / "data"
+    folder.mkdir()
+    rows = [json.loads(line) for line in write_examples(root / "toy.jsonl", 96).read_text().splitlines()]
+    rng = random.Random(0)
+
+    def wrong(r: dict) -> dict:
+        color = rng.choice([c for c in COLORS if c not in r["summary"].split()])
+        animal = rng.choice([a for a in ANIMALS if a not in r["summary"].split()])
+        return {**r, "summary": f"a {color} {animal}"}
+
+    unrelated = [wrong(r) for r in rows[80:]]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:64]))
+    (folder / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[64:80]))
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unrelated))
+    return folder
+
+
+def _split_loss(train_dir: Path, tokenized, tiny_llama_dir: Path, split: str) -> float:
+    """The final adapter's mean loss on a split, in batches of 8 as Trainer evaluates."""
+    import datasets
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraflow.collator import CompletionCollator
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+                                      train_dir / "adapter").eval()
+    rows = datasets.load_from_disk(f"{tokenized.path}/dataset")[split]
+    losses = []
+    with torch.no_grad():
+        for i in range(0, len(rows), 8):
+            batch = rows.select(range(i, min(i + 8, len(rows))))
+            inputs = CompletionCollator(pad_token_id=0)([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in batch])
+            losses += [float(model(**inputs).loss)] * len(batch)
+    return sum(losses) / len(losses)
+
+
+def test_checkpoints_are_chosen_on_validation_never_on_test(tiny_llama_dir, tmp_path):
+    cfg = build_config({
+        "data": {"source": str(_folder(tmp_path)), "input_column": "text",
+                 "target_column": "summary"},
+        "prompt": {"style": "template", "template": "Text: {input}\nSummary:", "max_length": 64, "max_target_length": 16},
+        "model": {"name_or_path": str(tiny_llama_dir)},
+        "quantization": {"mode": "none", "compute_dtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "train": {"max_steps": 16, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 4,
+                  "eval_steps": 4, "save_steps": 4, "save_total_limit": 4, "load_best_model_at_end": True,
+                  "lr_scheduler_type": "constant", "report_to": []},
+    })
+    out = tmp_path / "out"
+    data = prepare_data(cfg.data, out)
+    tokenized = tokenize_data(data, cfg.prompt, tiny_llama_dir, out)
+    trained = train_adapter(cfg, tokenized, build_model(cfg.model, cfg.quantization, cfg.lora, out), out)
+    state = json.loads((Path(trained.path) / "trainer_state.json").read_text())
+    evals = {e["step"]: e["eval_loss"] for e in state["log_history"] if "eval_loss" in e}
+    assert sorted(evals) == [4, 8, 12, 16]
+    best = min(evals, key=evals.get)
+    assert Path(state["best_model_checkpoint"]).name == f"checkpoint-{best}"
+    # The losses the choice read are the validation split's: the kept adapter's validation loss is the
+    # best logged one, and its loss on the test rows (the wrong colour and animal) is another number.
+    validation = _split_loss(Path(trained.path), tokenized, tiny_llama_dir, "validation")
+    test = _split_loss(Path(trained.path), tokenized, tiny_llama_dir, "test")
+    assert abs(validation - evals[best]) < 1e-3 * evals[best], (validation, evals)
+    assert abs(test - evals[best]) > 0.1, (test, evals)
+
+
+def test_generation_rouge_on_validation_drives_best_checkpoint_and_early_stopping(tiny_llama_dir, tmp_path):
+    # A learning rate too small to change any generated word: validation ROUGE-L never improves after
+    # the first evaluation, so early stopping (patience 1) ends training at the second one.
+    cfg = build_config({
+        "data": {"source": str(_folder(tmp_path)), "input_column": "text", "target_column": "summary"},
+        "prompt": {"style": "template", "template": "Text: {input}\nSummary:", "max_length": 64, "max_target_length": 16},
+        "model": {"name_or_path": str(tiny_llama_dir)},
+        "quantization": {"mode": "none", "compute_dtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "train": {"max_steps": 20, "per_device_train_batch_size": 8, "learning_rate": 1e-12, "logging_steps": 2,
+                  "eval_steps": 2, "save_steps": 2, "eval_generate_samples": 4, "metric_for_best_model": "eval_rougeL",
+                  "early_stopping_patience": 1, "report_to": []},
+        "eval": {"max_new_tokens": 4},
+    })
+    out = tmp_path / "out"
+    data = prepare_data(cfg.data, out)
+    tokenized = tokenize_data(data, cfg.prompt, tiny_llama_dir, out)
+    trained = train_adapter(cfg, tokenized, build_model(cfg.model, cfg.quantization, cfg.lora, out), out)
+    state = json.loads((Path(trained.path) / "trainer_state.json").read_text())
+    rouge = [e["eval_rougeL"] for e in state["log_history"] if "eval_rougeL" in e]
+    assert len(rouge) == 2 and rouge[0] == rouge[1] and 0 <= rouge[0] <= 1
+    assert trained.info["global_step"] == 4 < 20  # stopped early, by the validation metric
+    assert Path(state["best_model_checkpoint"]).name == "checkpoint-2"
