@@ -403,3 +403,13 @@ def test_load_split_errors(tmp_path):
         load_split(h, "dev")
     with pytest.raises(DataError, match="no data stage output at .*run prepare_data"):
         load_split(tmp_path / "nowhere", "train")
+
+
+def test_split_settings_that_cannot_work_fail_in_one_line(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", rows(40))
+    with pytest.raises(DataError, match=r"data.validation_size=500 carves 3\d of the 3\d usable rows .* change "
+                                        r"data.validation_size") as err:
+        prepare_data(cfg(src, validation_size=500), tmp_path)
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match=r"data.cluster_column: no column 'paper' .* available columns are id, doc"):
+        prepare_data(cfg(src, cluster_column="paper"), tmp_path)
