@@ -275,6 +275,11 @@ class RunConfig(Section):
     refresh: bool | list[Literal["data", "tokenize", "model", "train", "evaluate"]] = Field(
         False, description="Recompute even if cached: true = every stage, or a list of stages, e.g. [train]."
     )
+    lock_stale_seconds: float = Field(
+        120.0, gt=0,
+        description="A stage lock whose holder runs on another machine is broken after this long without its "
+        "heartbeat (every 5 s); on this machine a lock is broken as soon as its holder process is gone.",
+    )
     hf_token_secret: str | None = Field(
         None,
         description="Name of a Prefect Secret block holding a Hugging Face token (else HF_TOKEN from the "

@@ -21,7 +21,7 @@ from loraflow.artifacts import Handle, default_cache_dir
 from loraflow.config import DataConfig, LoraConfig, ModelConfig, PipelineConfig, PromptConfig, QuantizationConfig, RunConfig
 from loraflow.remote import is_url, local_root, remote_folder, upload
 from tasks.caching import StageSpec, explain_miss
-from tasks.locks import AtomicFileLockManager
+from tasks.locks import STALE_SECONDS, AtomicFileLockManager
 from tasks.storage import lock_folder
 
 
@@ -85,11 +85,12 @@ def stage_logs(spec: StageSpec, output_dir: str) -> Iterator[None]:
 _FORWARDING: dict[str, Any] = {"lock": threading.Lock(), "count": 0, "propagate": True}
 
 
-def _policy(spec: StageSpec, lock_dir: Path) -> CacheKeyFnPolicy:
+def _policy(spec: StageSpec, lock_dir: Path, stale_seconds: float = STALE_SECONDS) -> CacheKeyFnPolicy:
     # SERIALIZABLE + a file lock per cache key: two runs of the same config never compute the same stage
-    # at once; the second waits for the first and then reads its cached result.
+    # at once; the second waits for the first and then reads its cached result (or, if the first was
+    # killed, breaks its lock and computes the stage: tasks.locks).
     return CacheKeyFnPolicy(cache_key_fn=spec.key).configure(
-        isolation_level="SERIALIZABLE", lock_manager=AtomicFileLockManager(lock_dir)
+        isolation_level="SERIALIZABLE", lock_manager=AtomicFileLockManager(lock_dir, stale_seconds)
     )
 
 
@@ -123,7 +124,7 @@ def for_run(task_obj: Any, run: RunConfig, storage_slug: str | None) -> Any:
     """`task_obj` with this run's result storage and its locks (see `tasks.storage`)."""
     spec = SPECS[task_obj.name]
     lock_dir = lock_folder(run.result_storage, default_cache_dir(run.cache_dir))
-    return task_obj.with_options(cache_policy=_policy(spec, lock_dir), result_storage=storage_slug)
+    return task_obj.with_options(cache_policy=_policy(spec, lock_dir, run.lock_stale_seconds), result_storage=storage_slug)
 
 
 @task(**_options(DATA, retries=2, retry_delay_seconds=10, retry_condition_fn=_retryable))

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from tasks.locks import AtomicFileLockManager
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _race(lock_dir, workers: int = 8, rounds: int = 30) -> tuple[list[str], int]:
@@ -64,3 +67,75 @@ def test_an_expired_lock_is_taken_over(tmp_path):
     assert a.acquire_lock("k", "crashed-run", hold_timeout=0.2)
     assert b.acquire_lock("k", "run-b", acquire_timeout=5)
     assert b.is_lock_holder("k", "run-b")
+
+
+def _holder_info(lock_dir, key: str = "k") -> dict:
+    import json
+
+    return json.loads((lock_dir / f"{key}.lock").read_text())
+
+
+def _rewrite(lock_dir, key: str = "k", **changes) -> None:
+    import json
+
+    path = lock_dir / f"{key}.lock"
+    path.write_text(json.dumps({**_holder_info(lock_dir, key), **changes}))
+
+
+def test_a_lock_left_by_a_dead_process_on_this_machine_is_broken(tmp_path):
+    import subprocess
+    import sys
+
+    # A real process takes the lock and is killed with it held.
+    code = ("import sys, time; sys.path[:0] = sys.argv[1:2]; from tasks.locks import AtomicFileLockManager as M; "
+            f"M({str(tmp_path)!r}).acquire_lock('k', 'dead-run'); print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(REPO)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    assert _holder_info(tmp_path)["pid"] == proc.pid
+    b = AtomicFileLockManager(tmp_path)
+    assert b.acquire_lock("k", "run-b", acquire_timeout=0.3) is False  # alive: its lock stands
+    proc.kill()
+    proc.wait()
+    started = time.monotonic()
+    assert b.acquire_lock("k", "run-b", acquire_timeout=5) and b.is_lock_holder("k", "run-b")
+    assert time.monotonic() - started < 2  # at once, not after a staleness timeout
+
+
+def test_a_live_holder_keeps_its_lock_however_old_and_a_reused_pid_does_not(tmp_path):
+    import os
+
+    a, b = AtomicFileLockManager(tmp_path), AtomicFileLockManager(tmp_path, stale_seconds=0.1)
+    assert a.acquire_lock("k", "long-training")
+    os.utime(tmp_path / "k.lock", (0, 0))  # a heartbeat from 1970: on this machine the pid decides
+    assert b.acquire_lock("k", "run-b", acquire_timeout=0.3) is False
+    _rewrite(tmp_path, pid_start="1")  # the pid now belongs to another process: the holder is gone
+    assert b.acquire_lock("k", "run-b", acquire_timeout=2)
+
+
+def test_a_holder_on_another_machine_is_judged_by_its_heartbeat(tmp_path):
+    import os
+
+    a, b = AtomicFileLockManager(tmp_path), AtomicFileLockManager(tmp_path, stale_seconds=30)
+    assert a.acquire_lock("k", "remote-run")
+    _rewrite(tmp_path, host="gpu-node-7", pid=1)
+    assert b.acquire_lock("k", "run-b", acquire_timeout=0.3) is False  # a fresh heartbeat: alive
+    os.utime(tmp_path / "k.lock", (time.time() - 60, time.time() - 60))
+    assert b.acquire_lock("k", "run-b", acquire_timeout=2) and b.is_lock_holder("k", "run-b")
+
+
+def test_the_holder_refreshes_its_heartbeat(tmp_path, monkeypatch):
+    import os
+
+    import tasks.locks as locks
+
+    monkeypatch.setattr(locks, "HEARTBEAT_SECONDS", 0.05)
+    locks._HEARTBEAT.clear()  # a fresh heartbeat thread with the short period
+    a = AtomicFileLockManager(tmp_path)
+    assert a.acquire_lock("k", "run-a")
+    os.utime(tmp_path / "k.lock", (0, 0))
+    deadline = time.time() + 5
+    while os.stat(tmp_path / "k.lock").st_mtime < time.time() - 10:
+        assert time.time() < deadline, "the heartbeat never touched the lock"
+        time.sleep(0.02)
+    a.release_lock("k", "run-a")
+    locks._HEARTBEAT.clear()
