@@ -63,7 +63,7 @@ def stage(task_obj, cfg: PipelineConfig, storage: str | None, *args: Any) -> Han
     """Run one cached stage. A cache hit whose artifact folder is gone or fails its checksums is
     never used: it is logged and the stage recomputes (`run.refresh` forces that for all or some stages)."""
     logger = get_run_logger()
-    refresh = cfg.run.refresh is True or (isinstance(cfg.run.refresh, list) and task_obj.name in cfg.run.refresh)
+    refresh = cfg.run.refreshes(task_obj.name)
     task_obj = for_run(task_obj, cfg.run, storage)
     state = task_obj.with_options(refresh_cache=refresh or None)(*args, return_state=True)
     handle: Handle = state.result()

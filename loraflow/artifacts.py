@@ -51,12 +51,14 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 _DIGESTS: dict[tuple, str] = {}
+DISK_MEMO_BYTES = 1 << 20  # files at least this big have their digest remembered on disk, per machine
 
 
 def content_digest(path: str | Path) -> str:
-    """`file_digest` for cache keys, remembered per (path, size, mtime, inode): a run hashes a big input
-    (a GGUF, model weights, a data file) once, not at every key computation. An edit in place changes
-    the mtime and is seen; `verify` never uses this and always re-reads the bytes."""
+    """`file_digest` for cache keys, remembered per (path, size, mtime, inode): in this process, and for
+    big files (model weights: a 70B folder is ~140 GB) on disk under `<cache>/digests`, so a machine
+    hashes a big input once, not in every process that computes a key. An edit in place changes the
+    mtime and is seen; `verify` never uses this and always re-reads the bytes."""
     path = Path(path).resolve()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
@@ -64,7 +66,18 @@ def content_digest(path: str | Path) -> str:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
     if key not in _DIGESTS:
-        _DIGESTS[key] = file_digest(path)
+        memo = default_cache_dir(None) / "digests" / f"{fingerprint(key)}.txt" if st.st_size >= DISK_MEMO_BYTES else None
+        try:
+            _DIGESTS[key] = memo.read_text().strip() if memo is not None else file_digest(path)
+        except OSError:
+            _DIGESTS[key] = file_digest(path)
+            try:
+                memo.parent.mkdir(parents=True, exist_ok=True)
+                tmp = memo.with_name(f".{memo.name}.{uuid.uuid4().hex[:8]}")
+                tmp.write_text(_DIGESTS[key])
+                os.replace(tmp, memo)  # whole or absent, for concurrent processes
+            except OSError:
+                pass  # a read-only cache: hashing again next time is only slower
     return _DIGESTS[key]
 
 
@@ -100,7 +113,8 @@ def is_complete(path: str | Path) -> bool:
 def atomic_dir(final: str | Path, meta: dict[str, Any] | None = None) -> Iterator[Path]:
     """Yield a scratch folder; on success write a manifest and rename it to `final`.
 
-    An existing complete `final` is replaced (the caller decided to recompute).
+    An existing `final` is replaced (the caller decided to recompute): set aside, the new folder renamed
+    into place, then the old one removed, so `final` is missing for no longer than two renames.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -115,9 +129,11 @@ def atomic_dir(final: str | Path, meta: dict[str, Any] | None = None) -> Iterato
             if p.is_file()
         }
         (tmp / MANIFEST).write_text(json.dumps({"files": files, **(meta or {})}, indent=2, default=str))
+        old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         if final.exists():
-            shutil.rmtree(final)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

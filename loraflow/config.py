@@ -23,6 +23,10 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def run_only(self) -> set[str]:
+        """Fields that change how a run is watched, not its result: left out of the cache key."""
+        return set()
+
 
 class DataConfig(Section):
     source: str = Field(
@@ -138,7 +142,7 @@ class LoraConfig(Section):
 
 class TrainConfig(Section):
     per_device_train_batch_size: int = Field(4, ge=1, description="Examples per device per step.")
-    per_device_eval_batch_size: int = Field(8, ge=1, description="Examples per device per eval step.")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Examples per device per eval step (run-only).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     batching: Literal["length_grouped", "random", "packed"] = Field(
@@ -173,15 +177,20 @@ class TrainConfig(Section):
     bf16: Literal["auto", True, False] = Field(
         "auto", description="bf16 mixed precision; 'auto' = on for CUDA with bf16 support (fp16 is never used)."
     )
-    logging_steps: int = Field(10, ge=1, description="Log loss every N steps.")
-    eval_steps: int | None = Field(None, ge=1, description="Eval loss on the validation split every N steps (None = off).")
-    save_steps: int = Field(50, ge=1, description="Write a checkpoint every N steps.")
-    save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
+    logging_steps: int = Field(10, ge=1, description="Log loss every N steps (run-only: not in the cache key).")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Eval loss on the validation split every N steps (None = off). Run-only (not in the "
+        "cache key) unless it picks the result: with load_best_model_at_end or early_stopping_patience."
+    )
+    save_steps: int = Field(
+        50, ge=1, description="Write a checkpoint every N steps. Run-only, like eval_steps, unless it picks the result."
+    )
+    save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints (run-only).")
     load_best_model_at_end: bool = Field(
         False, description="Reload the best checkpoint by metric_for_best_model on the validation split at the end."
     )
     report_to: list[Literal["tensorboard"]] = Field(
-        ["tensorboard"], description="Loggers; TensorBoard writes to <train dir>/logs."
+        ["tensorboard"], description="Loggers; TensorBoard writes to <train dir>/logs (run-only)."
     )
     seed: int = Field(42, description="Seed for data order, dropout and initialisation in Trainer.")
     early_stopping_patience: int | None = Field(
@@ -196,10 +205,16 @@ class TrainConfig(Section):
         "eval_loss", description="What 'best checkpoint' and early stopping read, on the validation split: the "
         "eval loss (lower is better) or eval_rougeL (higher; needs eval_generate_samples)."
     )
-    dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for the data loader.")
+    dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for the data loader (run-only).")
     extra_args: dict[str, Any] = Field(
         {}, description="Any other transformers.TrainingArguments keyword, passed through unchanged."
     )
+
+    def run_only(self) -> set[str]:
+        watch = {"logging_steps", "save_total_limit", "report_to", "dataloader_num_workers", "per_device_eval_batch_size"}
+        if not (self.load_best_model_at_end or self.early_stopping_patience):
+            watch |= {"eval_steps", "save_steps", "eval_generate_samples", "metric_for_best_model"}
+        return watch
 
     @field_validator("num_processes", mode="before")
     @classmethod
@@ -285,6 +300,10 @@ class RunConfig(Section):
         description="Name of a Prefect Secret block holding a Hugging Face token (else HF_TOKEN from the "
         "environment is used). The token is never logged, cached or written to artifacts.",
     )
+
+    def refreshes(self, stage: str) -> bool:
+        """Whether `refresh` asks `stage` to recompute (the one place that reads the setting)."""
+        return self.refresh is True or (isinstance(self.refresh, list) and stage in self.refresh)
 
 
 class PipelineConfig(Section):
@@ -450,3 +469,9 @@ def over_defaults(cfg: PipelineConfig, defaults: dict[str, Any] | None) -> Pipel
 def section_dict(cfg: BaseModel) -> dict[str, Any]:
     """A JSON-ready dict of a config (section), for fingerprints and logs."""
     return cfg.model_dump(mode="json")
+
+
+def key_fields(section: Section) -> dict[str, Any]:
+    """The section's result-shaping fields, JSON-ready: what a stage's cache key holds (`Section.run_only`
+    names the rest). The one definition both the Prefect key and the folder fingerprint use."""
+    return section.model_dump(mode="json", exclude=section.run_only())

@@ -332,11 +332,12 @@ def build_splits(cfg: DataConfig, cache_dir: str | Path | None = None) -> tuple[
     return out, dropped, origin
 
 
-def prepare_data(cfg: DataConfig, output_dir: str | Path) -> Handle:
-    """Load, map, validate and split the source into `<output_dir>/data/<key>/dataset`; reuse it if complete."""
+def prepare_data(cfg: DataConfig, output_dir: str | Path, refresh: bool = False) -> Handle:
+    """Load, map, validate and split the source into `<output_dir>/data/<key>/dataset`; reuse it if complete
+    (unless `refresh`: then recompute and replace it)."""
     key = fingerprint(section_dict(cfg), source_fingerprint(cfg), CODE_VERSION)
     final = stage_dir(output_dir, "data", key)
-    if is_complete(final):
+    if is_complete(final) and not refresh:
         log.info("data: reusing %s", final)
     else:
         with atomic_dir(final, {"stage": "data", "config": section_dict(cfg)}) as tmp:

@@ -84,7 +84,7 @@ def evaluate_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handl
     key = fingerprint(tokenized.fingerprint, model_handle.fingerprint, trained.fingerprint, section_dict(cfg.eval),
                       dtype, CODE_VERSION)
     final = stage_dir(output_dir, "evaluate", key)
-    if not is_complete(final):
+    if cfg.run.refreshes("evaluate") or not is_complete(final):
         _run_eval(cfg, tokenized, model_handle, trained, final)
     metrics = json.loads((final / "metrics.json").read_text())
     return Handle(stage="evaluate", path=str(final), fingerprint=key, info=metrics)

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import deque
 from pathlib import Path
 from typing import Callable
@@ -76,6 +77,16 @@ def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, outp
     `on_progress` gets {"step", "max_steps", "loss"} at every logging step."""
     processes = resolve_processes(cfg.train.num_processes)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_processes": processes})})
+    if cfg.run.refreshes("train"):  # from scratch: the old checkpoints are set aside, not resumed from
+        from loraflow.artifacts import stage_dir
+        from loraflow.training import train_key
+
+        key = train_key(cfg, tokenized, model)
+        work = stage_dir(output_dir, "train", key).with_name(f"{key}.work")
+        if work.exists():
+            aside = work.with_name(f"{work.name}.set-aside-{int(time.time())}")
+            work.rename(aside)
+            log.info("train: refresh: checkpoints set aside in %s", aside)
     with tempfile.TemporaryDirectory(prefix="loraflow-train-") as tmp:
         request = Path(tmp) / "request.json"
         result = Path(tmp) / "result.json"

@@ -150,6 +150,7 @@ def build_model(
     lora: LoraConfig,
     output_dir: str | Path,
     cache_dir: str | None = None,
+    refresh: bool = False,
 ) -> Handle:
     """Resolve the base model, load it quantized with LoRA, save the initial adapter and report sizes."""
     model_dir = resolve_model_dir(model.name_or_path, model.revision, cache_dir, model.allow_pickle_weights)
@@ -158,7 +159,7 @@ def build_model(
         section_dict(model), section_dict(quant), section_dict(lora), weights_digest(model_dir), CODE_VERSION
     )
     final = stage_dir(output_dir, "model", key)
-    if not is_complete(final):
+    if refresh or not is_complete(final):
         base = load_base(model_dir, model, quant)
         peft_model = attach_lora(base, lora, quantized=quant.mode != "none")
         info = {

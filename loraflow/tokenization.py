@@ -134,8 +134,9 @@ def encode_example(row: dict[str, Any], prompt: PromptConfig, tokenizer) -> dict
     return {k: v[0] for k, v in batch.items()}
 
 
-def tokenize_data(data: Handle, prompt: PromptConfig, tokenizer_dir: str | Path, output_dir: str | Path) -> Handle:
-    """Tokenize the data stage's train and test splits; reuses a complete folder with the same key."""
+def tokenize_data(data: Handle, prompt: PromptConfig, tokenizer_dir: str | Path, output_dir: str | Path,
+                  refresh: bool = False) -> Handle:
+    """Tokenize the data stage's splits; reuses a complete folder with the same key unless `refresh`."""
     if prompt.max_target_length >= prompt.max_length:
         raise PromptError(
             f"prompt.max_target_length ({prompt.max_target_length}) leaves no room for the prompt in "
@@ -143,7 +144,7 @@ def tokenize_data(data: Handle, prompt: PromptConfig, tokenizer_dir: str | Path,
         )
     key = fingerprint(data.fingerprint, section_dict(prompt), tokenizer_digest(tokenizer_dir), CODE_VERSION)
     final = stage_dir(output_dir, "tokenize", key)
-    if is_complete(final):
+    if is_complete(final) and not refresh:
         log.info("tokenize: reusing %s", final)
         stats = json.loads((final / "stats.json").read_text())
     else:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, stage_dir, write_json
-from loraflow.config import PipelineConfig, TrainConfig, section_dict
+from loraflow.config import PipelineConfig, TrainConfig, key_fields
 from loraflow.distributed import ddp_backend, gather_from_ranks, rank, resolve_processes, sum_over_ranks
 from loraflow.hardware import resolve_compute_dtype
 
@@ -190,7 +190,7 @@ def stopping_generation_config(model, tokenizer, cfg: PipelineConfig):
 
 def train_key(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle) -> str:
     # 'auto' processes and the number it stands for here are one setting: the same folder, the same checkpoints.
-    train = {**section_dict(cfg.train), "num_processes": resolve_processes(cfg.train.num_processes)}
+    train = {**key_fields(cfg.train), "num_processes": resolve_processes(cfg.train.num_processes)}
     dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
     return fingerprint(tokenized.fingerprint, model_handle.fingerprint, train, dtype, CODE_VERSION)
 
@@ -211,7 +211,7 @@ def train_adapter(
     """
     key = train_key(cfg, tokenized, model_handle)
     final = stage_dir(output_dir, "train", key)
-    if not is_complete(final):
+    if cfg.run.refreshes("train") or not is_complete(final):
         work = final.with_name(f"{key}.work")  # survives crashes: holds the checkpoints to resume from
         _run_training(cfg, tokenized, model_handle, final, work, callbacks or [], stop_requested)
         if rank() != 0:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from loraflow.artifacts import Handle, write_json
+from loraflow.config import key_fields
 from loraflow.remote import is_url, local_path
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "rouge-score")
@@ -83,7 +84,7 @@ class StageSpec:
         for name, value in sorted(params.items()):
             out[f"upstream {name}" if isinstance(value, Handle) else name] = _token(value)
         for name in self.sections:
-            out[name] = getattr(cfg, name).model_dump(mode="json")
+            out[name] = key_fields(getattr(cfg, name))
         if self.source is not None:
             out["source content"] = self.source(parameters)
         return out
@@ -105,6 +106,7 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 def explain_miss(spec: StageSpec, parameters: dict[str, Any], output_dir: str | Path) -> str:
     """'what changed' since the last run of this stage writing to `output_dir`; remembers this run's inputs."""
     now = json.loads(json.dumps(spec.components(parameters), default=str))
+    run = parameters.get("run") or getattr(parameters.get("cfg"), "run", None)
     record = Path(output_dir).expanduser() / spec.stage / "last-inputs.json"
     try:
         before = json.loads(record.read_text())
@@ -116,7 +118,9 @@ def explain_miss(spec: StageSpec, parameters: dict[str, Any], output_dir: str | 
         return "no earlier run in this output folder"
     old, new = _flatten(before), _flatten(now)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if run is not None and run.refreshes(spec.stage):
+        return "refresh requested (run.refresh): recomputing" + (f"; also {', '.join(changed[:4])} changed" if changed else "")
     if not changed:
-        return "same inputs as the last run, but no cached result (refresh requested, or the result storage was cleared)"
+        return "same inputs as the last run, but no cached result (the result storage was cleared?)"
     shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
     return f"{shown} changed"

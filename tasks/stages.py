@@ -133,7 +133,7 @@ def data_task(data: DataConfig, run: RunConfig) -> Handle:
     from loraflow.data import prepare_data
 
     with stage_logs(DATA, workspace(run)):
-        return published(prepare_data(data, workspace(run)), run)
+        return published(prepare_data(data, workspace(run), refresh=run.refreshes("data")), run)
 
 
 @task(**_options(TOKENIZE))
@@ -144,7 +144,7 @@ def tokenize_task(data: Handle, prompt: PromptConfig, model: ModelConfig, run: R
 
     with stage_logs(TOKENIZE, workspace(run)):
         tokenizer_dir = resolve_model_dir(model.name_or_path, model.revision, run.cache_dir, model.allow_pickle_weights)
-        return published(tokenize_data(data, prompt, tokenizer_dir, workspace(run)), run)
+        return published(tokenize_data(data, prompt, tokenizer_dir, workspace(run), refresh=run.refreshes("tokenize")), run)
 
 
 @task(**_options(MODEL, retries=1))
@@ -153,7 +153,8 @@ def model_task(model: ModelConfig, quantization: QuantizationConfig, lora: LoraC
     from loraflow.modeling import build_model
 
     with stage_logs(MODEL, workspace(run)):
-        return published(build_model(model, quantization, lora, workspace(run), run.cache_dir), run)
+        return published(build_model(model, quantization, lora, workspace(run), run.cache_dir,
+                                     refresh=run.refreshes("model")), run)
 
 
 @task(**_options(TRAIN, tags=["gpu"]))

@@ -33,3 +33,43 @@ def test_miss_explains_what_changed(tmp_path):
     assert explain_miss(SPEC, params(lr), tmp_path) == "train.learning_rate changed"
     assert explain_miss(SPEC, params(lr, fp="new"), tmp_path) == "upstream tokenized changed"
     assert "same inputs" in explain_miss(SPEC, params(lr, fp="new"), tmp_path)
+
+
+def test_a_refreshed_stage_says_why_it_ran(tmp_path):
+    from loraflow.config import DataConfig, RunConfig
+    from tasks.caching import explain_miss
+    from tasks.stages import DATA
+
+    params = {"data": DataConfig(source=str(tmp_path / "d.jsonl")), "run": RunConfig(output_dir=str(tmp_path))}
+    (tmp_path / "d.jsonl").write_text('{"input": "a", "target": "b"}\n')
+    assert explain_miss(DATA, params, tmp_path) == "no earlier run in this output folder"
+    assert "result storage was cleared" in explain_miss(DATA, params, tmp_path)
+    params["run"] = RunConfig(output_dir=str(tmp_path), refresh=["data"])
+    assert explain_miss(DATA, params, tmp_path) == "refresh requested (run.refresh): recomputing"
+
+
+def test_a_big_file_is_hashed_once_per_machine_not_once_per_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(os.urandom(8 << 20))
+    code = ("import sys; from loraflow.artifacts import content_digest; "
+            "io = lambda: int(open('/proc/self/io').read().split('rchar: ')[1].split()[0]); "
+            "before = io(); d = content_digest(sys.argv[1]); print(d, io() - before)")
+    env = {**os.environ, "LORAFLOW_CACHE": str(tmp_path / "cache")}
+    repo = Path(__file__).resolve().parents[1]
+
+    def run() -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", code, str(model)], cwd=repo, env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0], int(out[1])
+
+    first, read_first = run()
+    second, read_second = run()
+    assert first == second and read_first >= 8 << 20 and read_second < 1 << 20  # the bytes are read once
+    (model / "model.safetensors").write_bytes(os.urandom(8 << 20))  # edited in place: a new digest
+    assert run()[0] != first

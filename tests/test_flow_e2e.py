@@ -103,6 +103,9 @@ def test_reruns_recompute_only_what_changed(tmp_path, tiny_llama_dir, prefect_ha
     assert ran(cfg) == set()  # same config, new flow run: every stage Cached
     assert ran(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_new_tokens": 3})})) == {"evaluate"}
     assert ran(cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 2e-3})})) == {"train", "evaluate"}
+    # How a run is watched is not what it computes: logging and checkpoint cadence are full hits.
+    watched = cfg.train.model_copy(update={"logging_steps": 1, "save_total_limit": 5, "report_to": []})
+    assert ran(cfg.model_copy(update={"train": watched})) == set()
 
     # A cached artifact that was deleted or corrupted is detected and recomputed, never loaded.
     tokenized = Path(first.result()["stages_paths"]["tokenize"])
@@ -111,8 +114,22 @@ def test_reruns_recompute_only_what_changed(tmp_path, tiny_llama_dir, prefect_ha
     assert ran(cfg) == {"tokenize"}  # same fingerprint again, so train/evaluate stay cached
     assert first.result()["stages"] == finetune(cfg)["stages"]
 
-    # A refresh switch forces the named stages (or all, with true) to recompute.
-    assert ran(cfg.model_copy(update={"run": cfg.run.model_copy(update={"refresh": ["evaluate"]})})) == {"evaluate"}
+    # A refresh switch forces the named stages (or all, with true) to recompute: new files in the same
+    # folder (the key is the same), not the old folder handed back; train starts from scratch.
+    def refreshed(*stages: str):
+        return cfg.model_copy(update={"run": cfg.run.model_copy(update={"refresh": list(stages)})})
+
+    paths = first.result()["stages_paths"]
+    metrics_file = Path(paths["evaluate"]) / "metrics.json"
+    before = metrics_file.stat().st_ino
+    assert ran(refreshed("evaluate")) == {"evaluate"}
+    assert metrics_file.stat().st_ino != before
+    adapter = Path(paths["train"]) / "adapter" / "adapter_model.safetensors"
+    before = adapter.stat().st_ino
+    assert ran(refreshed("train")) == {"train"}  # the same adapter bytes: evaluate's key holds, it is cached
+    assert adapter.stat().st_ino != before
+    trained = json.loads((Path(paths["train"]) / "train_metrics.json").read_text())
+    assert trained["resumed_from"] is None and trained["global_step"] == 4
 
     # The data file edited in place (same path): everything downstream of data runs (the model
     # stage does not read the data, so it stays cached).
