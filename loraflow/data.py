@@ -14,8 +14,9 @@ Output folder `<output_dir>/data/<key>/`:
     splits.json     where each split came from, e.g. {"train": "train", "validation": "train (hash < 0.1)"}
     manifest.json   file checksums (artifacts.atomic_dir) + the data config
 
-`key = fingerprint(data config, source content digest, CODE_VERSION)`: editing a local file in place,
-upgrading the aclsum package or pinning another hub revision gives a new folder.
+`key = fingerprint(data config, source content digest, code_identity("data"))`: editing a local file in place,
+upgrading the aclsum package, pinning another hub revision, editing this stage's code or upgrading a
+library that shapes its numbers gives a new folder (`loraflow.codehash`).
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.artifacts import Handle, atomic_dir, content_digest, fingerprint, is_complete, stage_dir, write_json
+from loraflow.codehash import code_identity
 from loraflow.config import DataConfig, section_dict
 from loraflow.splits import carve, smallest_hash_first
 
 log = logging.getLogger("loraflow")
-CODE_VERSION = "data-3"  # bump when the output for the same inputs changes
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}  # suffix -> datasets builder
 # Folder files named train*/test*/validation*/dev* are splits ("train-00000-of-00002.parquet" too);
 # the prefix must not run on into a letter, so "trainer.jsonl" or "testimonials.csv" are not splits.
@@ -335,7 +336,7 @@ def build_splits(cfg: DataConfig, cache_dir: str | Path | None = None) -> tuple[
 def prepare_data(cfg: DataConfig, output_dir: str | Path, refresh: bool = False) -> Handle:
     """Load, map, validate and split the source into `<output_dir>/data/<key>/dataset`; reuse it if complete
     (unless `refresh`: then recompute and replace it)."""
-    key = fingerprint(section_dict(cfg), source_fingerprint(cfg), CODE_VERSION)
+    key = fingerprint(section_dict(cfg), source_fingerprint(cfg), code_identity("data"))
     final = stage_dir(output_dir, "data", key)
     if is_complete(final) and not refresh:
         log.info("data: reusing %s", final)

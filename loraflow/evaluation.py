@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, stage_dir, write_json
+from loraflow.codehash import code_identity
 from loraflow.config import EvalConfig, PipelineConfig, section_dict
 from loraflow.hardware import resolve_compute_dtype
 
 log = logging.getLogger("loraflow")
-CODE_VERSION = "evaluate-3"
 
 
 def generate(model, tokenizer, prompts: list[list[int]], ev: EvalConfig, desc: str,
@@ -82,7 +82,7 @@ def evaluate_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handl
     """Score the fine-tuned adapter (and the base model) with ROUGE; writes predictions.jsonl + metrics.json."""
     dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
     key = fingerprint(tokenized.fingerprint, model_handle.fingerprint, trained.fingerprint, section_dict(cfg.eval),
-                      dtype, CODE_VERSION)
+                      dtype, code_identity("evaluate"))
     final = stage_dir(output_dir, "evaluate", key)
     if cfg.run.refreshes("evaluate") or not is_complete(final):
         _run_eval(cfg, tokenized, model_handle, trained, final)

@@ -14,12 +14,12 @@ from typing import Any
 
 from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, stage_dir, write_json
 from loraflow.buildlock import MODEL_BUILD
+from loraflow.codehash import code_identity
 from loraflow.config import LoraConfig, ModelConfig, QuantizationConfig, section_dict
 from loraflow.hardware import resolve_compute_dtype
 from loraflow.sources import resolve_model_dir, weights_digest
 
 log = logging.getLogger("loraflow")
-CODE_VERSION = "model-2"
 
 
 class ModelError(ValueError):
@@ -156,7 +156,7 @@ def build_model(
     model_dir = resolve_model_dir(model.name_or_path, model.revision, cache_dir, model.allow_pickle_weights)
     quant = resolved(quant)
     key = fingerprint(
-        section_dict(model), section_dict(quant), section_dict(lora), weights_digest(model_dir), CODE_VERSION
+        section_dict(model), section_dict(quant), section_dict(lora), weights_digest(model_dir), code_identity("model")
     )
     final = stage_dir(output_dir, "model", key)
     if refresh or not is_complete(final):

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.artifacts import Handle, atomic_dir, content_digest, fingerprint, is_complete, stage_dir, write_json
+from loraflow.codehash import code_identity
 from loraflow.collator import IGNORE_INDEX
 from loraflow.config import PromptConfig, section_dict
 from loraflow.prompts import PromptError, check_template, end_of_turn, render_prompt
 
 log = logging.getLogger("loraflow")
-CODE_VERSION = "tokenize-4"  # bump when the output for the same inputs changes
 # Files that decide how text becomes ids (a model folder's weights are deliberately not hashed).
 TOKENIZER_GLOBS = ("tokenizer*.json", "*.model", "vocab*", "merges*", "added_tokens.json",
                    "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
@@ -142,7 +142,7 @@ def tokenize_data(data: Handle, prompt: PromptConfig, tokenizer_dir: str | Path,
             f"prompt.max_target_length ({prompt.max_target_length}) leaves no room for the prompt in "
             f"prompt.max_length ({prompt.max_length}): raise max_length or lower max_target_length"
         )
-    key = fingerprint(data.fingerprint, section_dict(prompt), tokenizer_digest(tokenizer_dir), CODE_VERSION)
+    key = fingerprint(data.fingerprint, section_dict(prompt), tokenizer_digest(tokenizer_dir), code_identity("tokenize"))
     final = stage_dir(output_dir, "tokenize", key)
     if is_complete(final) and not refresh:
         log.info("tokenize: reusing %s", final)

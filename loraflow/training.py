@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, stage_dir, write_json
+from loraflow.codehash import code_identity
 from loraflow.config import PipelineConfig, TrainConfig, key_fields
 from loraflow.distributed import ddp_backend, gather_from_ranks, rank, resolve_processes, sum_over_ranks
 from loraflow.hardware import resolve_compute_dtype
 
 log = logging.getLogger("loraflow")
-CODE_VERSION = "train-3"
 MODEL_COLUMNS = ["input_ids", "labels"]
 
 
@@ -192,7 +192,7 @@ def train_key(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle) -> s
     # 'auto' processes and the number it stands for here are one setting: the same folder, the same checkpoints.
     train = {**key_fields(cfg.train), "num_processes": resolve_processes(cfg.train.num_processes)}
     dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
-    return fingerprint(tokenized.fingerprint, model_handle.fingerprint, train, dtype, CODE_VERSION)
+    return fingerprint(tokenized.fingerprint, model_handle.fingerprint, train, dtype, code_identity("train"))
 
 
 def train_adapter(

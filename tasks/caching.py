@@ -12,44 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from functools import lru_cache
-from importlib import metadata
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel
 
 from loraflow.artifacts import Handle, write_json
+from loraflow import codehash
 from loraflow.config import key_fields
 from loraflow.remote import is_url, local_path
-
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "rouge-score")
-
-
-@lru_cache(maxsize=None)
-def library_versions() -> dict[str, str]:
-    out = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
-
-
-@lru_cache(maxsize=None)
-def module_source_hash(*modules: str) -> str:
-    """Hash of the modules' source files, read without importing them: importing loraflow.trainer
-    would pull in torch and transformers (~20 s) just to decide that a stage is cached."""
-    h = hashlib.sha256()
-    for name in modules:
-        spec = find_spec(name)
-        if spec is None or not spec.origin:
-            raise ModuleNotFoundError(f"cache key: no source for module {name!r}")
-        h.update(Path(spec.origin).read_bytes())
-    return h.hexdigest()[:16]
-
 
 def _location(output_dir: str) -> str:
     return output_dir.rstrip("/") if is_url(output_dir) else str(local_path(output_dir))
@@ -77,8 +48,8 @@ class StageSpec:
         cfg = parameters.get("cfg")
         run = parameters.get("run") or (cfg.run if cfg is not None else None)
         out: dict[str, Any] = {
-            "code": module_source_hash("tasks.stages", *self.modules),
-            "libraries": library_versions(),
+            "code": codehash.module_source_hash("tasks.stages", *self.modules),
+            "libraries": codehash.library_versions(),
             "run.output_dir": _location(run.output_dir) if run is not None else None,
         }
         for name, value in sorted(params.items()):

@@ -18,6 +18,7 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
 from loraflow.artifacts import Handle, default_cache_dir
+from loraflow.codehash import STAGE_MODULES
 from loraflow.config import DataConfig, LoraConfig, ModelConfig, PipelineConfig, PromptConfig, QuantizationConfig, RunConfig
 from loraflow.remote import is_url, local_root, remote_folder, upload
 from tasks.caching import StageSpec, explain_miss
@@ -38,16 +39,12 @@ def _model_source(parameters: dict[str, Any]) -> Any:
     return source_identity(model.name_or_path, model.revision)
 
 
-DATA = StageSpec("data", ("loraflow.data", "loraflow.aclsum"), source=_data_source)
-TOKENIZE = StageSpec("tokenize", ("loraflow.prompts", "loraflow.tokenization"), source=_model_source)
-MODEL = StageSpec("model", ("loraflow.modeling", "loraflow.sources", "loraflow.hardware"), source=_model_source)
-TRAIN = StageSpec(
-    "train",
-    ("loraflow.training", "loraflow.trainer", "loraflow.collator", "loraflow.modeling", "loraflow.launch", "loraflow.worker"),
-    sections=("train", "quantization"),  # quantization.compute_dtype arrives resolved (flows.pipeline)
-)
-EVALUATE = StageSpec("evaluate", ("loraflow.evaluation", "loraflow.rouge", "loraflow.modeling"),
-                     sections=("eval", "quantization"))
+DATA = StageSpec("data", STAGE_MODULES["data"], source=_data_source)
+TOKENIZE = StageSpec("tokenize", STAGE_MODULES["tokenize"], source=_model_source)
+MODEL = StageSpec("model", STAGE_MODULES["model"], source=_model_source)
+# quantization.compute_dtype arrives resolved (flows.pipeline)
+TRAIN = StageSpec("train", STAGE_MODULES["train"], sections=("train", "quantization"))
+EVALUATE = StageSpec("evaluate", STAGE_MODULES["evaluate"], sections=("eval", "quantization"))
 SPECS = {spec.stage: spec for spec in (DATA, TOKENIZE, MODEL, TRAIN, EVALUATE)}
 
 

@@ -73,3 +73,38 @@ def test_a_big_file_is_hashed_once_per_machine_not_once_per_process(tmp_path):
     assert first == second and read_first >= 8 << 20 and read_second < 1 << 20  # the bytes are read once
     (model / "model.safetensors").write_bytes(os.urandom(8 << 20))  # edited in place: a new digest
     assert run()[0] != first
+
+
+def test_editing_a_stages_code_invalidates_that_stage_and_what_follows_only(tmp_path, gpt2_tokenizer_dir, monkeypatch):
+    # Both keys move together: the folder's fingerprint and Prefect's cache key (tasks.caching).
+    import loraflow.codehash as codehash
+    from loraflow.config import DataConfig, ModelConfig, PromptConfig, RunConfig
+    from loraflow.data import prepare_data
+    from loraflow.tokenization import tokenize_data
+    from tasks.stages import DATA, TOKENIZE
+
+    (tmp_path / "d.jsonl").write_text("".join(f'{{"input": "text {i}", "target": "t {i}"}}\n' for i in range(30)))
+    data_cfg, prompt = DataConfig(source=str(tmp_path / "d.jsonl")), PromptConfig(style="template", template="{input}")
+    run = RunConfig(output_dir=str(tmp_path / "out"))
+    data = prepare_data(data_cfg, tmp_path / "out")
+    tokens = tokenize_data(data, prompt, gpt2_tokenizer_dir, tmp_path / "out")
+
+    def prefect_keys() -> tuple[str, str]:
+        model = ModelConfig(name_or_path=str(gpt2_tokenizer_dir))
+        return (DATA.key(None, {"data": data_cfg, "run": run}),
+                TOKENIZE.key(None, {"data": data, "prompt": prompt, "model": model, "run": run}))
+
+    keys = prefect_keys()
+    real_hash, real_versions = codehash.module_source_hash, codehash.library_versions()
+
+    def edited(*modules: str) -> str:  # as if loraflow/tokenization.py had been edited
+        return real_hash(*modules) + ("-edited" if "loraflow.tokenization" in modules else "")
+
+    monkeypatch.setattr(codehash, "module_source_hash", edited)
+    assert prepare_data(data_cfg, tmp_path / "out").fingerprint == data.fingerprint  # upstream: untouched
+    assert tokenize_data(data, prompt, gpt2_tokenizer_dir, tmp_path / "out").fingerprint != tokens.fingerprint
+    assert prefect_keys()[0] == keys[0] and prefect_keys()[1] != keys[1]
+    # (downstream stages key on the tokenize fingerprint, so they miss too)
+    monkeypatch.setattr(codehash, "library_versions", lambda: {**real_versions, "transformers": "9.9.9"})
+    assert prepare_data(data_cfg, tmp_path / "out").fingerprint != data.fingerprint  # a library upgrade
+    assert prefect_keys()[0] != keys[0]
