@@ -87,6 +87,10 @@ def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, outp
             aside = work.with_name(f"{work.name}.set-aside-{int(time.time())}")
             work.rename(aside)
             log.info("train: refresh: checkpoints set aside in %s", aside)
+    else:
+        from loraflow.training import seed_continuation
+
+        seed_continuation(cfg, tokenized, model, output_dir)
     with tempfile.TemporaryDirectory(prefix="loraflow-train-") as tmp:
         request = Path(tmp) / "request.json"
         result = Path(tmp) / "result.json"

@@ -120,6 +120,18 @@ def throughput_callback():
     return Throughput()
 
 
+def save_last_step():
+    """Checkpoint the final step too (not only every save_steps), so a longer run can continue from it."""
+    from transformers import TrainerCallback
+
+    class SaveLast(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_save = True
+
+    return SaveLast()
+
+
 def peak_memory_mb() -> dict[str, float | None]:
     """Peak resident memory of this process, and peak CUDA memory allocated (None without a GPU)."""
     import resource
@@ -188,11 +200,51 @@ def stopping_generation_config(model, tokenizer, cfg: PipelineConfig):
     return config
 
 
-def train_key(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle) -> str:
+def train_key(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, without: tuple[str, ...] = ()) -> str:
     # 'auto' processes and the number it stands for here are one setting: the same folder, the same checkpoints.
     train = {**key_fields(cfg.train), "num_processes": resolve_processes(cfg.train.num_processes)}
+    for name in without:
+        train.pop(name, None)
     dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
     return fingerprint(tokenized.fingerprint, model_handle.fingerprint, train, dtype, code_identity("train"))
+
+
+def continuation_key(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle) -> str:
+    """The train key without its length: runs that differ only in `max_steps` share it."""
+    return train_key(cfg, tokenized, model_handle, without=("max_steps",))
+
+
+def seed_continuation(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, output_dir: str | Path) -> Path | None:
+    """Continue, not restart, when only `max_steps` grew: copy the final checkpoint of the longest shorter
+    finished run with the same continuation key into this run's work folder, so training resumes from
+    its last step (weights, optimizer, scheduler, RNG, data position). Returns the copied checkpoint.
+
+    The schedule is this run's: Trainer rebuilds it for the new total and resumes at the step reached.
+    `constant` / `constant_with_warmup` then continue exactly as an uninterrupted run would; a decaying
+    schedule (`cosine`, `linear`) jumps from the shorter run's final learning rate to the longer
+    schedule's value at that step (it is not a new warm-up)."""
+    key = train_key(cfg, tokenized, model_handle)
+    work = stage_dir(output_dir, "train", key).with_name(f"{key}.work")
+    if cfg.train.max_steps <= 0 or last_checkpoint(work / "checkpoints") is not None:
+        return None
+    wanted, best = continuation_key(cfg, tokenized, model_handle), None
+    for metrics_file in stage_dir(output_dir, "train", key).parent.glob("*/train_metrics.json"):
+        try:
+            info = json.loads(metrics_file.read_text())
+        except (OSError, ValueError):
+            continue
+        step = info.get("global_step") or 0
+        ckpt = metrics_file.parent / "checkpoints" / f"checkpoint-{step}"
+        if (info.get("continuation_key") == wanted and step < cfg.train.max_steps and is_complete(metrics_file.parent)
+                and (ckpt / "trainer_state.json").is_file() and (best is None or step > best[0])):
+            best = (step, ckpt)
+    if best is None:
+        return None
+    (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+    target = work / "checkpoints" / best[1].name
+    shutil.copytree(best[1], target)
+    log.info("train: continuing from %s (step %d of the shorter run)", best[1], best[0])
+    return target
 
 
 def train_adapter(
@@ -243,7 +295,7 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
 
     args = training_arguments(cfg.train, work / "checkpoints", has_eval=eval_ds is not None)
     timer = throughput_callback()
-    callbacks = [timer, *extra_callbacks]
+    callbacks = [timer, save_last_step(), *extra_callbacks]
     if cfg.train.early_stopping_patience and eval_ds is not None:
         from transformers import EarlyStoppingCallback
 
@@ -302,6 +354,7 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         "resumed_from": resume,
         "device": str(args.device),
         "compute_dtype": resolve_compute_dtype(cfg.quantization.compute_dtype),
+        "continuation_key": continuation_key(cfg, tokenized, model_handle),
     }
     if before != after:
         raise RuntimeError("train: base weights changed during LoRA training; this is a bug, please report it")
