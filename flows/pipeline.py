@@ -12,7 +12,7 @@ from prefect.logging import get_run_logger
 from loraflow.artifacts import Handle, ensure_writable, verify
 from loraflow.config import PipelineConfig, deep_merge, default_config, over_defaults
 from loraflow.distributed import resolve_processes
-from loraflow.hardware import resolve_compute_dtype, why_dtype
+from loraflow.hardware import resolve_quantization, why_dtype
 from loraflow.remote import check_writable, download, is_url, local_root, remote_folder
 from tasks.stages import data_task, evaluate_task, for_run, model_task, tokenize_task, train_task
 from tasks.storage import result_storage_slug
@@ -116,7 +116,7 @@ def load_hub_token(secret_name: str | None) -> None:
 def resolve_hardware(cfg: PipelineConfig) -> PipelineConfig:
     """`cfg` with the machine-dependent 'auto' settings replaced by what they mean here, before any
     cache key is made: the compute dtype (`loraflow.hardware`) and the number of training processes."""
-    quant = cfg.quantization.model_copy(update={"compute_dtype": resolve_compute_dtype(cfg.quantization.compute_dtype)})
+    quant = resolve_quantization(cfg.quantization)
     train = cfg.train.model_copy(update={"num_processes": resolve_processes(cfg.train.num_processes)})
     return cfg.model_copy(update={"quantization": quant, "train": train})
 

@@ -83,6 +83,11 @@ def resolve_compute_dtype(name: str) -> str:
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
+def resolve_quantization(quant):
+    """A `QuantizationConfig` with `compute_dtype: auto` replaced by the dtype it means here (for keys)."""
+    return quant.model_copy(update={"compute_dtype": resolve_compute_dtype(quant.compute_dtype)})
+
+
 def why_dtype(name: str) -> str:
     """One line saying which rule chose the compute dtype, for the log."""
     resolved = resolve_compute_dtype(name)

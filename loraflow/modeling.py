@@ -16,7 +16,7 @@ from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, sta
 from loraflow.buildlock import MODEL_BUILD
 from loraflow.codehash import code_identity
 from loraflow.config import LoraConfig, ModelConfig, QuantizationConfig, section_dict
-from loraflow.hardware import resolve_compute_dtype
+from loraflow.hardware import resolve_compute_dtype, resolve_quantization
 from loraflow.sources import resolve_model_dir, weights_digest
 
 log = logging.getLogger("loraflow")
@@ -37,11 +37,6 @@ def compute_dtype(name: str):
     import torch
 
     return getattr(torch, resolve_compute_dtype(name))
-
-
-def resolved(quant: QuantizationConfig) -> QuantizationConfig:
-    """`quant` with `compute_dtype: auto` replaced by the dtype it means on this machine (for keys)."""
-    return quant.model_copy(update={"compute_dtype": resolve_compute_dtype(quant.compute_dtype)})
 
 
 def set_cpu_4bit_kernel(model, allowed: bool) -> None:
@@ -154,7 +149,7 @@ def build_model(
 ) -> Handle:
     """Resolve the base model, load it quantized with LoRA, save the initial adapter and report sizes."""
     model_dir = resolve_model_dir(model.name_or_path, model.revision, cache_dir, model.allow_pickle_weights)
-    quant = resolved(quant)
+    quant = resolve_quantization(quant)
     key = fingerprint(
         section_dict(model), section_dict(quant), section_dict(lora), weights_digest(model_dir), code_identity("model")
     )

@@ -191,15 +191,16 @@ def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, final: Path, k
                      keep_in_memory=True, new_fingerprint=f"{key}-{name}", desc=f"tokenize {name}")
         seconds = time.perf_counter() - started
         labels = enc["labels"]
-        prompt_lens = [sum(1 for x in lab if x == IGNORE_INDEX) for lab in labels]  # the training prompt
-        fits = enc["prompt_ids"] if name != "train" else enc["input_ids"]
+        target_lens = [sum(1 for x in lab if x != IGNORE_INDEX) for lab in labels]
+        if name == "train":  # the prompt trained on, fitted around each row's own target
+            prompt_lens = [len(lab) - n for lab, n in zip(labels, target_lens)]
+            fits, truncated = enc["input_ids"], list(enc["truncated"])
+        else:  # the generation prompt, one budget for every row
+            prompt_lens = [len(p) for p in enc["prompt_ids"]]
+            fits, truncated = enc["prompt_ids"], list(enc["prompt_truncated"])
         kept = [i for i, ids in enumerate(fits) if ids and enc["input_ids"][i]]
         if not kept:
             raise PromptError(_nothing_fits(ds[0], prompt, tokenizer, prefix, name, len(ds)))
-        truncated = list(enc["truncated"] if name == "train" else enc["prompt_truncated"])
-        if name != "train":
-            prompt_lens = [len(p) for p in enc["prompt_ids"]]
-        target_lens = [len(lab) - sum(1 for x in lab if x == IGNORE_INDEX) for lab in labels]
         stats[name] = _stats([prompt_lens[i] for i in kept], [target_lens[i] for i in kept],
                              sum(truncated[i] for i in kept), len(ds) - len(kept))
         stats[name]["examples_per_second"] = round(len(ds) / seconds, 1)

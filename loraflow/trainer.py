@@ -95,12 +95,13 @@ class CompletionTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return label_only_loss(*self.parts, inputs, num_items_in_batch)[0]  # one process: see __init__
 
-    def evaluation_loop(self, *args, **kwargs):
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
         """The eval loss, plus `eval_rougeL` from generation when configured: added here, before
         Trainer logs the metrics and hands them to callbacks (best checkpoint, early stopping)."""
-        output = super().evaluation_loop(*args, **kwargs)
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         if self.rouge_eval is not None:
-            prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+            prefix = metric_key_prefix
             was_training = self.model.training
             self.model.eval()
             output.metrics[f"{prefix}_rougeL"] = self.rouge_eval(self.model)
