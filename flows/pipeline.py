@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect.logging import get_run_logger
 
-from loraflow.artifacts import Handle, ensure_writable, verify
+from loraflow import store
+from loraflow.artifacts import Handle, ensure_writable
 from loraflow.config import PipelineConfig, deep_merge, default_config, over_defaults
 from loraflow.distributed import resolve_processes
 from loraflow.hardware import resolve_quantization, why_dtype
-from loraflow.remote import check_writable, download, is_url, local_root, remote_folder
-from tasks.stages import data_task, evaluate_task, for_run, model_task, tokenize_task, train_task
+from loraflow.remote import check_writable, is_url
+from tasks.stages import data_task, evaluate_task, for_run, model_task, tokenize_task, train_task, workspace
 from tasks.storage import result_storage_slug
 
 
@@ -68,34 +68,14 @@ def stage(task_obj, cfg: PipelineConfig, storage: str | None, *args: Any) -> Han
     state = task_obj.with_options(refresh_cache=refresh or None)(*args, return_state=True)
     handle: Handle = state.result()
     if state.name == "Cached":
-        handle, problem = localize(handle, cfg)
+        handle, problem = store.localize(handle, cfg)
         if problem is None:
-            logger.info("%s: hit — cached %s", handle.stage, handle.path)
+            logger.info("%s: hit — key %s, cached %s", handle.stage, handle.fingerprint, handle.path)
+            store.touch(workspace(cfg.run), handle.stage, handle.fingerprint)
             return handle
         logger.warning("%s: cached result unusable (%s): recomputing", handle.stage, problem)
         handle = task_obj.with_options(refresh_cache=True)(*args)
     return handle
-
-
-def localize(handle: Handle, cfg: PipelineConfig) -> tuple[Handle, str | None]:
-    """A cached stage as this machine sees it, and what makes its folder unusable (None: checked, usable).
-    With a URL output_dir the folder is this machine's mirror copy, downloaded from the URL when it is
-    missing or damaged (another worker computed it); a model stage computed elsewhere gets this
-    machine's copy of the base model (same content: its digest is in the key)."""
-    if not is_url(cfg.run.output_dir):
-        return handle, verify(handle.path)
-    local = local_root(cfg.run.output_dir, cfg.run.cache_dir) / handle.stage / handle.fingerprint
-    problem = verify(local)
-    if problem is not None:  # `download` checks the copy against its manifest before putting it in place
-        problem = download(remote_folder(cfg.run.output_dir, handle.stage, handle.fingerprint), local)
-    update: dict[str, Any] = {"path": str(local)}
-    if handle.stage == "model" and not Path(handle.info.get("base_dir", "")).is_dir():
-        from loraflow.sources import resolve_model_dir
-
-        m = cfg.model
-        base_dir = resolve_model_dir(m.name_or_path, m.revision, cfg.run.cache_dir, m.allow_pickle_weights)
-        update["info"] = {**handle.info, "base_dir": str(base_dir)}
-    return handle.model_copy(update=update), problem
 
 
 def load_hub_token(secret_name: str | None) -> None:

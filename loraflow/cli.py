@@ -4,6 +4,7 @@
     loraflow validate CONFIG [--set ...]
     loraflow show-config [CONFIG] [--set ...]
     loraflow sweep [CONFIG] --grid train.learning_rate=1e-4,2e-4 --grid lora.r=4,8 [--max-concurrent 2]
+    loraflow cache ls|why|gc [CONFIG] [--set ...] [--older-than 7d | --keep-last N] [--dry-run]
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--max-concurrent", type=int, default=2, help="child runs at once (default: 2)")
     sw.add_argument("--metric", choices=["rouge1", "rouge2", "rougeL", "rougeLsum"], default="rougeL",
                     help="fine-tuned ROUGE F1 that ranks the runs (default: rougeL)")
+    c = sub.add_parser("cache", help="the stage store of a config's run.output_dir: ls, why (hit or what differs), gc")
+    c.add_argument("action", choices=["ls", "why", "gc"])
+    c.add_argument("config", nargs="?", help=f"YAML preset (default: {DEFAULT_CONFIG.relative_to(REPO_ROOT)})")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field by dotted key, as for `run` (repeatable)")
+    c.add_argument("--older-than", metavar="AGE", help="gc: remove stages unused for this long, e.g. 7d, 12h, 30m")
+    c.add_argument("--keep-last", type=int, metavar="N", help="gc: keep the N most recently used keys of each stage")
+    c.add_argument("--dry-run", action="store_true", help="gc: only say what would be removed")
     up = sub.add_parser("up", help="start a local Prefect server + worker and deploy deployments/prefect.yaml")
     up.add_argument("--host", default="127.0.0.1", help="server bind address (default: loopback only)")
     up.add_argument("--port", type=int, default=4200)
@@ -72,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.command == "cache":
+        from loraflow.cachecmd import main as cache
+
+        try:
+            return cache(args.action, cfg, args.older_than, args.keep_last, args.dry_run)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.command == "validate":
         print(f"ok: {config_path or 'defaults'} is a valid loraflow config")
         return 0

@@ -1,5 +1,5 @@
-"""What code and libraries a stage's result depends on: part of both its Prefect cache key and its
-folder's fingerprint, so a code edit or a library upgrade invalidates both (never a hand-bumped version).
+"""What code and libraries a stage's result depends on: part of the stage's one key (`loraflow.store`),
+so a code edit or a library upgrade invalidates the stage and what follows (never a hand-bumped version).
 
 Module sources are hashed from their files without importing them: importing loraflow.trainer would
 pull in torch and transformers (~20 s) just to decide that a stage is cached.
@@ -18,7 +18,7 @@ LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "rouge
 # The modules whose source shapes each stage's result (the one list: tasks.stages builds its keys from it).
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "data": ("loraflow.data", "loraflow.aclsum", "loraflow.splits"),
-    "tokenize": ("loraflow.prompts", "loraflow.tokenization"),
+    "tokenize": ("loraflow.prompts", "loraflow.tokenization", "loraflow.sources"),  # sources: GGUF -> tokenizer
     "model": ("loraflow.modeling", "loraflow.sources", "loraflow.hardware"),
     "train": ("loraflow.training", "loraflow.trainer", "loraflow.collator", "loraflow.modeling", "loraflow.launch",
               "loraflow.worker"),

@@ -14,9 +14,9 @@ Output folder `<output_dir>/data/<key>/`:
     splits.json     where each split came from, e.g. {"train": "train", "validation": "train (hash < 0.1)"}
     manifest.json   file checksums (artifacts.atomic_dir) + the data config
 
-`key = fingerprint(data config, source content digest, code_identity("data"))`: editing a local file in place,
-upgrading the aclsum package, pinning another hub revision, editing this stage's code or upgrading a
-library that shapes its numbers gives a new folder (`loraflow.codehash`).
+The key (`store.data_key`: data config, source content, code, libraries): editing a local file in place,
+upgrading the aclsum package, a hub branch that moved, editing this stage's code or upgrading a
+library that shapes its numbers gives a new folder.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from loraflow.artifacts import Handle, atomic_dir, content_digest, fingerprint, is_complete, stage_dir, write_json
-from loraflow.codehash import code_identity
+from loraflow import store
+from loraflow.artifacts import Handle, atomic_dir, content_digest, fingerprint, is_complete, write_json
 from loraflow.config import DataConfig, section_dict
 from loraflow.splits import carve, smallest_hash_first
 
@@ -96,8 +96,10 @@ def source_fingerprint(cfg: DataConfig) -> str:
             raise DataError(str(err)) from None
     if is_local(cfg.source):
         return fingerprint([(p.name, content_digest(p)) for p in _local_files(cfg.source)])
-    # A hub id without a revision follows the branch head: pin data.revision for reproducible caching.
-    return f"{cfg.source}:{cfg.hub_config}@{cfg.revision or 'main'}"
+    from loraflow.sources import hub_commit
+
+    # The commit the revision (or the branch head) stands for: a moved branch is a new key.
+    return f"{cfg.source}:{cfg.hub_config}@{hub_commit(cfg.source, cfg.revision, 'dataset')}"
 
 
 def _check_file(path: Path) -> None:
@@ -177,8 +179,10 @@ def load_source(cfg: DataConfig, cache_dir: str | Path | None = None):
         except Exception as err:  # e.g. a column that is a string in one row and a list in another
             raise DataError(f"data.source: could not read '{cfg.source}' as {builder} ({type(err).__name__}: "
                             f"{_first_line(err)}): check that every row has the same columns and types") from None
-    try:
-        return datasets.load_dataset(cfg.source, cfg.hub_config, revision=cfg.revision)
+    from loraflow.sources import hub_commit
+
+    try:  # the commit the key holds, so a branch that moves after keying cannot change the rows
+        return datasets.load_dataset(cfg.source, cfg.hub_config, revision=hub_commit(cfg.source, cfg.revision, "dataset"))
     except Exception as err:
         error = DataError(f"data.source: could not load hub dataset '{cfg.source}' ({type(err).__name__}: "
                         f"{_first_line(err)}); there is no local file or folder of that name either: check the id, "
@@ -336,10 +340,11 @@ def build_splits(cfg: DataConfig, cache_dir: str | Path | None = None) -> tuple[
 def prepare_data(cfg: DataConfig, output_dir: str | Path, refresh: bool = False) -> Handle:
     """Load, map, validate and split the source into `<output_dir>/data/<key>/dataset`; reuse it if complete
     (unless `refresh`: then recompute and replace it)."""
-    key = fingerprint(section_dict(cfg), source_fingerprint(cfg), code_identity("data"))
-    final = stage_dir(output_dir, "data", key)
+    sk = store.data_key(cfg)
+    key, final = sk.key, store.folder(output_dir, "data", sk.key)
     if is_complete(final) and not refresh:
         log.info("data: reusing %s", final)
+        store.touch(output_dir, "data", key)
     else:
         with atomic_dir(final, {"stage": "data", "config": section_dict(cfg)}) as tmp:
             scratch = tmp / "scratch"
@@ -353,6 +358,7 @@ def prepare_data(cfg: DataConfig, output_dir: str | Path, refresh: bool = False)
             write_json(tmp / "splits.json", origin)
             del splits  # memory-maps files in scratch/
             shutil.rmtree(scratch, ignore_errors=True)  # parsed copies of local files: not part of the artifact
+        store.remember(output_dir, sk)
     info = json.loads((final / "info.json").read_text())
     log.info("data: %d train / %d validation / %d test rows", info["n_train"], info["n_validation"], info["n_test"])
     return Handle(stage="data", path=str(final), fingerprint=key, info=info)

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, stage_dir, write_json
-from loraflow.codehash import code_identity
-from loraflow.config import EvalConfig, PipelineConfig, section_dict
-from loraflow.hardware import resolve_compute_dtype
+from loraflow import store
+from loraflow.artifacts import Handle, atomic_dir, is_complete, write_json
+from loraflow.config import EvalConfig, PipelineConfig
+from loraflow.hardware import resolve_quantization
 
 log = logging.getLogger("loraflow")
 
@@ -80,12 +80,14 @@ def use_dequantized(ev: EvalConfig, quantized: bool) -> bool:
 
 def evaluate_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, output_dir: str | Path) -> Handle:
     """Score the fine-tuned adapter (and the base model) with ROUGE; writes predictions.jsonl + metrics.json."""
-    dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
-    key = fingerprint(tokenized.fingerprint, model_handle.fingerprint, trained.fingerprint, section_dict(cfg.eval),
-                      dtype, code_identity("evaluate"))
-    final = stage_dir(output_dir, "evaluate", key)
+    cfg = cfg.model_copy(update={"quantization": resolve_quantization(cfg.quantization)})  # 'auto' -> this machine's
+    sk = store.evaluate_key(cfg, tokenized.fingerprint, model_handle.fingerprint, trained.fingerprint)
+    key, final = sk.key, store.folder(output_dir, "evaluate", sk.key)
     if cfg.run.refreshes("evaluate") or not is_complete(final):
         _run_eval(cfg, tokenized, model_handle, trained, final)
+        store.remember(output_dir, sk)
+    else:
+        store.touch(output_dir, "evaluate", key)
     metrics = json.loads((final / "metrics.json").read_text())
     return Handle(stage="evaluate", path=str(final), fingerprint=key, info=metrics)
 
@@ -141,7 +143,7 @@ def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trai
         "generation_examples_per_second": round(len(prompts) / seconds, 3),
         "generation_s": round(seconds, 3),
         "dequantized": dequantized,
-        "compute_dtype": resolve_compute_dtype(cfg.quantization.compute_dtype),
+        "compute_dtype": cfg.quantization.compute_dtype,  # resolved by evaluate_adapter
         "stop_token_ids": stops,
     }
     with atomic_dir(final, {"stage": "evaluate"}) as tmp:

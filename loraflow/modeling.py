@@ -12,12 +12,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, stage_dir, write_json
+from loraflow import store
+from loraflow.artifacts import Handle, atomic_dir, is_complete, write_json
 from loraflow.buildlock import MODEL_BUILD
-from loraflow.codehash import code_identity
-from loraflow.config import LoraConfig, ModelConfig, QuantizationConfig, section_dict
+from loraflow.config import LoraConfig, ModelConfig, QuantizationConfig
 from loraflow.hardware import resolve_compute_dtype, resolve_quantization
-from loraflow.sources import resolve_model_dir, weights_digest
+from loraflow.sources import resolve_model_dir
 
 log = logging.getLogger("loraflow")
 
@@ -150,10 +150,8 @@ def build_model(
     """Resolve the base model, load it quantized with LoRA, save the initial adapter and report sizes."""
     model_dir = resolve_model_dir(model.name_or_path, model.revision, cache_dir, model.allow_pickle_weights)
     quant = resolve_quantization(quant)
-    key = fingerprint(
-        section_dict(model), section_dict(quant), section_dict(lora), weights_digest(model_dir), code_identity("model")
-    )
-    final = stage_dir(output_dir, "model", key)
+    sk = store.model_key(model, quant, lora)
+    key, final = sk.key, store.folder(output_dir, "model", sk.key)
     if refresh or not is_complete(final):
         base = load_base(model_dir, model, quant)
         peft_model = attach_lora(base, lora, quantized=quant.mode != "none")
@@ -174,6 +172,9 @@ def build_model(
             model_dir.name, quant.mode, info["trainable_params"], info["total_params"],
             info["trainable_percent"], info["memory_footprint_mb"],
         )
+        store.remember(output_dir, sk)
+    else:
+        store.touch(output_dir, "model", key)
     info = json.loads((final / "model.json").read_text())
     return Handle(stage="model", path=str(final), fingerprint=key, info=info)
 

@@ -9,7 +9,6 @@ concurrent runs.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import uuid
 from contextlib import contextmanager

@@ -105,7 +105,8 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool = False) ->
     # The token comes from HF_TOKEN / the hub login, read by huggingface_hub itself: never logged or keyed.
     patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        # the commit the key holds (`hub_commit`), so a branch that moves after keying cannot change the files
+        return Path(snapshot_download(repo_id, revision=hub_commit(repo_id, revision), allow_patterns=patterns))
     except Exception as err:
         raise ModelSourceError(
             f"model.name_or_path: could not fetch hub model '{repo_id}' ({type(err).__name__}): check the id, "
@@ -113,9 +114,14 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool = False) ->
         ) from None
 
 
+# The files of a model folder that shape a stage's result: weights, config, tokenizer, chat template.
+MODEL_FILE_SUFFIXES = {".json", ".safetensors", ".bin", ".jinja", ".txt", ".model", ".tiktoken"}
+_COMMITS: dict[tuple[str, str, str], str] = {}
+
+
 def weights_digest(model_dir: Path) -> str:
-    """Content hash of the weights, config and tokenizer files of a model folder."""
-    wanted = [p for p in sorted(model_dir.iterdir()) if p.is_file() and p.suffix in {".json", ".safetensors", ".jinja"}]
+    """Content hash of a model folder's weight, config and tokenizer files (top level; see MODEL_FILE_SUFFIXES)."""
+    wanted = [p for p in sorted(model_dir.iterdir()) if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES]
     import hashlib
 
     h = hashlib.sha256()
@@ -124,8 +130,42 @@ def weights_digest(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def hub_commit(repo_id: str, revision: str | None, repo_type: str = "model") -> str:
+    """The commit sha a hub revision (branch, tag or None = main) stands for, for cache keys: asked of the
+    hub when it answers, else read from the local Hugging Face cache's snapshot refs (offline), else the
+    revision name itself (logged: a key that cannot see the branch move). Asked once per process."""
+    wanted = revision or "main"
+    if len(wanted) == 40 and all(c in "0123456789abcdef" for c in wanted):
+        return wanted
+    memo = (repo_type, repo_id, wanted)
+    if memo in _COMMITS:
+        return _COMMITS[memo]
+    from huggingface_hub import HfApi, constants
+
+    sha = None
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            info = (HfApi().dataset_info if repo_type == "dataset" else HfApi().model_info)(
+                repo_id, revision=wanted, timeout=10)
+            sha = info.sha
+        except Exception:  # noqa: BLE001 - unreachable hub, no such repo: fall back to the local cache
+            sha = None
+    if sha is None:
+        ref = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}" / "refs" / wanted
+        try:
+            sha = ref.read_text().strip() or None
+        except OSError:
+            sha = None
+    if sha is None:
+        log.warning("%s %s@%s: no commit found (hub unreachable, nothing cached): keyed by the revision name; pin "
+                    "a commit sha for a key that sees the branch move", repo_type, repo_id, wanted)
+        sha = wanted
+    _COMMITS[memo] = sha
+    return sha
+
+
 def source_identity(name_or_path: str, revision: str | None = None) -> str:
-    """A cheap identity of the model source for cache keys: file content for local sources, id@revision for hub."""
+    """A cheap identity of the model source for cache keys: file content for local sources, the commit for hub ids."""
     if name_or_path == BUILTIN_GGUF:
         return content_digest(builtin_gguf_path())
     path = Path(name_or_path).expanduser()
@@ -133,4 +173,4 @@ def source_identity(name_or_path: str, revision: str | None = None) -> str:
         return content_digest(path)
     if path.is_dir():
         return weights_digest(path)
-    return f"{name_or_path}@{revision or 'main'}"
+    return f"{name_or_path}@{hub_commit(name_or_path, revision)}"

@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loraflow.artifacts import Handle, atomic_dir, content_digest, fingerprint, is_complete, stage_dir, write_json
-from loraflow.codehash import code_identity
+from loraflow import store
+from loraflow.artifacts import Handle, atomic_dir, content_digest, is_complete, write_json
 from loraflow.collator import IGNORE_INDEX
-from loraflow.config import PromptConfig, section_dict
+from loraflow.config import ModelConfig, PromptConfig, section_dict
+from loraflow.sources import resolve_model_dir, source_identity
 from loraflow.prompts import PromptError, check_template, end_of_turn, render_prompt
 
 log = logging.getLogger("loraflow")
@@ -49,7 +50,7 @@ def load_tokenizer(tokenizer_dir: str | Path):
 
 
 def tokenizer_digest(tokenizer_dir: str | Path) -> dict[str, str]:
-    """{file name: sha256} of the tokenizer files in `tokenizer_dir`, for the stage fingerprint."""
+    """{file name: sha256} of the tokenizer files in `tokenizer_dir` (a folder without any is an error)."""
     folder = Path(tokenizer_dir)
     files = {p for pattern in TOKENIZER_GLOBS for p in folder.glob(pattern) if p.is_file()}
     if not files:
@@ -134,21 +135,29 @@ def encode_example(row: dict[str, Any], prompt: PromptConfig, tokenizer) -> dict
     return {k: v[0] for k, v in batch.items()}
 
 
-def tokenize_data(data: Handle, prompt: PromptConfig, tokenizer_dir: str | Path, output_dir: str | Path,
-                  refresh: bool = False) -> Handle:
-    """Tokenize the data stage's splits; reuses a complete folder with the same key unless `refresh`."""
+def tokenize_data(data: Handle, prompt: PromptConfig, tokenizer: str | Path | ModelConfig, output_dir: str | Path,
+                  refresh: bool = False, cache_dir: str | None = None) -> Handle:
+    """Tokenize the data stage's splits with `tokenizer` (a model folder, or the model config: resolved only
+    when the stage computes); reuses a complete folder with the same key unless `refresh`."""
     if prompt.max_target_length >= prompt.max_length:
         raise PromptError(
             f"prompt.max_target_length ({prompt.max_target_length}) leaves no room for the prompt in "
             f"prompt.max_length ({prompt.max_length}): raise max_length or lower max_target_length"
         )
-    key = fingerprint(data.fingerprint, section_dict(prompt), tokenizer_digest(tokenizer_dir), code_identity("tokenize"))
-    final = stage_dir(output_dir, "tokenize", key)
+    model = tokenizer if isinstance(tokenizer, ModelConfig) else ModelConfig(name_or_path=str(Path(tokenizer).resolve()))
+    sk = store.tokenize_key(data.fingerprint, prompt, source_identity(model.name_or_path, model.revision))
+    key, final = sk.key, store.folder(output_dir, "tokenize", sk.key)
     if is_complete(final) and not refresh:
         log.info("tokenize: reusing %s", final)
+        store.touch(output_dir, "tokenize", key)
         stats = json.loads((final / "stats.json").read_text())
     else:
-        stats = _run(data, prompt, Path(tokenizer_dir), final, key)
+        local = Path(model.name_or_path).expanduser()  # a folder is read as it is (the model stage checks weights)
+        tokenizer_dir = local.resolve() if local.is_dir() else resolve_model_dir(
+            model.name_or_path, model.revision, cache_dir, model.allow_pickle_weights)
+        tokenizer_digest(tokenizer_dir)  # a folder without tokenizer files fails here, naming them
+        stats = _run(data, prompt, tokenizer_dir, final, key)
+        store.remember(output_dir, sk)
     return Handle(stage="tokenize", path=str(final), fingerprint=key, info=_summary(stats))
 
 

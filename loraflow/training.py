@@ -13,10 +13,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from loraflow.artifacts import Handle, atomic_dir, fingerprint, is_complete, stage_dir, write_json
-from loraflow.codehash import code_identity
-from loraflow.config import PipelineConfig, TrainConfig, key_fields
-from loraflow.distributed import ddp_backend, gather_from_ranks, rank, resolve_processes, sum_over_ranks
+from loraflow import store
+from loraflow.artifacts import Handle, atomic_dir, is_complete, write_json
+from loraflow.config import PipelineConfig, TrainConfig
+from loraflow.distributed import ddp_backend, gather_from_ranks, rank, sum_over_ranks
 from loraflow.hardware import resolve_compute_dtype
 
 log = logging.getLogger("loraflow")
@@ -200,42 +200,49 @@ def stopping_generation_config(model, tokenizer, cfg: PipelineConfig):
     return config
 
 
-def train_key(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, without: tuple[str, ...] = ()) -> str:
-    # 'auto' processes and the number it stands for here are one setting: the same folder, the same checkpoints.
-    train = {**key_fields(cfg.train), "num_processes": resolve_processes(cfg.train.num_processes)}
-    for name in without:
-        train.pop(name, None)
-    dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
-    return fingerprint(tokenized.fingerprint, model_handle.fingerprint, train, dtype, code_identity("train"))
+def train_key(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle) -> str:
+    """The train stage's key (`store.train_key`): its folder is `<output_dir>/train/<key>`."""
+    return store.train_key(cfg, tokenized.fingerprint, model_handle.fingerprint).key
 
 
 def continuation_key(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle) -> str:
-    """The train key without its length: runs that differ only in `max_steps` share it."""
-    return train_key(cfg, tokenized, model_handle, without=("max_steps",))
+    """The train key without its length: runs that differ only in `max_steps` / `num_train_epochs` share it."""
+    return store.train_key(cfg, tokenized.fingerprint, model_handle.fingerprint,
+                           without=("max_steps", "num_train_epochs")).key
+
+
+def _shorter(info: dict[str, Any], train: TrainConfig) -> bool:
+    """Whether a finished run (its train_metrics) is a shorter run of this one: fewer steps when this run
+    counts steps, fewer epochs when both count epochs."""
+    length = info.get("length") or {}
+    if train.max_steps > 0:
+        return (info.get("global_step") or 0) < train.max_steps
+    return length.get("max_steps", 0) <= 0 and length.get("num_train_epochs", float("inf")) < train.num_train_epochs
 
 
 def seed_continuation(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, output_dir: str | Path) -> Path | None:
-    """Continue, not restart, when only `max_steps` grew: copy the final checkpoint of the longest shorter
-    finished run with the same continuation key into this run's work folder, so training resumes from
-    its last step (weights, optimizer, scheduler, RNG, data position). Returns the copied checkpoint.
+    """Continue, not restart, when only the run's length grew (`max_steps`, or `num_train_epochs` when both
+    runs count epochs): copy the final checkpoint of the longest shorter finished run with the same
+    continuation key into this run's work folder, so training resumes from its last step (weights,
+    optimizer, scheduler, RNG, data position). Returns the copied checkpoint.
 
     The schedule is this run's: Trainer rebuilds it for the new total and resumes at the step reached.
     `constant` / `constant_with_warmup` then continue exactly as an uninterrupted run would; a decaying
     schedule (`cosine`, `linear`) jumps from the shorter run's final learning rate to the longer
     schedule's value at that step (it is not a new warm-up)."""
     key = train_key(cfg, tokenized, model_handle)
-    work = stage_dir(output_dir, "train", key).with_name(f"{key}.work")
-    if cfg.train.max_steps <= 0 or last_checkpoint(work / "checkpoints") is not None:
+    work = store.work_dir(output_dir, key)
+    if last_checkpoint(work / "checkpoints") is not None:
         return None
     wanted, best = continuation_key(cfg, tokenized, model_handle), None
-    for metrics_file in stage_dir(output_dir, "train", key).parent.glob("*/train_metrics.json"):
+    for metrics_file in store.folder(output_dir, "train", key).parent.glob("*/train_metrics.json"):
         try:
             info = json.loads(metrics_file.read_text())
         except (OSError, ValueError):
             continue
         step = info.get("global_step") or 0
         ckpt = metrics_file.parent / "checkpoints" / f"checkpoint-{step}"
-        if (info.get("continuation_key") == wanted and step < cfg.train.max_steps and is_complete(metrics_file.parent)
+        if (info.get("continuation_key") == wanted and _shorter(info, cfg.train) and is_complete(metrics_file.parent)
                 and (ckpt / "trainer_state.json").is_file() and (best is None or step > best[0])):
             best = (step, ckpt)
     if best is None:
@@ -261,13 +268,16 @@ def train_adapter(
     `stop_requested` (checked after training) turns an early stop into `Preempted`, leaving the
     checkpoint in the work folder for the rerun instead of publishing a half-trained adapter.
     """
-    key = train_key(cfg, tokenized, model_handle)
-    final = stage_dir(output_dir, "train", key)
+    sk = store.train_key(cfg, tokenized.fingerprint, model_handle.fingerprint)
+    key, final = sk.key, store.folder(output_dir, "train", sk.key)
     if cfg.run.refreshes("train") or not is_complete(final):
-        work = final.with_name(f"{key}.work")  # survives crashes: holds the checkpoints to resume from
+        work = store.work_dir(output_dir, key)  # survives crashes: holds the checkpoints to resume from
         _run_training(cfg, tokenized, model_handle, final, work, callbacks or [], stop_requested)
         if rank() != 0:
             return None  # under DDP, rank 0 writes the stage folder and returns the handle
+        store.remember(output_dir, sk)
+    elif rank() == 0:
+        store.touch(output_dir, "train", key)
     metrics = json.loads((final / "train_metrics.json").read_text())
     return Handle(stage="train", path=str(final), fingerprint=key, info=metrics)
 
@@ -355,6 +365,7 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         "device": str(args.device),
         "compute_dtype": resolve_compute_dtype(cfg.quantization.compute_dtype),
         "continuation_key": continuation_key(cfg, tokenized, model_handle),
+        "length": {"max_steps": cfg.train.max_steps, "num_train_epochs": cfg.train.num_train_epochs},
     }
     if before != after:
         raise RuntimeError("train: base weights changed during LoRA training; this is a bug, please report it")

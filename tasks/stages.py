@@ -17,42 +17,20 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
+from loraflow import store
 from loraflow.artifacts import Handle, default_cache_dir
-from loraflow.codehash import STAGE_MODULES
 from loraflow.config import DataConfig, LoraConfig, ModelConfig, PipelineConfig, PromptConfig, QuantizationConfig, RunConfig
-from loraflow.remote import is_url, local_root, remote_folder, upload
-from tasks.caching import StageSpec, explain_miss
+from loraflow.remote import local_root
+from tasks.caching import cache_key_fn, explain_miss
 from tasks.locks import STALE_SECONDS, AtomicFileLockManager
 from tasks.storage import lock_folder
 
 
-def _data_source(parameters: dict[str, Any]) -> Any:
-    from loraflow.data import source_fingerprint
-
-    return source_fingerprint(parameters["data"])
-
-
-def _model_source(parameters: dict[str, Any]) -> Any:
-    from loraflow.sources import source_identity
-
-    model = parameters["model"] if isinstance(parameters["model"], ModelConfig) else parameters["cfg"].model
-    return source_identity(model.name_or_path, model.revision)
-
-
-DATA = StageSpec("data", STAGE_MODULES["data"], source=_data_source)
-TOKENIZE = StageSpec("tokenize", STAGE_MODULES["tokenize"], source=_model_source)
-MODEL = StageSpec("model", STAGE_MODULES["model"], source=_model_source)
-# quantization.compute_dtype arrives resolved (flows.pipeline)
-TRAIN = StageSpec("train", STAGE_MODULES["train"], sections=("train", "quantization"))
-EVALUATE = StageSpec("evaluate", STAGE_MODULES["evaluate"], sections=("eval", "quantization"))
-SPECS = {spec.stage: spec for spec in (DATA, TOKENIZE, MODEL, TRAIN, EVALUATE)}
-
-
 @contextmanager
-def stage_logs(spec: StageSpec, output_dir: str) -> Iterator[None]:
+def stage_logs(stage: str, output_dir: str) -> Iterator[None]:
     """Log why the stage runs (a cache miss), and forward `loraflow` log records into the task's log."""
     run_logger = get_run_logger()
-    run_logger.info("%s: miss — %s", spec.stage, explain_miss(spec, TaskRunContext.get().parameters, output_dir))
+    run_logger.info("%s: miss — %s", stage, explain_miss(stage, TaskRunContext.get().parameters, output_dir))
     logger = logging.getLogger("loraflow")
     thread = threading.get_ident()
 
@@ -82,18 +60,18 @@ def stage_logs(spec: StageSpec, output_dir: str) -> Iterator[None]:
 _FORWARDING: dict[str, Any] = {"lock": threading.Lock(), "count": 0, "propagate": True}
 
 
-def _policy(spec: StageSpec, lock_dir: Path, stale_seconds: float = STALE_SECONDS) -> CacheKeyFnPolicy:
+def _policy(stage: str, lock_dir: Path, stale_seconds: float = STALE_SECONDS) -> CacheKeyFnPolicy:
     # SERIALIZABLE + a file lock per cache key: two runs of the same config never compute the same stage
     # at once; the second waits for the first and then reads its cached result (or, if the first was
     # killed, breaks its lock and computes the stage: tasks.locks).
-    return CacheKeyFnPolicy(cache_key_fn=spec.key).configure(
+    return CacheKeyFnPolicy(cache_key_fn=cache_key_fn(stage)).configure(
         isolation_level="SERIALIZABLE", lock_manager=AtomicFileLockManager(lock_dir, stale_seconds)
     )
 
 
-def _options(spec: StageSpec, **kw: Any) -> dict[str, Any]:
-    policy = _policy(spec, default_cache_dir(None) / "locks")
-    return dict(name=spec.stage, cache_policy=policy, persist_result=True, result_serializer="json", **kw)
+def _options(stage: str, **kw: Any) -> dict[str, Any]:
+    policy = _policy(stage, default_cache_dir(None) / "locks")
+    return dict(name=stage, cache_policy=policy, persist_result=True, result_serializer="json", **kw)
 
 
 def workspace(run: RunConfig) -> str:
@@ -102,10 +80,13 @@ def workspace(run: RunConfig) -> str:
 
 
 def published(handle: Handle, run: RunConfig) -> Handle:
-    """With a URL output_dir, upload the finished stage folder there (see `loraflow.remote`)."""
-    if is_url(run.output_dir):
-        upload(Path(handle.path), remote_folder(run.output_dir, handle.stage, handle.fingerprint))
-    return handle
+    """The finished stage: checked against the key its task was cached under (one key: `loraflow.store`),
+    and uploaded when output_dir is a URL."""
+    expected = store.key_of(handle.stage, TaskRunContext.get().parameters).key
+    if handle.fingerprint != expected:
+        raise RuntimeError(f"{handle.stage}: folder key {handle.fingerprint} is not the cache key {expected}; "
+                           "this is a bug, please report it")
+    return store.publish(handle, run.output_dir)
 
 
 def _retryable(_task: Any, _run: Any, state: Any) -> bool:
@@ -119,56 +100,55 @@ def _retryable(_task: Any, _run: Any, state: Any) -> bool:
 
 def for_run(task_obj: Any, run: RunConfig, storage_slug: str | None) -> Any:
     """`task_obj` with this run's result storage and its locks (see `tasks.storage`)."""
-    spec = SPECS[task_obj.name]
     lock_dir = lock_folder(run.result_storage, default_cache_dir(run.cache_dir))
-    return task_obj.with_options(cache_policy=_policy(spec, lock_dir, run.lock_stale_seconds), result_storage=storage_slug)
+    return task_obj.with_options(cache_policy=_policy(task_obj.name, lock_dir, run.lock_stale_seconds),
+                                 result_storage=storage_slug)
 
 
-@task(**_options(DATA, retries=2, retry_delay_seconds=10, retry_condition_fn=_retryable))
+@task(**_options("data", retries=2, retry_delay_seconds=10, retry_condition_fn=_retryable))
 def data_task(data: DataConfig, run: RunConfig) -> Handle:
     """Load, map, validate and split the dataset."""
     from loraflow.data import prepare_data
 
-    with stage_logs(DATA, workspace(run)):
+    with stage_logs("data", workspace(run)):
         return published(prepare_data(data, workspace(run), refresh=run.refreshes("data")), run)
 
 
-@task(**_options(TOKENIZE))
+@task(**_options("tokenize"))
 def tokenize_task(data: Handle, prompt: PromptConfig, model: ModelConfig, run: RunConfig) -> Handle:
     """Render prompts, tokenize, mask the prompt out of the labels."""
-    from loraflow.sources import resolve_model_dir
     from loraflow.tokenization import tokenize_data
 
-    with stage_logs(TOKENIZE, workspace(run)):
-        tokenizer_dir = resolve_model_dir(model.name_or_path, model.revision, run.cache_dir, model.allow_pickle_weights)
-        return published(tokenize_data(data, prompt, tokenizer_dir, workspace(run), refresh=run.refreshes("tokenize")), run)
+    with stage_logs("tokenize", workspace(run)):
+        return published(tokenize_data(data, prompt, model, workspace(run), refresh=run.refreshes("tokenize"),
+                                       cache_dir=run.cache_dir), run)
 
 
-@task(**_options(MODEL, retries=1))
+@task(**_options("model", retries=1))
 def model_task(model: ModelConfig, quantization: QuantizationConfig, lora: LoraConfig, run: RunConfig) -> Handle:
     """Load the base model in 4 bits, attach LoRA, save the initial adapter."""
     from loraflow.modeling import build_model
 
-    with stage_logs(MODEL, workspace(run)):
+    with stage_logs("model", workspace(run)):
         return published(build_model(model, quantization, lora, workspace(run), run.cache_dir,
                                      refresh=run.refreshes("model")), run)
 
 
-@task(**_options(TRAIN, tags=["gpu"]))
+@task(**_options("train", tags=["gpu"]))
 def train_task(cfg: PipelineConfig, tokenized: Handle, model: Handle) -> Handle:
     """Fine-tune the LoRA adapter with transformers.Trainer, in a child process."""
     from loraflow.launch import run_train_worker
     from tasks.reporting import progress_reporter
 
-    with stage_logs(TRAIN, workspace(cfg.run)):
+    with stage_logs("train", workspace(cfg.run)):
         trained = run_train_worker(cfg, tokenized, model, workspace(cfg.run), progress_reporter(cfg.train.max_steps))
         return published(trained, cfg.run)
 
 
-@task(**_options(EVALUATE, tags=["gpu"]))
+@task(**_options("evaluate", tags=["gpu"]))
 def evaluate_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, trained: Handle) -> Handle:
     """Generate on the test split and score ROUGE for the fine-tuned and base models."""
     from loraflow.evaluation import evaluate_adapter
 
-    with stage_logs(EVALUATE, workspace(cfg.run)):
+    with stage_logs("evaluate", workspace(cfg.run)):
         return published(evaluate_adapter(cfg, tokenized, model, trained, workspace(cfg.run)), cfg.run)

@@ -1,51 +1,84 @@
-"""Cache keys cover what determines a stage's output; a miss says what changed."""
+"""One key per stage (`loraflow.store`): it names the folder and Prefect's cache key; a miss says what changed."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+
+from loraflow import store
 from loraflow.artifacts import Handle
-from loraflow.config import PipelineConfig, RunConfig, build_config
-from tasks.caching import StageSpec, explain_miss
+from loraflow.config import DataConfig, ModelConfig, PipelineConfig, PromptConfig, RunConfig, build_config
+from tasks.caching import cache_key_fn, explain_miss
 
-SPEC = StageSpec("train", ("loraflow.training",), sections=("train",))
-
-
-def params(cfg: PipelineConfig, fp: str = "abc") -> dict:
-    return {"cfg": cfg, "tokenized": Handle(stage="tokenize", path="/x", fingerprint=fp)}
+UP = {"tokenized": Handle(stage="tokenize", path="/x", fingerprint="abc"),
+      "model": Handle(stage="model", path="/y", fingerprint="def")}
 
 
-def test_key_depends_on_its_sections_and_upstream_only(tmp_path):
+def train_params(cfg: PipelineConfig, tokenized: str = "abc") -> dict:
+    return {"cfg": cfg, **UP, "tokenized": Handle(stage="tokenize", path="/x", fingerprint=tokenized)}
+
+
+def with_train(cfg: PipelineConfig, **fields) -> PipelineConfig:
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=fields)})
+
+
+def test_the_train_key_holds_what_shapes_the_result_and_nothing_else(tmp_path):
     base = build_config({"run": {"output_dir": str(tmp_path)}})
-    key = SPEC.key(None, params(base))
-    assert SPEC.key(None, params(base)) == key
-    other_eval = base.model_copy(update={"eval": base.eval.model_copy(update={"max_new_tokens": 3})})
-    assert SPEC.key(None, params(other_eval)) == key
-    other_lr = base.model_copy(update={"train": base.train.model_copy(update={"learning_rate": 1e-5})})
-    assert SPEC.key(None, params(other_lr)) != key
-    assert SPEC.key(None, params(base, fp="def")) != key
+    key = store.key_of("train", train_params(base)).key
+    assert store.key_of("train", train_params(base)).key == key
+    assert store.key_of("train", train_params(base.model_copy(update={"eval": base.eval.model_copy(
+        update={"max_new_tokens": 3})}))).key == key  # another stage's section
+    # run-only fields: how the run is watched, not what it computes
+    assert store.key_of("train", train_params(with_train(base, logging_steps=1, save_total_limit=9, report_to=[],
+                                                         dataloader_num_workers=2, save_steps=7))).key == key
+    assert store.key_of("train", train_params(with_train(base, learning_rate=1e-5))).key != key
+    assert store.key_of("train", train_params(base, tokenized="new")).key != key
+    # save_steps decides the result once the best checkpoint is loaded at the end
+    best = with_train(base, load_best_model_at_end=True, eval_steps=5, save_steps=5)
+    assert store.key_of("train", train_params(best)).key != store.key_of("train", train_params(
+        with_train(best, save_steps=10, eval_steps=10))).key
+    # Prefect's key is the folder's address: the stage, its key, the output folder
+    prefect = cache_key_fn("train")(None, train_params(base))
+    assert prefect.startswith(f"loraflow-train-{key}-")
     moved = base.model_copy(update={"run": RunConfig(output_dir=str(tmp_path / "elsewhere"))})
-    assert SPEC.key(None, params(moved)) != key
+    assert store.key_of("train", train_params(moved)).key == key != cache_key_fn("train")(None, train_params(moved))
 
 
-def test_miss_explains_what_changed(tmp_path):
+def test_the_folder_is_named_by_the_key_prefect_caches_under(tmp_path, gpt2_tokenizer_dir):
+    from loraflow.data import prepare_data
+    from loraflow.tokenization import tokenize_data
+
+    (tmp_path / "d.jsonl").write_text("".join(f'{{"input": "text {i}", "target": "t {i}"}}\n' for i in range(30)))
+    data_cfg, prompt = DataConfig(source=str(tmp_path / "d.jsonl")), PromptConfig(style="template", template="{input}")
+    run = RunConfig(output_dir=str(tmp_path / "out"))
+    data = prepare_data(data_cfg, tmp_path / "out")
+    model = ModelConfig(name_or_path=str(gpt2_tokenizer_dir))
+    tokens = tokenize_data(data, prompt, model, tmp_path / "out")
+    for handle, args in ((data, {"data": data_cfg, "run": run}),
+                         (tokens, {"data": data, "prompt": prompt, "model": model, "run": run})):
+        key = store.key_of(handle.stage, args).key
+        assert handle.fingerprint == key == Path(handle.path).name
+        assert Path(handle.path) == store.folder(run.output_dir, handle.stage, key)
+        assert cache_key_fn(handle.stage)(None, args) == store.prefect_key(handle.stage, key, run.output_dir)
+    # a tokenizer given as a folder or as the model config that names it: one key, one folder
+    assert tokenize_data(data, prompt, gpt2_tokenizer_dir, tmp_path / "out").path == tokens.path
+
+
+def test_a_miss_names_what_differs_from_the_nearest_earlier_key(tmp_path):
     base = build_config({"run": {"output_dir": str(tmp_path)}})
-    assert explain_miss(SPEC, params(base), tmp_path) == "no earlier run in this output folder"
-    lr = base.model_copy(update={"train": base.train.model_copy(update={"learning_rate": 1e-5})})
-    assert explain_miss(SPEC, params(lr), tmp_path) == "train.learning_rate changed"
-    assert explain_miss(SPEC, params(lr, fp="new"), tmp_path) == "upstream tokenized changed"
-    assert "same inputs" in explain_miss(SPEC, params(lr, fp="new"), tmp_path)
-
-
-def test_a_refreshed_stage_says_why_it_ran(tmp_path):
-    from loraflow.config import DataConfig, RunConfig
-    from tasks.caching import explain_miss
-    from tasks.stages import DATA
-
-    params = {"data": DataConfig(source=str(tmp_path / "d.jsonl")), "run": RunConfig(output_dir=str(tmp_path))}
-    (tmp_path / "d.jsonl").write_text('{"input": "a", "target": "b"}\n')
-    assert explain_miss(DATA, params, tmp_path) == "no earlier run in this output folder"
-    assert "result storage was cleared" in explain_miss(DATA, params, tmp_path)
-    params["run"] = RunConfig(output_dir=str(tmp_path), refresh=["data"])
-    assert explain_miss(DATA, params, tmp_path) == "refresh requested (run.refresh): recomputing"
+    params = train_params(base)
+    assert explain_miss("train", params, str(tmp_path)).endswith("no earlier run in this output folder")
+    store.remember(tmp_path, store.key_of("train", params))
+    lr = train_params(with_train(base, learning_rate=1e-5))
+    assert "train.train.learning_rate changed" not in explain_miss("train", lr, str(tmp_path))
+    assert explain_miss("train", lr, str(tmp_path)).split(": ", 1)[1].startswith("train.learning_rate changed")
+    store.remember(tmp_path, store.key_of("train", lr))
+    both = train_params(with_train(base, learning_rate=1e-5, warmup_steps=3), tokenized="new")
+    why = explain_miss("train", both, str(tmp_path))  # nearest: the lr run (two fields differ, not three)
+    assert "train.warmup_steps" in why and "upstream tokenize" in why and "learning_rate" not in why
+    assert "made before, but its folder is gone" in explain_miss("train", lr, str(tmp_path))
+    refreshed = train_params(base.model_copy(update={"run": RunConfig(output_dir=str(tmp_path), refresh=["train"])}))
+    assert "refresh requested (run.refresh)" in explain_miss("train", refreshed, str(tmp_path))
 
 
 def test_a_big_file_is_hashed_once_per_machine_not_once_per_process(tmp_path):
@@ -76,25 +109,14 @@ def test_a_big_file_is_hashed_once_per_machine_not_once_per_process(tmp_path):
 
 
 def test_editing_a_stages_code_invalidates_that_stage_and_what_follows_only(tmp_path, gpt2_tokenizer_dir, monkeypatch):
-    # Both keys move together: the folder's fingerprint and Prefect's cache key (tasks.caching).
     import loraflow.codehash as codehash
-    from loraflow.config import DataConfig, ModelConfig, PromptConfig, RunConfig
     from loraflow.data import prepare_data
     from loraflow.tokenization import tokenize_data
-    from tasks.stages import DATA, TOKENIZE
 
     (tmp_path / "d.jsonl").write_text("".join(f'{{"input": "text {i}", "target": "t {i}"}}\n' for i in range(30)))
     data_cfg, prompt = DataConfig(source=str(tmp_path / "d.jsonl")), PromptConfig(style="template", template="{input}")
-    run = RunConfig(output_dir=str(tmp_path / "out"))
     data = prepare_data(data_cfg, tmp_path / "out")
     tokens = tokenize_data(data, prompt, gpt2_tokenizer_dir, tmp_path / "out")
-
-    def prefect_keys() -> tuple[str, str]:
-        model = ModelConfig(name_or_path=str(gpt2_tokenizer_dir))
-        return (DATA.key(None, {"data": data_cfg, "run": run}),
-                TOKENIZE.key(None, {"data": data, "prompt": prompt, "model": model, "run": run}))
-
-    keys = prefect_keys()
     real_hash, real_versions = codehash.module_source_hash, codehash.library_versions()
 
     def edited(*modules: str) -> str:  # as if loraflow/tokenization.py had been edited
@@ -102,9 +124,35 @@ def test_editing_a_stages_code_invalidates_that_stage_and_what_follows_only(tmp_
 
     monkeypatch.setattr(codehash, "module_source_hash", edited)
     assert prepare_data(data_cfg, tmp_path / "out").fingerprint == data.fingerprint  # upstream: untouched
-    assert tokenize_data(data, prompt, gpt2_tokenizer_dir, tmp_path / "out").fingerprint != tokens.fingerprint
-    assert prefect_keys()[0] == keys[0] and prefect_keys()[1] != keys[1]
-    # (downstream stages key on the tokenize fingerprint, so they miss too)
+    retokenized = tokenize_data(data, prompt, gpt2_tokenizer_dir, tmp_path / "out")
+    assert retokenized.fingerprint != tokens.fingerprint and Path(retokenized.path).is_dir()
+    # (downstream stages key on the tokenize key, so they miss too)
     monkeypatch.setattr(codehash, "library_versions", lambda: {**real_versions, "transformers": "9.9.9"})
     assert prepare_data(data_cfg, tmp_path / "out").fingerprint != data.fingerprint  # a library upgrade
-    assert prefect_keys()[0] != keys[0]
+
+
+def test_a_hub_source_is_keyed_by_its_commit(tmp_path, monkeypatch):
+    """The hub is unreachable here: the commit comes from the local Hugging Face cache's snapshot refs."""
+    import huggingface_hub.constants as hub
+
+    import loraflow.sources as sources
+    from loraflow.data import source_fingerprint
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(sources, "_COMMITS", {})
+    ref = tmp_path / "hub" / "models--acme--tiny" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text("a" * 40)
+    assert sources.source_identity("acme/tiny") == f"acme/tiny@{'a' * 40}"
+    ref.write_text("b" * 40)  # the branch moved (a later `snapshot_download`): a new key in a new process
+    monkeypatch.setattr(sources, "_COMMITS", {})
+    assert sources.source_identity("acme/tiny") == f"acme/tiny@{'b' * 40}"
+    assert sources.source_identity("acme/tiny", "c" * 40) == f"acme/tiny@{'c' * 40}"  # a pinned commit is itself
+    assert sources.source_identity("acme/none", "v1") == "acme/none@v1"  # nothing known: the revision's name
+    dref = tmp_path / "hub" / "datasets--acme--papers" / "refs" / "main"
+    dref.parent.mkdir(parents=True)
+    dref.write_text("d" * 40)
+    assert source_fingerprint(DataConfig(source="acme/papers")).endswith("@" + "d" * 40)
+
+

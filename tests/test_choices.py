@@ -7,6 +7,8 @@ import json
 import random
 from pathlib import Path
 
+import pytest
+
 from loraflow.config import build_config
 from loraflow.data import prepare_data
 from loraflow.modeling import build_model
@@ -110,33 +112,39 @@ def test_generation_rouge_on_validation_drives_best_checkpoint_and_early_stoppin
     assert Path(state["best_model_checkpoint"]).name == "checkpoint-2"
 
 
-def test_raising_max_steps_continues_the_shorter_run(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("field, short_len, long_len", [("max_steps", 8, 12), ("num_train_epochs", 1, 1.5)])
+def test_raising_the_length_continues_the_shorter_run(tiny_llama_dir, tmp_path, field, short_len, long_len):
+    # 64 train rows, batch 8: one epoch is 8 steps, 1.5 epochs 12
     from loraflow.training import seed_continuation
 
     source = str(_folder(tmp_path))
 
-    def config(steps: int):
+    def config(length):
+        steps = length if field == "max_steps" else -1
         return build_config({
             "data": {"source": source, "input_column": "text", "target_column": "summary"},
             "prompt": {"style": "template", "template": "Text: {input}\nSummary:", "max_length": 64, "max_target_length": 16},
             "model": {"name_or_path": str(tiny_llama_dir)},
             "quantization": {"mode": "none", "compute_dtype": "float32"},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "train": {"max_steps": steps, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 1,
+            "train": {"max_steps": steps, "num_train_epochs": length if field == "num_train_epochs" else 1.0,
+                      "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 1,
                       "save_steps": 100, "lr_scheduler_type": "constant", "report_to": []},
         })
 
     out = tmp_path / "out"
-    data = prepare_data(config(8).data, out)
-    tokenized = tokenize_data(data, config(8).prompt, tiny_llama_dir, out)
-    model = build_model(config(8).model, config(8).quantization, config(8).lora, out)
-    short = train_adapter(config(8), tokenized, model, out)
+    data = prepare_data(config(short_len).data, out)
+    tokenized = tokenize_data(data, config(short_len).prompt, tiny_llama_dir, out)
+    model = build_model(config(short_len).model, config(short_len).quantization, config(short_len).lora, out)
+    short = train_adapter(config(short_len), tokenized, model, out)
+    assert short.info["global_step"] == 8
     assert (Path(short.path) / "checkpoints" / "checkpoint-8" / "trainer_state.json").is_file()  # the last step
-    seeded = seed_continuation(config(12), tokenized, model, out)
+    seeded = seed_continuation(config(long_len), tokenized, model, out)
     assert seeded is not None and seeded.name == "checkpoint-8"
-    longer = train_adapter(config(12), tokenized, model, out)
+    longer = train_adapter(config(long_len), tokenized, model, out)
     assert longer.info["resumed_from"].endswith("checkpoint-8") and longer.info["global_step"] == 12
-    straight = train_adapter(config(12), tokenized, model, tmp_path / "straight")
+    straight = train_adapter(config(long_len), tokenized, model, tmp_path / "straight")
     assert straight.info["resumed_from"] is None
     assert abs(longer.info["last_logged_loss"] - straight.info["last_logged_loss"]) <= 1e-3 * straight.info["last_logged_loss"]
-    assert seed_continuation(config(4), tokenized, model, out) is None  # shorter than what exists: a new run
+    shorter = 4 if field == "max_steps" else 0.5
+    assert seed_continuation(config(shorter), tokenized, model, out) is None  # shorter than what exists: a new run

@@ -8,7 +8,6 @@ separately during evaluate: the next `loraflow run` of the same config breaks th
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

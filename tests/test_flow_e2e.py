@@ -101,6 +101,17 @@ def test_reruns_recompute_only_what_changed(tmp_path, tiny_llama_dir, prefect_ha
         return {stage for stage, names in _task_states(state).items() if names - {"Cached"}}
 
     assert ran(cfg) == set()  # same config, new flow run: every stage Cached
+    # One key per stage: the keys computed from the config alone are the folders' names and Prefect's keys.
+    from flows.pipeline import resolve_hardware
+    from loraflow import store
+
+    keys = {stage: k.key for stage, k in store.chain(resolve_hardware(cfg)).items()}
+    assert keys == first.result()["stages"]
+    assert all(Path(p).name == keys[s] for s, p in first.result()["stages_paths"].items())
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    stored = {p.name for p in Path(PREFECT_LOCAL_STORAGE_PATH.value()).glob("loraflow-*")}  # Prefect's cache records
+    assert {store.prefect_key(s, k, cfg.run.output_dir) for s, k in keys.items()} <= stored
     assert ran(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_new_tokens": 3})})) == {"evaluate"}
     assert ran(cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 2e-3})})) == {"train", "evaluate"}
     # How a run is watched is not what it computes: logging and checkpoint cadence are full hits.

@@ -97,3 +97,17 @@ def test_failing_worker_fails_with_its_error(stages, tmp_path):
     bad = cfg.model_copy(update={"train": cfg.train.model_copy(update={"extra_args": {"no_such_argument": 1}})})
     with pytest.raises(WorkerFailed, match=r"train: the training process \(exit code 1\) failed: .*no_such_argument"):
         run_train_worker(bad, tokenized, model, tmp_path)
+
+
+def test_a_finished_train_folder_is_reused_without_starting_a_worker(stages, uninterrupted, monkeypatch):
+    # e.g. Prefect's cache records were cleared: the folder named by the key is complete, so no ~20 s worker start
+    import loraflow.launch as launch
+
+    cfg, tokenized, model = stages
+
+    def no_worker(*_a, **_k):
+        raise AssertionError("a worker was started for a complete train folder")
+
+    monkeypatch.setattr(launch.subprocess, "Popen", no_worker)
+    again = run_train_worker(cfg, tokenized, model, Path(uninterrupted.path).parents[1])
+    assert again == uninterrupted

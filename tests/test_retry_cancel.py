@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import anyio
-import pytest
 import yaml
 
 from loraflow.training import last_checkpoint
@@ -185,3 +184,54 @@ def test_cancelling_a_deployed_run_stops_the_training_child(tmp_path, tiny_llama
     checkpoints = next((tmp_path / "runs" / "train").glob("*.work/checkpoints"))
     assert int(Path(last_checkpoint(checkpoints)).name.split("-")[-1]) > 5
     assert not list((tmp_path / "runs" / "train").glob("*/manifest.json"))
+
+
+def test_a_deployed_run_failed_in_train_retried_from_the_cli_recomputes_only_what_failed(
+        tmp_path, tiny_llama_dir, prefect_harness):
+    """`prefect flow-run retry <id>` of a deployment run: the server reschedules it, a worker runs it again,
+    and only the failed stage (and what follows) computes; training resumes from its checkpoint."""
+    from prefect import flow
+    from prefect.deployments import run_deployment
+
+    cfg = _config(tmp_path, tiny_llama_dir, max_steps=40)
+    env = _env(tmp_path)
+    pool = "loraflow-retry-test"
+    subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type", "process"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    remote = flow.from_source(source=str(REPO), entrypoint="flows/finetune.py:finetune")
+    remote.deploy(name="retry-test", work_pool_name=pool, parameters={"cfg": cfg}, print_next_steps=False)
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--limit", "1"],
+                              cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def final_state(deadline: float):
+        while time.time() < deadline:
+            [run] = anyio.run(_flow_runs, cfg["run"]["output_dir"])
+            if run.state.is_final():
+                return run
+            time.sleep(0.5)
+        raise AssertionError(f"the run did not finish: {(tmp_path / 'worker.log').read_text()[-3000:]}")
+
+    try:
+        run = run_deployment("loraflow-finetune/retry-test", timeout=0)
+        checkpoints = _wait_for_checkpoint(tmp_path / "runs", worker)
+        child = _training_child(worker.pid)
+        assert child is not None
+        os.kill(child, signal.SIGKILL)  # the training process dies (OOM killer): the train task fails
+        failed = final_state(time.time() + 180)
+        assert failed.state.name == "Failed", failed.state
+        killed_at = int(Path(last_checkpoint(checkpoints)).name.split("-")[-1])
+        assert 5 <= killed_at < 40
+        retry = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "retry", str(run.id)],
+                               cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
+        retried = final_state(time.time() + 400)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    assert retried.id == run.id and retried.state.name == "Completed", retried.state
+    assert anyio.run(_latest_task_states, retried.id) == {
+        "data": "Cached", "tokenize": "Cached", "model": "Cached", "train": "Completed", "evaluate": "Completed"}
+    [train_dir] = [p for p in (tmp_path / "runs" / "train").iterdir() if (p / "manifest.json").is_file()]
+    metrics = json.loads((train_dir / "train_metrics.json").read_text())
+    assert metrics["resumed_from"].endswith(f"checkpoint-{killed_at}") and metrics["global_step"] == 40

@@ -13,17 +13,18 @@ def test_concurrent_stages_keep_their_own_log_lines(prefect_harness, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
 
-    from tasks.caching import StageSpec
+    from loraflow.config import DataConfig, RunConfig
     from tasks.stages import stage_logs
 
-    spec = StageSpec("data", ("loraflow.data",))
+    source = tmp_path / "d.jsonl"
+    source.write_text('{"input": "a", "target": "b"}\n')
     both_inside = threading.Barrier(2, timeout=60)
 
     @task(cache_policy=None)
-    def noisy(name: str, data: dict, run: dict) -> str:
+    def noisy(name: str, data: DataConfig, run: RunConfig) -> str:
         from prefect.context import TaskRunContext
 
-        with stage_logs(spec, str(tmp_path / name)):
+        with stage_logs("data", str(tmp_path / name)):
             both_inside.wait()  # both tasks forward at the same time
             for i in range(5):
                 logging.getLogger("loraflow").info("line %d from %s", i, name)
@@ -34,7 +35,8 @@ def test_concurrent_stages_keep_their_own_log_lines(prefect_harness, tmp_path):
     @flow
     def two_at_once() -> list[str]:
         ids: dict[str, str] = {}
-        threads = [threading.Thread(target=lambda n=n: ids.update({n: noisy(n, {}, {})})) for n in ("alpha", "beta")]
+        data, runs = DataConfig(source=str(source)), {n: RunConfig(output_dir=str(tmp_path / n)) for n in ("alpha", "beta")}
+        threads = [threading.Thread(target=lambda n=n: ids.update({n: noisy(n, data, runs[n])})) for n in runs]
         for t in threads:
             t.start()
         for t in threads:

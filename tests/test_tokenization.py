@@ -159,11 +159,15 @@ def _data_row(test_row: dict) -> dict:
 
 
 def test_tokenizer_files_are_part_of_the_key(tmp_path, gpt2_tokenizer_dir):
+    from loraflow.sources import source_identity
+
     copy = Path(shutil.copytree(gpt2_tokenizer_dir, tmp_path / "tok"))
-    before = tokenizer_digest(copy)
-    assert "tokenizer.json" in before
+    assert "tokenizer.json" in tokenizer_digest(copy)
+    before = source_identity(str(copy))  # what the tokenize key holds for a model folder
     (copy / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
-    assert tokenizer_digest(copy) != before
+    with_template = source_identity(str(copy))
+    (copy / "merges.txt").write_text("#version: 0.2\n")  # vocab/merges files count too
+    assert before != with_template != source_identity(str(copy))
 
 
 def test_rows_that_cannot_fit_are_dropped_and_counted(tmp_path, gpt2_tokenizer_dir):
