@@ -239,6 +239,8 @@ def explain(output_dir: str | Path, sk: StageKey) -> str:
     """Why `sk` has no usable folder: which fields differ from the nearest earlier key."""
     if _record_path(output_dir, sk.stage, sk.key).is_file():
         return f"key {sk.key} was made before, but its folder is gone or damaged"
+    if sk.stage == "train" and any((work_dir(output_dir, sk.key) / "checkpoints").glob("checkpoint-*")):
+        return "an interrupted run of this key left checkpoints: resuming from the last one"
     found = nearest(output_dir, sk)
     if found is None:
         return "no earlier run in this output folder"
