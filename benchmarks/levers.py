@@ -3,7 +3,9 @@
     uv run python -m benchmarks.levers                 # SciTLDR, ~10 min on 2 CPU cores
 
 Training: seconds per optimizer step (forward + backward, LoRA on an NF4 SmolLM2-135M) for the same
-examples, from the plain script's layout (pad to 512, logits everywhere) to loraflow's default.
+examples, from the plain script's layout (pad to 512, logits everywhere) to loraflow's default: the
+median over `--rounds` rounds of `--steps` timed steps each, every case's round opening with an untimed
+warm-up step, and the cases' order rotated each round (no case always runs first, on a cold cache).
 Evaluation: examples/s of greedy generation on the same prompts, from one `generate` per example on
 the 4-bit model to loraflow's default (batched, dequantized, adapter merged); outputs are compared.
 Tokenization: examples/s of one call per example vs batched calls of the fast tokenizer.
@@ -40,8 +42,9 @@ def _load(model_dir: str, dequantize: bool = False):
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
-def train_levers(model, examples: list[dict], batch: int, steps: int, max_length: int) -> list[tuple[str, float, float]]:
-    """[(lever, seconds/step median, loss of the last batch)] over the same `steps` batches."""
+def train_levers(model, examples: list[dict], batch: int, steps: int, max_length: int,
+                 rounds: int = 2) -> list[tuple[str, float, float, float, float]]:
+    """[(lever, seconds/step median, min, max, loss of the last batch)] over the same `steps` batches."""
     import torch
 
     from loraflow.collator import CompletionCollator, PackedCollator
@@ -64,18 +67,23 @@ def train_levers(model, examples: list[dict], batch: int, steps: int, max_length
         ("+ length-grouped batches (loraflow default)", grouped, pad, label_only),
         ("packed, padding-free, logits only at labels", rand, PackedCollator(), label_only),
     ]
-    out = []
-    for name, batches, collate, loss_fn in cases:
-        times, loss = [], 0.0
-        for b in batches:
-            inputs = collate(b)
-            t = time.perf_counter()
-            loss = loss_fn(inputs)
-            loss.backward()
-            times.append(time.perf_counter() - t)
-            model.zero_grad()
-        out.append((name, statistics.median(times), float(loss)))
-        print(f"train  {name}: {out[-1][1]:.2f} s/step", flush=True)
+    times: dict[str, list[float]] = {name: [] for name, *_ in cases}
+    losses: dict[str, float] = {}
+    for r in range(rounds):
+        for name, batches, collate, loss_fn in cases[r % len(cases):] + cases[:r % len(cases)]:
+            for i, b in enumerate([batches[-1], *batches]):  # the first: a warm-up step, not timed
+                inputs = collate(b)
+                t = time.perf_counter()
+                loss = loss_fn(inputs)
+                loss.backward()
+                if i:
+                    times[name].append(time.perf_counter() - t)
+                model.zero_grad()
+            losses[name] = float(loss)
+    out = [(name, statistics.median(times[name]), min(times[name]), max(times[name]), losses[name])
+           for name, *_ in cases]
+    for row in out:
+        print(f"train  {row[0]}: {row[1]:.2f} s/step ({row[2]:.2f}-{row[3]:.2f}, n={len(times[row[0]])})", flush=True)
     return out
 
 
@@ -130,7 +138,8 @@ def tokenize_levers(tokenizer, texts: list[str]) -> list[tuple[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per case and round")
+    p.add_argument("--rounds", type=int, default=2, help="rounds over the cases, in rotated order")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-examples", type=int, default=12)
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -138,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "levers.json")
     a = p.parse_args(argv)
 
-    import torch
 
     from loraflow.config import PromptConfig
     from loraflow.sources import resolve_model_dir
@@ -158,16 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     from loraflow.hardware import machine, matmul_peaks
 
     report = {"machine": machine(), "matmul_peaks": matmul_peaks()}
-    report["train"] = train_levers(_load(model_dir), examples, a.batch_size, a.steps, a.max_length)
+    report["train"] = train_levers(_load(model_dir), examples, a.batch_size, a.steps, a.max_length, a.rounds)
     report["eval"] = eval_levers(model_dir, prompts, tokenizer, a.max_new_tokens, a.eval_examples)
     texts = [r["input"] for r in rows["train"]] * 50
     report["tokenize"] = tokenize_levers(tokenizer, texts)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2))
     base = report["train"][0][1]
-    print("\n| training lever | s/step | vs plain script |\n|---|---|---|")
-    for name, sec, _ in report["train"]:
-        print(f"| {name} | {sec:.2f} | {base / sec:.2f}x faster |")
+    print("\n| training lever | s/step, median (min–max) | vs plain script |\n|---|---|---|")
+    for name, sec, low, high, _ in report["train"]:
+        print(f"| {name} | {sec:.2f} ({low:.2f}–{high:.2f}) | {base / sec:.2f}x faster |")
     base = report["eval"][0][1]
     print("\n| evaluation lever | examples/s | vs plain script | same outputs |\n|---|---|---|---|")
     for name, rate, same in report["eval"]:

@@ -1,75 +1,143 @@
-"""The markdown table of a benchmark report (benchmarks/run.py), ratios loraflow / baseline."""
+"""The tables and the machine-readable summary of a benchmark report (benchmarks/run.py): every measure
+per side as the median (min-max) over its repeats, and the ratios loraflow / fair baseline and loraflow / TRL
+of those medians."""
 
 from __future__ import annotations
 
+from statistics import median
+from typing import Any
+
 from benchmarks.flops import training_flops
 
+# (key, label, digits, higher is better)
+MEASURES = [
+    ("train_examples_per_s", "training, examples/s", 3, True),
+    ("train_gflops_per_s", "training, model GFLOP/s", 1, True),
+    ("train_peak_percent", "training, % of the matmul peak (compute dtype)", 0, True),
+    ("gflop_per_example", "training, GFLOP per example", 1, False),
+    ("time_to_first_step_s", "time to first step, s (from launch)", 1, False),
+    ("eval_examples_per_s", "evaluation, examples/s", 3, True),
+    ("peak_rss_sum_mb", "peak RSS summed over the run's processes, MB", 0, False),
+    ("largest_process_rss_mb", "largest single process's peak RSS, MB", 0, False),
+    ("rougeL", "ROUGE-L F1 (x100) at equal steps", 2, True),
+    ("stop_rate", "predictions ending on a stop token", 2, True),
+    ("mean_prediction_words", "mean prediction length, words", 1, None),
+    ("wall_s", "whole run, cold, s", 1, False),
+]
 
-def _ratio(ours: float | None, base: float | None) -> str:
-    return f"{ours / base:.2f}x" if ours and base else "–"
+
+def measures(side: str, run: dict[str, Any], shape: dict, peak: float) -> dict[str, float]:
+    """One run's measures, whichever side it is."""
+    if side == "loraflow":
+        tr, ev, cold = run["train"], run["eval"], run["cold"]
+        flops = training_flops(shape, tr["positions_seen"], tr["label_tokens_seen"] if tr["label_only_logits"]
+                               else tr["positions_seen"], tr["attention_square_sum"])
+        out = {"train_examples_per_s": tr["train_examples_per_second"], "train_loop_s": tr["train_loop_s"],
+               "examples": tr["train_examples_per_second"] * tr["train_loop_s"],
+               "time_to_first_step_s": tr["first_step_at"] - cold["launched_at"],
+               "eval_examples_per_s": ev["generation_examples_per_second"],
+               "peak_rss_sum_mb": cold["peak_rss_sum_mb"], "largest_process_rss_mb": cold["largest_process_rss_mb"],
+               "rougeL": 100 * ev["finetuned"]["rougeL_fmeasure"], "stop_rate": None,
+               "mean_prediction_words": run["mean_prediction_words"], "wall_s": cold["wall_s"],
+               "cached_wall_s": run["cached"]["wall_s"],
+               "overhead_s": cold["timings"]["flow_s"] - sum(cold["timings"]["stages_s"].values())}
+    else:
+        flops = training_flops(shape, run["positions_seen"], run["label_positions_seen"], run["attention_square_sum"])
+        out = {"train_examples_per_s": run["train_examples_per_second"], "train_loop_s": run["train_loop_s"],
+               "examples": run["train_examples_per_second"] * run["train_loop_s"],
+               "time_to_first_step_s": run["first_step_at"] - run["launched_at"],
+               "eval_examples_per_s": run["eval_examples_per_second"], "peak_rss_sum_mb": run["peak_rss_sum_mb"],
+               "largest_process_rss_mb": run["largest_process_rss_mb"], "rougeL": 100 * run["rouge"]["rougeL_fmeasure"],
+               "stop_rate": run["stop_rate"], "mean_prediction_words": run["mean_prediction_words"],
+               "wall_s": run["wall_s"]}
+    out["train_gflops_per_s"] = flops / 1e9 / out["train_loop_s"]
+    out["train_peak_percent"] = 100 * flops / out["train_loop_s"] / peak
+    out["gflop_per_example"] = flops / 1e9 / out["examples"]
+    return out
 
 
-def rows_for(d: dict, shape: dict, peak: float) -> list[tuple[str, object, object, str]]:
-    b, lf = d["baseline"], d["loraflow"]
-    tr, ev, cold, cached = lf["train"], lf["eval"], lf["cold"], lf["cached"]
-    mean_target = d["data"]["mean_target_tokens_train"]
-    base_flops = training_flops(shape, b["positions_seen"], b["label_positions_seen"], b["attention_square_sum"])
-    ours_flops = training_flops(shape, tr["positions_seen"], tr["label_tokens_seen"] if tr["label_only_logits"]
-                                else tr["positions_seen"], tr["attention_square_sum"])
-    b_fps, o_fps = base_flops / b["train_loop_s"], ours_flops / tr["train_loop_s"]
-    tok = lf["tokenize_stats"]["train"]
-    stage_sum = sum(cold["timings"]["stages_s"].values())
-    overhead = cold["timings"]["flow_s"] - stage_sum
-    b_first, o_first = b["first_step_at"] - b["launched_at"], tr["first_step_at"] - cold["launched_at"]
-    rows = [
-        ("tokenization, examples/s", b["tokenize_examples_per_second"], tok.get("examples_per_second"),
-         _ratio(tok.get("examples_per_second"), b["tokenize_examples_per_second"])),
-        ("training, examples/s", b["train_examples_per_second"], tr["train_examples_per_second"],
-         _ratio(tr["train_examples_per_second"], b["train_examples_per_second"])),
-        ("training, target tokens/s", round(b["train_examples_per_second"] * mean_target, 1),
-         round(tr["train_examples_per_second"] * mean_target, 1),
-         _ratio(tr["train_examples_per_second"], b["train_examples_per_second"])),
-        ("training, executed GFLOP/s (% of matmul peak)", f"{b_fps / 1e9:.1f} ({100 * b_fps / peak:.0f}%)",
-         f"{o_fps / 1e9:.1f} ({100 * o_fps / peak:.0f}%)", _ratio(o_fps, b_fps)),
-        ("training, GFLOP per example", round(base_flops / 1e9 / (b["train_examples_per_second"] * b["train_loop_s"]), 1),
-         round(ours_flops / 1e9 / (tr["train_examples_per_second"] * tr["train_loop_s"]), 1), ""),
-        ("time to first step, s (from launch)", round(b_first, 1), round(o_first, 1), _ratio(o_first, b_first)),
-        ("peak RSS while training, MB", b["train_peak_rss_mb"], tr["peak_rss_mb"], _ratio(tr["peak_rss_mb"], b["train_peak_rss_mb"])),
-        ("peak RSS, whole run, MB", b["peak_rss_mb"], cold["peak_rss_mb"], _ratio(cold["peak_rss_mb"], b["peak_rss_mb"])),
-    ]
-    if b.get("train_peak_gpu_mb") or tr.get("peak_gpu_mb"):
-        rows.append(("peak GPU memory while training, MB", b["train_peak_gpu_mb"], tr["peak_gpu_mb"],
-                     _ratio(tr["peak_gpu_mb"], b["train_peak_gpu_mb"])))
-    rows += [
-        ("evaluation, examples/s", b["eval_examples_per_second"], ev["generation_examples_per_second"],
-         _ratio(ev["generation_examples_per_second"], b["eval_examples_per_second"])),
-        ("ROUGE-L F1 at equal steps", round(100 * b["rouge"]["rougeL_fmeasure"], 2),
-         round(100 * ev["finetuned"]["rougeL_fmeasure"], 2), ""),
-        ("whole run, cold, s", b["wall_s"], cold["wall_s"], _ratio(cold["wall_s"], b["wall_s"])),
-        ("whole run, fully cached rerun, s", "–", cached["wall_s"], f"{100 * cached['wall_s'] / cold['wall_s']:.1f}% of cold"),
-        ("orchestration overhead (flow run − Σ stage runs), s", "–", round(overhead, 2),
-         f"{100 * overhead / cold['wall_s']:.1f}% of cold"),
-        ("process start-up + exit (process wall − flow run), s", "–", round(cold["wall_s"] - cold["timings"]["flow_s"], 1),
-         f"{100 * (cold['wall_s'] - cold['timings']['flow_s']) / cold['wall_s']:.1f}% of cold"),
-    ]
-    return rows
+def spread(values: list[float | None]) -> dict[str, float] | None:
+    values = [v for v in values if v is not None]
+    return {"median": median(values), "min": min(values), "max": max(values), "n": len(values)} if values else None
+
+
+def side_table(d: dict, shape: dict, peak: float) -> dict[str, dict[str, dict | None]]:
+    """{side: {measure: spread}} for every side present in dataset `d`."""
+    out = {}
+    for side in ("baseline", "baseline-naive", "trl", "loraflow"):
+        runs = [measures(side, r, shape, peak) for r in d.get(side, [])]
+        if runs:
+            out[side] = {k: spread([r.get(k) for r in runs]) for k in runs[0]}
+    return out
+
+
+def _peak(report: dict) -> float:
+    m, before, after = report["machine"], report["matmul_peaks"], report.get("matmul_peaks_after") or {}
+    dtype = m["compute_dtype_auto"]
+    return max(before[f"{dtype}_gflops"], after.get(f"{dtype}_gflops", 0)) * 1e9  # the dtype every side computes in
+
+
+def _ratio(a: dict | None, b: dict | None, key: str) -> float | None:
+    if not a or not b or not a.get(key) or not b.get(key) or not b[key]["median"]:
+        return None
+    return round(a[key]["median"] / b[key]["median"], 3)
+
+
+def summary(report: dict) -> dict:
+    """benchmarks/results/summary.json: per dataset, the ratios of medians the docs quote."""
+    out: dict[str, Any] = {"date": report["date"], "machine": report["machine"]["cpu"],
+                           "compute_dtype": report["machine"]["compute_dtype_auto"]}
+    for name, d in report["datasets"].items():
+        t = side_table(d, report["model_shape"], _peak(report))
+        lf, base, trl = t.get("loraflow"), t.get("baseline"), t.get("trl")
+        out[name] = {
+            "repeats": d.get("repeats"),
+            "loraflow_over_baseline": {k: _ratio(lf, base, k) for k in
+                                       ("train_examples_per_s", "eval_examples_per_s", "time_to_first_step_s",
+                                        "peak_rss_sum_mb")},
+            "loraflow_over_trl": {k: _ratio(lf, trl, k) for k in
+                                  ("train_examples_per_s", "eval_examples_per_s", "peak_rss_sum_mb")},
+            "baseline_stop_rate": base["stop_rate"]["median"] if base else None,
+            "naive_baseline_stop_rate": t["baseline-naive"]["stop_rate"]["median"] if "baseline-naive" in t else None,
+            "rougeL": {side: round(t[side]["rougeL"]["median"], 2) for side in t},
+        }
+    return out
+
+
+def _cell(s: dict | None, digits: int) -> str:
+    if not s:
+        return "–"
+    med = f"{s['median']:.{digits}f}"
+    return med if s["n"] == 1 or s["min"] == s["max"] else f"{med} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
 
 def markdown(report: dict) -> str:
     m, before, after = report["machine"], report["matmul_peaks"], report.get("matmul_peaks_after") or {}
-    dtype = m["compute_dtype_auto"]
     peaks = {k: max(before[k], after.get(k, 0)) for k in before}
-    peak = peaks[f"{dtype}_gflops"] * 1e9  # the dtype both sides compute in
     flags = ", ".join(f for f, on in m["cpu_flags"].items() if on) or "none of " + ", ".join(m["cpu_flags"])
     lines = [f"Run {report['date']} on {m['cpu']} (flags: {flags}), {m['cores']} cores, torch {m['torch']} "
              f"({m['torch_threads']} threads){', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}; compute dtype "
-             f"{dtype}; matmul peak fp32 {peaks['float32_gflops']:.1f}, bf16 {peaks['bfloat16_gflops']:.1f} GFLOP/s.", ""]
+             f"{m['compute_dtype_auto']} on every side; matmul peak fp32 {peaks['float32_gflops']:.1f}, bf16 "
+             f"{peaks['bfloat16_gflops']:.1f} GFLOP/s.", ""]
     for name, d in report["datasets"].items():
-        stats = d["data"]
+        stats, t = d["data"], side_table(d, report["model_shape"], _peak(report))
         lines += [f"**{name}**: {stats['n_train']} train / {stats['n_test']} test examples, mean "
                   f"{stats['mean_tokens_train']} tokens (target {stats['mean_target_tokens_train']}); "
-                  f"{report['args']['steps']} steps of batch {report['args']['batch_size']}.", "",
-                  "| measure | baseline script | loraflow | loraflow / baseline |", "|---|---|---|---|"]
-        lines += [f"| {a} | {b} | {c} | {r} |" for a, b, c, r in rows_for(d, report["model_shape"], peak)]
+                  f"{report['args']['steps']} steps of batch {report['args']['batch_size']}; median (min–max) of "
+                  f"{d.get('repeats')} alternating runs per side (the naive baseline: one).", "",
+                  "| measure | baseline (fair) | TRL SFTTrainer | loraflow | loraflow / baseline | loraflow / TRL "
+                  "| naive baseline |", "|---|---|---|---|---|---|---|"]
+        for key, label, digits, _ in MEASURES:
+            lf, base, trl, naive = (t.get(s, {}).get(key) for s in ("loraflow", "baseline", "trl", "baseline-naive"))
+            r_base, r_trl = _ratio(t.get("loraflow"), t.get("baseline"), key), _ratio(t.get("loraflow"), t.get("trl"), key)
+            lines.append(f"| {label} | {_cell(base, digits)} | {_cell(trl, digits)} | {_cell(lf, digits)} | "
+                         f"{f'{r_base:.2f}x' if r_base else '–'} | {f'{r_trl:.2f}x' if r_trl else '–'} | "
+                         f"{_cell(naive, digits)} |")
+        lf = t.get("loraflow", {})
+        if lf:
+            lines.append(f"| whole run, fully cached rerun, s | – | – | {_cell(lf['cached_wall_s'], 1)} | "
+                         f"{100 * lf['cached_wall_s']['median'] / lf['wall_s']['median']:.1f}% of cold | – | – |")
+            lines.append(f"| orchestration overhead (flow run − Σ stage runs), s | – | – | {_cell(lf['overhead_s'], 2)} "
+                         "| – | – | – |")
         lines.append("")
     return "\n".join(lines)

@@ -1,12 +1,17 @@
-"""loraflow vs a plain Trainer script, side by side on the same examples, model and settings.
+"""loraflow vs a fair plain Trainer script and vs TRL's SFTTrainer, side by side on the same examples,
+model and settings.
 
-    uv run python -m benchmarks.run                      # SciTLDR and aclsum, ~45 min on 2 CPU cores
-    uv run python -m benchmarks.run --datasets aclsum --steps 8
+    uv run python -m benchmarks.run                      # SciTLDR and aclsum (see docs/benchmarks.md for the time)
+    uv run python -m benchmarks.run --datasets aclsum --steps 4 --repeats 1
 
-For each dataset, alternately: the baseline script (benchmarks/baseline.py), then `loraflow run`
-cold (empty output folder and result storage), then `loraflow run` again (everything cached), each a
-separate process against one local Prefect server. Writes benchmarks/results/<date>.json and prints the
-markdown table that docs/benchmarks.md holds.
+Per dataset the sides run alternately, in an order that rotates each repeat (A B C D, B C D A, ...):
+the fair baseline script and its naive variant (benchmarks/baseline.py), TRL (benchmarks/trl_peer.py),
+and `loraflow run` cold (empty output folder and result storage) followed by `loraflow run` again
+(everything cached). The naive variant runs once (a named row, not the headline). Every process is a
+separate command against one local Prefect server; its memory is the peak of the summed RSS over its
+process tree (benchmarks/rss.py). Medians and min-max over the repeats. Writes
+benchmarks/results/<date>.json and benchmarks/results/summary.json, and prints the markdown tables that
+docs/benchmarks.md holds.
 """
 
 from __future__ import annotations
@@ -27,17 +32,25 @@ from benchmarks.data import INSTRUCTIONS, REPO, write_examples
 from loraflow.hardware import resolve_compute_dtype
 
 
+SIDES = ["baseline", "trl", "loraflow"]  # alternated; "baseline-naive" runs once, after the first round
+
+
 def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> dict:
-    """Run `cmd`; wall seconds, launch time and the peak RSS of it and its children (wait4 rusage)."""
+    """Run `cmd`; wall seconds, launch time, the peak of the summed RSS over its process tree (sampled at
+    20 Hz) with each process's own peak, and the largest single process (wait4 rusage)."""
+    from benchmarks.rss import TreeSampler
+
     launched = time.time()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+        sampler = TreeSampler(proc.pid).start()
         _, status, usage = os.wait4(proc.pid, 0)
+        memory = sampler.stop()
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"error: {' '.join(cmd[:4])} ... exited {code}: see {log}")
     return {"launched_at": launched, "wall_s": round(time.time() - launched, 2),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+            "largest_process_rss_mb": round(usage.ru_maxrss / 1024, 1), **memory}
 
 
 def bench_config(name: str, data_dir: Path, out: Path, a: argparse.Namespace) -> dict:
@@ -50,7 +63,10 @@ def bench_config(name: str, data_dir: Path, out: Path, a: argparse.Namespace) ->
         "train": {"per_device_train_batch_size": a.batch_size, "max_steps": a.steps, "learning_rate": a.learning_rate,
                   "lr_scheduler_type": "cosine", "warmup_steps": 2, "logging_steps": 4, "save_steps": a.steps,
                   "save_total_limit": 1, "seed": 42, "report_to": []},
-        "eval": {"max_new_tokens": a.max_new_tokens, "batch_size": a.eval_batch_size, "compare_base": False},
+        # validation (carved from the train file: what loraflow's choices read) generates one batch; the
+        # evaluation examples/s compared is the test generation's alone
+        "eval": {"max_new_tokens": a.max_new_tokens, "batch_size": a.eval_batch_size, "compare_base": False,
+                 "max_validation_samples": a.eval_batch_size},
         "run": {"name": f"bench-{name}", "output_dir": str(out / "runs"), "result_storage": str(out / "results")},
     }
 
@@ -80,7 +96,7 @@ def loraflow_side(name: str, data_dir: Path, out: Path, a: argparse.Namespace, e
     cfg_path = out / "loraflow.yaml"
     cfg_path.write_text(yaml.safe_dump(bench_config(name, data_dir, out, a), sort_keys=False))
     cmd = [sys.executable, "-m", "loraflow.cli", "run", str(cfg_path)]
-    cold = run_measured(cmd, env, out / "loraflow-cold.log")
+    cold = run_measured(cmd, env, out / "loraflow-cold.log")  # its temporary processes included (training child)
     cold["timings"] = flow_timings(env)
     cached = run_measured(cmd, env, out / "loraflow-cached.log")
     cached["timings"] = flow_timings(env)
@@ -88,18 +104,22 @@ def loraflow_side(name: str, data_dir: Path, out: Path, a: argparse.Namespace, e
     train = json.loads(next(runs.glob("train/*/train_metrics.json")).read_text())
     metrics = json.loads(next(runs.glob("evaluate/*/metrics.json")).read_text())
     tok_stats = json.loads(next(runs.glob("tokenize/*/stats.json")).read_text())
-    return {"cold": cold, "cached": cached, "train": train, "eval": metrics, "tokenize_stats": tok_stats}
+    preds = [json.loads(line)["prediction"] for line in next(runs.glob("evaluate/*/predictions.jsonl")).open()]
+    return {"cold": cold, "cached": cached, "train": train, "eval": metrics, "tokenize_stats": tok_stats,
+            "mean_prediction_words": round(sum(len(p.split()) for p in preds) / len(preds), 2)}
 
 
-def baseline_side(data_dir: Path, out: Path, model_dir: str, name: str, a: argparse.Namespace, env: dict) -> dict:
-    result = out / "baseline.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "baseline.py"), "--train", str(data_dir / "train.jsonl"),
+def script_side(script: str, tag: str, data_dir: Path, out: Path, model_dir: str, name: str, a: argparse.Namespace,
+                env: dict, *extra: str) -> dict:
+    """One run of benchmarks/<script> (the baseline or the TRL peer), its process measured."""
+    result = out / f"{tag}.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / script), "--train", str(data_dir / "train.jsonl"),
            "--test", str(data_dir / "test.jsonl"), "--model-dir", model_dir, "--out", str(result),
            "--instruction", INSTRUCTIONS[name], "--max-length", str(a.max_length), "--steps", str(a.steps),
            "--batch-size", str(a.batch_size), "--learning-rate", str(a.learning_rate),
-           "--max-new-tokens", str(a.max_new_tokens), "--output-dir", str(out / "baseline-out"),
-           "--compute-dtype", resolve_compute_dtype("auto")]  # loraflow's rule, so both sides compute alike
-    proc = run_measured(cmd, env, out / "baseline.log")
+           "--max-new-tokens", str(a.max_new_tokens), "--output-dir", str(out / f"{tag}-out"),
+           "--compute-dtype", resolve_compute_dtype("auto"), *extra]  # loraflow's rule: every side computes alike
+    proc = run_measured(cmd, env, out / f"{tag}.log")
     return {**proc, **json.loads(result.read_text())}
 
 
@@ -134,13 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--eval-batch-size", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, nargs="+", default=[3, 2],
+                   help="repeats of each side per dataset, in --datasets order (the last value for the rest)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     a = p.parse_args(argv)
 
     from benchmarks.flops import model_shape
     from loraflow.hardware import machine, matmul_peaks
-    from benchmarks.report import markdown
+    from benchmarks.report import markdown, summary
     from loraflow.sources import resolve_model_dir
 
     shutil.rmtree(a.work, ignore_errors=True)
@@ -157,11 +179,28 @@ def main(argv: list[str] | None = None) -> int:
             data_dir = out / "data"
             stats = write_examples(name, model_dir, data_dir, a.train_examples, a.test_examples, a.max_length, a.seed)
             print(f"{name}: {stats}", flush=True)
-            base = baseline_side(data_dir, out, model_dir, name, a, env)
-            print(f"{name}: baseline done in {base['wall_s']} s", flush=True)
-            ours = loraflow_side(name, data_dir, out, a, env)
-            print(f"{name}: loraflow cold {ours['cold']['wall_s']} s, cached {ours['cached']['wall_s']} s", flush=True)
-            report["datasets"][name] = {"data": stats, "baseline": base, "loraflow": ours}
+            repeats = a.repeats[min(len(report["datasets"]), len(a.repeats) - 1)]
+            runs: dict[str, list] = {side: [] for side in [*SIDES, "baseline-naive"]}
+            sides = {
+                "baseline": lambda r: script_side("baseline.py", f"baseline-{r}", data_dir, out, model_dir, name, a, env),
+                "trl": lambda r: script_side("trl_peer.py", f"trl-{r}", data_dir, out, model_dir, name, a, env,
+                                             "--eval-batch-size", str(a.eval_batch_size)),
+                "loraflow": lambda r: loraflow_side(name, data_dir, out, a, env),
+            }
+            for r in range(repeats):
+                order = SIDES[r % len(SIDES):] + SIDES[:r % len(SIDES)]  # rotated: no side always runs first
+                if r == 0:
+                    order = order + ["baseline-naive"]
+                for side in order:
+                    if side == "baseline-naive":
+                        result = script_side("baseline.py", "baseline-naive", data_dir, out, model_dir, name, a, env,
+                                             "--variant", "naive")
+                    else:
+                        result = sides[side](r)
+                    runs[side].append(result)
+                    wall = result["cold"]["wall_s"] if side == "loraflow" else result["wall_s"]
+                    print(f"{name}: {side} (repeat {r + 1}/{repeats}) done in {wall} s", flush=True)
+            report["datasets"][name] = {"data": stats, "repeats": repeats, **runs}
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -169,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     a.results.mkdir(parents=True, exist_ok=True)
     path = a.results / f"{report['date']}.json"
     path.write_text(json.dumps(report, indent=2, default=str))
+    (a.results / "summary.json").write_text(json.dumps(summary(report), indent=2) + "\n")
     print(markdown(report))
     print(f"\nresults: {path}")
     return 0

@@ -57,6 +57,33 @@ def label_only_loss(body, head, inputs: dict[str, Any], num_items_in_batch=None)
     return loss / denominator, n_labels
 
 
+def forward_label_only_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
+    """`label_only_loss` through the model's own forward (so through DDP's wrapper, which all-reduces the
+    gradients): transformers' `logits_to_keep` with a boolean (batch, seq) mask projects only the positions
+    whose next token is a label onto the vocabulary."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = inputs["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
+    model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    logits = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits
+    logits = logits.reshape(-1, logits.shape[-1])  # (K, vocab), in the mask's row-major order
+    loss = F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]].to(logits.device), reduction="sum")
+    n_labels = keep.sum()
+    denominator = num_items_in_batch if num_items_in_batch is not None else n_labels.clamp(min=1)
+    return loss / denominator, n_labels
+
+
+def accepts_logits_mask(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 class CompletionTrainer(Trainer):
     """Trainer whose loss computes logits only on label positions (when the model allows it)."""
 
@@ -66,13 +93,16 @@ class CompletionTrainer(Trainer):
         self.parts = body_and_head(self.model) if label_only_logits else None
         if label_only_logits and self.parts is None:
             log.info("train: this model's logits are not a plain projection; computing them at every position")
+        self.through_forward = False
         if self.parts is not None and self.args.world_size > 1:
             # DDP all-reduces gradients only for a forward that goes through its wrapper; calling the
-            # body directly would train each rank on its own. Use the model's own forward and loss.
-            self.parts = None
-            if self.args.process_index == 0:
-                log.info("train: %d processes: the LM head runs at every position (through DDP's forward)",
-                         self.args.world_size)
+            # body directly would train each rank on its own. Ask the model's forward for label-only logits.
+            self.through_forward = accepts_logits_mask(self.model)
+            if not self.through_forward:
+                self.parts = None
+                if self.args.process_index == 0:
+                    log.info("train: %d processes and no logits_to_keep: the LM head runs at every position",
+                             self.args.world_size)
         if self.parts is not None:
             # Trainer counts the label tokens of the whole accumulated batch only for models that take
             # loss kwargs; our loss divides by that count, so it is already scaled for accumulation.
@@ -93,7 +123,9 @@ class CompletionTrainer(Trainer):
             self.attention_square_sum += rows * length * length
         if self.parts is None or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return label_only_loss(*self.parts, inputs, num_items_in_batch)[0]  # one process: see __init__
+        if self.through_forward and model.training:  # `model` is DDP's wrapper here: see __init__
+            return forward_label_only_loss(model, inputs, num_items_in_batch)[0]
+        return label_only_loss(*self.parts, inputs, num_items_in_batch)[0]
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):

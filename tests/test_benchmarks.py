@@ -60,3 +60,23 @@ def test_analytic_training_flops_match_torch_flop_counter_forward_and_backward(t
     # but not model FLOPs, which is what utilization is read against
     counted = expected + parts["attention"] / 2
     assert abs(counter.get_total_flops() - counted) / counted < 0.01, (counter.get_total_flops(), counted)
+
+
+def test_the_rss_sampler_sums_a_process_tree_at_10_hz_or_more(tmp_path):
+    """A parent holding ~150 MB starts a child holding ~250 MB: the summed peak sees both at once."""
+    import subprocess
+    import sys
+
+    from benchmarks.rss import TreeSampler
+
+    child = "import time; b = bytearray(250 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(2)"
+    parent = ("import subprocess, sys, time; a = bytearray(150 << 20); a[::4096] = b'y' * len(a[::4096]); "
+              f"subprocess.run([sys.executable, '-c', {child!r}]); time.sleep(0.3)")
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    sampler = TreeSampler(proc.pid).start()
+    proc.wait(timeout=60)
+    got = sampler.stop()
+    assert got["sample_hz"] >= 10
+    peaks = sorted(p["peak_rss_mb"] for p in got["processes"])
+    assert len(peaks) == 2 and 250 <= peaks[-1] < 300 and 150 <= peaks[0] < 200, got
+    assert got["peak_rss_sum_mb"] >= 400 > max(peaks), got  # more than the largest single process

@@ -77,6 +77,7 @@ def test_two_processes_train_one_adapter_with_the_combined_batch(uninterrupted):
     first, second = info["adapter_sum_per_rank"]
     assert first == pytest.approx(second, rel=1e-6, abs=1e-9)
     assert info["last_logged_loss"] < 0.8 * info["first_logged_loss"], info
+    assert info["label_only_logits"] is True  # the LM head ran at label positions only, through DDP's forward
     # Rank 0 alone wrote the stage folder; the other rank left nothing behind.
     assert info["written_by_rank"] == 0
     train_root = Path(uninterrupted.path).parent

@@ -51,6 +51,24 @@ def test_label_only_loss_and_gradients_match_the_full_logits_loss(lora_model):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
+def test_label_only_loss_through_the_models_forward_matches_too(lora_model):
+    """The DDP path: label-only logits asked of the (wrapped) model's own forward via logits_to_keep."""
+    from loraflow.trainer import accepts_logits_mask, forward_label_only_loss
+
+    batch = CompletionCollator(pad_token_id=0)(examples())
+    full = lora_model(**batch).loss
+    full.backward()
+    want = lora_grads(lora_model)
+    assert accepts_logits_mask(lora_model)
+    loss, n_labels = forward_label_only_loss(lora_model, batch)
+    loss.backward()
+    got = lora_grads(lora_model)
+    assert int(n_labels) == 3 + 4 + 5
+    torch.testing.assert_close(loss, full)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
 def test_num_items_in_batch_turns_the_mean_into_a_sum_over_the_accumulated_batch(lora_model):
     batch = CompletionCollator(pad_token_id=0)(examples())
     parts = body_and_head(lora_model)
