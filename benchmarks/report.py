@@ -83,6 +83,21 @@ def _ratio(a: dict | None, b: dict | None, key: str) -> float | None:
     return round(a[key]["median"] / b[key]["median"], 3)
 
 
+def paired(d: dict, a: str, b: str) -> dict | None:
+    """Paired cluster-bootstrap 95% interval of ROUGE-L F1 (x100), side `a` - side `b`, on the same test rows
+    (their first runs: every side decodes greedily, so its repeats give the same predictions)."""
+    from loraflow.bootstrap import paired_bootstrap
+    from loraflow.rouge import per_example
+
+    if not d.get(a) or not d.get(b) or "references" not in d or "predictions" not in d[a][0]:
+        return None
+    refs = d["references"]
+    rows = {side: per_example(d[side][0]["predictions"], refs)["rougeL_fmeasure"] for side in (a, b)}
+    out = paired_bootstrap(rows[a], rows[b], d.get("clusters"), samples=2000, seed=0)
+    return {"mean_diff": round(100 * out["mean_diff"], 2), "ci95": [round(100 * x, 2) for x in out["ci95"]],
+            "n": out["n"], "n_clusters": out["n_clusters"]}
+
+
 def summary(report: dict) -> dict:
     """benchmarks/results/summary.json: per dataset, the ratios of medians the docs quote."""
     out: dict[str, Any] = {"date": report["date"], "machine": report["machine"]["cpu"],
@@ -100,6 +115,8 @@ def summary(report: dict) -> dict:
             "baseline_stop_rate": base["stop_rate"]["median"] if base else None,
             "naive_baseline_stop_rate": t["baseline-naive"]["stop_rate"]["median"] if "baseline-naive" in t else None,
             "rougeL": {side: round(t[side]["rougeL"]["median"], 2) for side in t},
+            "rougeL_loraflow_minus_baseline": paired(d, "loraflow", "baseline"),
+            "rougeL_loraflow_minus_trl": paired(d, "loraflow", "trl"),
         }
     return out
 
@@ -133,6 +150,11 @@ def markdown(report: dict) -> str:
             lines.append(f"| {label} | {_cell(base, digits)} | {_cell(trl, digits)} | {_cell(lf, digits)} | "
                          f"{f'{r_base:.2f}x' if r_base else '–'} | {f'{r_trl:.2f}x' if r_trl else '–'} | "
                          f"{_cell(naive, digits)} |")
+        for other, label in (("baseline", "fair baseline"), ("trl", "TRL")):
+            p = paired(d, "loraflow", other)
+            if p:
+                lines.append(f"| ROUGE-L, loraflow − {label}, paired 95% interval (n={p['n']}, {p['n_clusters']} "
+                             f"clusters) | | | {p['mean_diff']:+.2f} [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] | | | |")
         lf = t.get("loraflow", {})
         if lf:
             lines.append(f"| whole run, fully cached rerun, s | – | – | {_cell(lf['cached_wall_s'], 1)} | "
@@ -141,3 +163,22 @@ def markdown(report: dict) -> str:
                          "| – | – | – |")
         lines.append("")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.report RESULTS.json`: the tables and summary.json again from a run's results."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("results", type=Path)
+    a = p.parse_args(argv)
+    report = json.loads(a.results.read_text())
+    (a.results.parent / "summary.json").write_text(json.dumps(summary(report), indent=2) + "\n")
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

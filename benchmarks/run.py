@@ -106,7 +106,7 @@ def loraflow_side(name: str, data_dir: Path, out: Path, a: argparse.Namespace, e
     tok_stats = json.loads(next(runs.glob("tokenize/*/stats.json")).read_text())
     preds = [json.loads(line)["prediction"] for line in next(runs.glob("evaluate/*/predictions.jsonl")).open()]
     return {"cold": cold, "cached": cached, "train": train, "eval": metrics, "tokenize_stats": tok_stats,
-            "mean_prediction_words": round(sum(len(p.split()) for p in preds) / len(preds), 2)}
+            "mean_prediction_words": round(sum(len(p.split()) for p in preds) / len(preds), 2), "predictions": preds}
 
 
 def script_side(script: str, tag: str, data_dir: Path, out: Path, model_dir: str, name: str, a: argparse.Namespace,
@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                     runs[side].append(result)
                     wall = result["cold"]["wall_s"] if side == "loraflow" else result["wall_s"]
                     print(f"{name}: {side} (repeat {r + 1}/{repeats}) done in {wall} s", flush=True)
-            report["datasets"][name] = {"data": stats, "repeats": repeats, **runs}
+            test = [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()]
+            report["datasets"][name] = {"data": stats, "repeats": repeats, **runs,
+                                        "references": [r["target"] for r in test], "clusters": [r["input"][:200] for r in test]}
     finally:
         server.terminate()
         server.wait(timeout=60)
