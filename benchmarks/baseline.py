@@ -21,7 +21,6 @@ object. The prompt is rendered with the same chat template and instruction as lo
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import time
@@ -31,20 +30,13 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+from script_args import common_parser, stop_ids  # noqa: E402 - a sibling: this runs as a script
+
+
 def main() -> None:
-    p = argparse.ArgumentParser()
-    for name in ("--train", "--test", "--model-dir", "--out", "--instruction"):
-        p.add_argument(name, required=True)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=2)
+    p = common_parser("/tmp/baseline-out")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--output-dir", default="/tmp/baseline-out")
     p.add_argument("--variant", choices=["fair", "naive"], default="fair")
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default=None,
                    help="matmul dtype (default: bf16 on a CUDA GPU, else fp32); the harness passes loraflow's choice")
@@ -54,7 +46,7 @@ def main() -> None:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForLanguageModeling,
-                              DataCollatorForSeq2Seq, GenerationConfig, Trainer, TrainerCallback, TrainingArguments)
+                              DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments)
 
     from loraflow import rouge
 
@@ -144,9 +136,7 @@ def main() -> None:
     model.eval()
     model.config.use_cache = True  # Trainer leaves it False (TrainingArguments.use_cache); decode with the KV cache
     # the model's own stop ids (its generation config) and the tokenizer's EOS: a chat model stops at end of turn
-    configured = GenerationConfig.from_pretrained(args.model_dir).eos_token_id
-    stops = sorted({*(configured if isinstance(configured, list) else [configured] if configured is not None else []),
-                    tokenizer.eos_token_id})
+    stops = stop_ids(args.model_dir, tokenizer)
     predictions, stopped = [], []
     t0 = time.perf_counter()
     with torch.inference_mode():

@@ -13,33 +13,24 @@ on the model's end-of-turn / EOS ids. Timers and ROUGE as in `benchmarks/baselin
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import time
 
 
+from script_args import common_parser, stop_ids  # noqa: E402 - a sibling: this runs as a script
+
+
 def main() -> None:
-    p = argparse.ArgumentParser()
-    for name in ("--train", "--test", "--model-dir", "--out", "--instruction"):
-        p.add_argument(name, required=True)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=2)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p = common_parser("/tmp/trl-out")
     p.add_argument("--eval-batch-size", type=int, default=12)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--output-dir", default="/tmp/trl-out")
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
     args = p.parse_args()
 
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GenerationConfig,
-                              TrainerCallback)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from loraflow import rouge
@@ -98,9 +89,7 @@ def main() -> None:
     model = trainer.model
     model.eval()
     model.config.use_cache = True
-    configured = GenerationConfig.from_pretrained(args.model_dir).eos_token_id
-    stops = sorted({*(configured if isinstance(configured, list) else [configured] if configured is not None else []),
-                    tokenizer.eos_token_id})
+    stops = stop_ids(args.model_dir, tokenizer)
     tokenizer.padding_side = "left"
     prompts = [tokenizer.apply_chat_template(user(r), tokenize=False, add_generation_prompt=True) for r in test]
     predictions, stopped = [], []

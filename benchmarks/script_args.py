@@ -1,0 +1,33 @@
+"""What the side scripts (baseline.py, trl_peer.py) share: their common arguments and the stop ids.
+
+They run as plain scripts (`python benchmarks/baseline.py ...`), so this module is imported as their
+sibling (`from script_args import ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def common_parser(output_dir: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    for name in ("--train", "--test", "--model-dir", "--out", "--instruction"):
+        p.add_argument(name, required=True)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--output-dir", default=output_dir)
+    return p
+
+
+def stop_ids(model_dir: str, tokenizer) -> list[int]:
+    """The model's own stop ids (its generation config) and the tokenizer's EOS: a chat model stops at end of turn."""
+    from transformers import GenerationConfig
+
+    configured = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    listed = configured if isinstance(configured, list) else [configured] if configured is not None else []
+    return sorted({*listed, tokenizer.eos_token_id})
