@@ -30,7 +30,7 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-from script_args import common_parser, stop_ids  # noqa: E402 - a sibling: this runs as a script
+from script_args import common_parser, step_timer, stop_ids  # noqa: E402 - a sibling: this runs as a script
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForLanguageModeling,
-                              DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments)
+                              DataCollatorForSeq2Seq, Trainer, TrainingArguments)
 
     from loraflow import rouge
 
@@ -108,14 +108,6 @@ def main() -> None:
 
     marks: dict[str, float] = {}
 
-    class Timer(TrainerCallback):
-        def on_train_begin(self, a, state, control, **kw):
-            marks["begin"] = time.time()
-
-        def on_step_end(self, a, state, control, **kw):
-            marks.setdefault("first_step_at", time.time())
-            marks["end"] = time.time()
-
     cuda = torch.cuda.is_available()
     trainer = Counting(
         model=model,
@@ -126,7 +118,7 @@ def main() -> None:
             logging_steps=4, save_strategy="no", report_to="none", seed=args.seed),
         train_dataset=train_tok,
         data_collator=collator,
-        callbacks=[Timer()],
+        callbacks=[step_timer(marks)],
     )
     trained = trainer.train()
     loop_s = marks["end"] - marks["begin"]

@@ -31,3 +31,21 @@ def stop_ids(model_dir: str, tokenizer) -> list[int]:
     configured = GenerationConfig.from_pretrained(model_dir).eos_token_id
     listed = configured if isinstance(configured, list) else [configured] if configured is not None else []
     return sorted({*listed, tokenizer.eos_token_id})
+
+
+def step_timer(marks: dict[str, float]):
+    """A TrainerCallback writing into `marks`: "begin" (training starts), "first_step_at" and "end" (the
+    first and the last optimizer step's end), as time.time()."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            marks["begin"] = time.time()
+
+        def on_step_end(self, args, state, control, **kw):
+            marks.setdefault("first_step_at", time.time())
+            marks["end"] = time.time()
+
+    return StepTimer()

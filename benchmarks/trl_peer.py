@@ -18,7 +18,7 @@ import resource
 import time
 
 
-from script_args import common_parser, stop_ids  # noqa: E402 - a sibling: this runs as a script
+from script_args import common_parser, step_timer, stop_ids  # noqa: E402 - a sibling: this runs as a script
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
     from loraflow import rouge
@@ -53,14 +53,6 @@ def main() -> None:
     marks: dict[str, float] = {}
     counted = {"positions_seen": 0, "label_positions_seen": 0, "attention_square_sum": 0}
 
-    class Timer(TrainerCallback):
-        def on_train_begin(self, a, state, control, **kw):
-            marks["begin"] = time.time()
-
-        def on_step_end(self, a, state, control, **kw):
-            marks.setdefault("first_step_at", time.time())
-            marks["end"] = time.time()
-
     class Counting(SFTTrainer):  # instrumentation only: the work each step's batch does
         def training_step(self, model, inputs, *rest, **kw):
             rows, length = inputs["input_ids"].shape
@@ -80,7 +72,7 @@ def main() -> None:
     trainer = Counting(model=model, args=config, train_dataset=train, processing_class=tokenizer,
                        peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                               task_type="CAUSAL_LM"),
-                       callbacks=[Timer()])
+                       callbacks=[step_timer(marks)])
     prepare_s = time.perf_counter() - t0
     result = trainer.train()
     loop_s = marks["end"] - marks["begin"]

@@ -105,6 +105,21 @@ async def _latest_task_states(flow_run_id) -> dict[str, str]:
     return {name: state for name, (_, state) in latest.items()}
 
 
+def _deploy_with_worker(tmp_path: Path, cfg: dict, env: dict[str, str], name: str) -> subprocess.Popen:
+    """Deploy the finetune flow as `name` on a new `process` work pool, and start a worker for it (in its
+    own session, so the test can kill it and the flow-run processes it started)."""
+    from prefect import flow
+
+    pool = f"loraflow-{name}"
+    subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type", "process"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    remote = flow.from_source(source=str(REPO), entrypoint="flows/finetune.py:finetune")
+    remote.deploy(name=name, work_pool_name=pool, parameters={"cfg": cfg}, print_next_steps=False)
+    log = open(tmp_path / "worker.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--limit", "1"],
+                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def test_run_failed_in_train_and_retried_resumes_with_earlier_stages_cached(tmp_path, tiny_llama_dir, prefect_harness):
     cfg = _config(tmp_path, tiny_llama_dir, max_steps=40)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
@@ -145,19 +160,11 @@ def test_run_failed_in_train_and_retried_resumes_with_earlier_stages_cached(tmp_
 
 
 def test_cancelling_a_deployed_run_stops_the_training_child(tmp_path, tiny_llama_dir, prefect_harness):
-    from prefect import flow
     from prefect.deployments import run_deployment
 
     cfg = _config(tmp_path, tiny_llama_dir, max_steps=100_000)  # runs until cancelled
     env = _env(tmp_path)
-    pool = "loraflow-cancel-test"
-    subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type", "process"],
-                   env=env, check=True, capture_output=True, timeout=120)
-    remote = flow.from_source(source=str(REPO), entrypoint="flows/finetune.py:finetune")
-    remote.deploy(name="cancel-test", work_pool_name=pool, parameters={"cfg": cfg}, print_next_steps=False)
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--limit", "1"],
-                              cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = _deploy_with_worker(tmp_path, cfg, env, "cancel-test")
     try:
         run = run_deployment("loraflow-finetune/cancel-test", timeout=0)
         _wait_for_checkpoint(tmp_path / "runs", worker)
@@ -190,19 +197,11 @@ def test_a_deployed_run_failed_in_train_retried_from_the_cli_recomputes_only_wha
         tmp_path, tiny_llama_dir, prefect_harness):
     """`prefect flow-run retry <id>` of a deployment run: the server reschedules it, a worker runs it again,
     and only the failed stage (and what follows) computes; training resumes from its checkpoint."""
-    from prefect import flow
     from prefect.deployments import run_deployment
 
     cfg = _config(tmp_path, tiny_llama_dir, max_steps=40)
     env = _env(tmp_path)
-    pool = "loraflow-retry-test"
-    subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type", "process"],
-                   env=env, check=True, capture_output=True, timeout=120)
-    remote = flow.from_source(source=str(REPO), entrypoint="flows/finetune.py:finetune")
-    remote.deploy(name="retry-test", work_pool_name=pool, parameters={"cfg": cfg}, print_next_steps=False)
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--limit", "1"],
-                              cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = _deploy_with_worker(tmp_path, cfg, env, "retry-test")
 
     def final_state(deadline: float):
         while time.time() < deadline:
