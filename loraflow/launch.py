@@ -78,18 +78,14 @@ def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, outp
     processes = resolve_processes(cfg.train.num_processes)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_processes": processes})})
     from loraflow import store
-    from loraflow.artifacts import is_complete
-    from loraflow.training import train_key
+    from loraflow.training import finished_train, train_key
 
-    key = train_key(cfg, tokenized, model)
-    final = store.folder(output_dir, "train", key)
-    if not cfg.run.refreshes("train") and is_complete(final):  # e.g. Prefect's records were cleared: no worker
-        log.info("train: reusing %s", final)
-        store.touch(output_dir, "train", key)
-        return Handle(stage="train", path=str(final), fingerprint=key,
-                      info=json.loads((final / "train_metrics.json").read_text()))
+    done = finished_train(cfg, tokenized, model, output_dir)
+    if done is not None:  # e.g. Prefect's records were cleared: no worker
+        log.info("train: reusing %s", done.path)
+        return done
     if cfg.run.refreshes("train"):  # from scratch: the old checkpoints are set aside, not resumed from
-        work = store.work_dir(output_dir, key)
+        work = store.work_dir(output_dir, train_key(cfg, tokenized, model))
         if work.exists():
             aside = work.with_name(f"{work.name}.set-aside-{int(time.time())}")
             work.rename(aside)

@@ -175,33 +175,31 @@ def read_records(output_dir: str | Path, stage: str) -> list[dict[str, Any]]:
     return records
 
 
-def remember(output_dir: str | Path, sk: StageKey, run_name: str | None = None) -> None:
-    """Record that `sk`'s folder was made (or used) now; keeps the first creation time and maker."""
-    path = _record_path(output_dir, sk.stage, sk.key)
-    now = time.time()
+def _used_now(path: Path, new: dict[str, Any] | None = None) -> None:
+    """Set the record's `last_used` to now, whole or not at all (concurrent runs); a missing record is
+    created from `new`, or left missing when there is none."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
-        record = {"stage": sk.stage, "key": sk.key, "parts": sk.parts, "created": now,
-                  "made_by": {**_made_by(), **({"run": run_name} if run_name else {})}}
-    record["last_used"] = now
+        if new is None:
+            return
+        record = new
+    record["last_used"] = time.time()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     write_json(tmp, record)
     os.replace(tmp, path)
 
 
+def remember(output_dir: str | Path, sk: StageKey) -> None:
+    """Record that `sk`'s folder was made (or used) now; keeps the first creation time and maker."""
+    _used_now(_record_path(output_dir, sk.stage, sk.key),
+              {"stage": sk.stage, "key": sk.key, "parts": sk.parts, "created": time.time(), "made_by": _made_by()})
+
+
 def touch(output_dir: str | Path, stage: str, key: str) -> None:
     """Mark a cached folder as used now (a hit)."""
-    path = _record_path(output_dir, stage, key)
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    record["last_used"] = time.time()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    write_json(tmp, record)
-    os.replace(tmp, path)
+    _used_now(_record_path(output_dir, stage, key))
 
 
 def forget(output_dir: str | Path, stage: str, key: str) -> None:

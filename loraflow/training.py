@@ -268,18 +268,31 @@ def train_adapter(
     `stop_requested` (checked after training) turns an early stop into `Preempted`, leaving the
     checkpoint in the work folder for the rerun instead of publishing a half-trained adapter.
     """
+    done = finished_train(cfg, tokenized, model_handle, output_dir)
+    if done is not None:
+        return done
     sk = store.train_key(cfg, tokenized.fingerprint, model_handle.fingerprint)
-    key, final = sk.key, store.folder(output_dir, "train", sk.key)
-    if cfg.run.refreshes("train") or not is_complete(final):
-        work = store.work_dir(output_dir, key)  # survives crashes: holds the checkpoints to resume from
-        _run_training(cfg, tokenized, model_handle, final, work, callbacks or [], stop_requested)
-        if rank() != 0:
-            return None  # under DDP, rank 0 writes the stage folder and returns the handle
-        store.remember(output_dir, sk)
-    elif rank() == 0:
-        store.touch(output_dir, "train", key)
+    final = store.folder(output_dir, "train", sk.key)
+    work = store.work_dir(output_dir, sk.key)  # survives crashes: holds the checkpoints to resume from
+    _run_training(cfg, tokenized, model_handle, final, work, callbacks or [], stop_requested)
+    if rank() != 0:
+        return None  # under DDP, rank 0 writes the stage folder and returns the handle
+    store.remember(output_dir, sk)
     metrics = json.loads((final / "train_metrics.json").read_text())
-    return Handle(stage="train", path=str(final), fingerprint=key, info=metrics)
+    return Handle(stage="train", path=str(final), fingerprint=sk.key, info=metrics)
+
+
+def finished_train(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, output_dir: str | Path) -> Handle | None:
+    """The train stage's handle when its folder is complete and no refresh is asked for (marked as used),
+    else None: the one check both the training process and its launcher make."""
+    key = train_key(cfg, tokenized, model_handle)
+    final = store.folder(output_dir, "train", key)
+    if cfg.run.refreshes("train") or not is_complete(final):
+        return None
+    if rank() == 0:
+        store.touch(output_dir, "train", key)
+    return Handle(stage="train", path=str(final), fingerprint=key,
+                  info=json.loads((final / "train_metrics.json").read_text()))
 
 
 def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, final: Path, work: Path,

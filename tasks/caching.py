@@ -26,7 +26,6 @@ def cache_key_fn(stage: str) -> Callable[[Any, dict[str, Any]], str]:
 def explain_miss(stage: str, parameters: dict[str, Any], output_dir: str) -> str:
     """Why the stage runs: a refresh, or what differs from the nearest earlier key in `output_dir`."""
     sk = store.key_of(stage, parameters)
-    why = store.explain(output_dir, sk)
     if run_of(parameters).refreshes(stage):
         return f"key {sk.key}: refresh requested (run.refresh): recomputing"
-    return f"key {sk.key}: {why}"
+    return f"key {sk.key}: {store.explain(output_dir, sk)}"

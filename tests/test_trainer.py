@@ -34,33 +34,27 @@ def lora_grads(model) -> list[torch.Tensor]:
     return grads
 
 
-def test_label_only_loss_and_gradients_match_the_full_logits_loss(lora_model):
-    batch = CompletionCollator(pad_token_id=0)(examples())
-    full = lora_model(**batch).loss
-    full.backward()
-    want = lora_grads(lora_model)
-
-    parts = body_and_head(lora_model)
+def _through_body_and_head(model, batch):
+    parts = body_and_head(model)
     assert parts is not None
-    loss, n_labels = label_only_loss(*parts, batch)
-    loss.backward()
-    got = lora_grads(lora_model)
-    assert int(n_labels) == 3 + 4 + 5
-    torch.testing.assert_close(loss, full)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    return label_only_loss(*parts, batch)
 
 
-def test_label_only_loss_through_the_models_forward_matches_too(lora_model):
-    """The DDP path: label-only logits asked of the (wrapped) model's own forward via logits_to_keep."""
+def _through_forward(model, batch):  # the DDP path: logits_to_keep asked of the (wrapped) model's own forward
     from loraflow.trainer import accepts_logits_mask, forward_label_only_loss
 
+    assert accepts_logits_mask(model)
+    return forward_label_only_loss(model, batch)
+
+
+@pytest.mark.parametrize("label_only", [_through_body_and_head, _through_forward], ids=["body-and-head", "forward"])
+def test_label_only_loss_and_gradients_match_the_full_logits_loss(lora_model, label_only):
     batch = CompletionCollator(pad_token_id=0)(examples())
     full = lora_model(**batch).loss
     full.backward()
     want = lora_grads(lora_model)
-    assert accepts_logits_mask(lora_model)
-    loss, n_labels = forward_label_only_loss(lora_model, batch)
+
+    loss, n_labels = label_only(lora_model, batch)
     loss.backward()
     got = lora_grads(lora_model)
     assert int(n_labels) == 3 + 4 + 5
