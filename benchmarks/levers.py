@@ -22,9 +22,12 @@ from pathlib import Path
 from benchmarks.data import INSTRUCTIONS, REPO, write_examples
 
 
-def _load(model_dir: str, dequantize: bool = False):
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def _load(model_dir: str, dequantize: bool = False, upcast: bool = True):
+    """SmolLM2 in NF4 with LoRA r16 all-linear, in this machine's compute dtype. `upcast`: peft's
+    prepare_model_for_kbit_training (frozen non-4-bit weights to fp32), else they stay in the compute dtype
+    (loraflow's train.upcast_frozen=auto in bf16). `dequantize`: the base dequantized to the compute dtype,
+    no adapter (for evaluation: merged into it afterwards)."""
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from loraflow.modeling import compute_dtype, set_cpu_4bit_kernel
@@ -37,53 +40,95 @@ def _load(model_dir: str, dequantize: bool = False):
     model.config.use_cache = False
     if dequantize:
         return model.dequantize()
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if upcast:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return _with_lora(model)
+
+
+def _with_lora(model):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
     torch.manual_seed(0)
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
-def train_levers(model, examples: list[dict], batch: int, steps: int, max_length: int,
-                 rounds: int = 2) -> list[tuple[str, float, float, float, float]]:
-    """[(lever, seconds/step median, min, max, loss of the last batch)] over the same `steps` batches."""
+def saved_for_backward_mb(step) -> float:
+    """MB of distinct tensor storage autograd keeps for the backward of `step()` (the activations)."""
+    import torch
+
+    sizes: dict[int, int] = {}
+
+    def pack(t):
+        sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    loss.backward()
+    return sum(sizes.values()) / 2**20
+
+
+def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, max_length: int,
+                 rounds: int = 2) -> list[tuple[str, float, float, float, float, float]]:
+    """[(lever, seconds/step median, min, max, loss of the last batch, MB saved for backward on the 4 longest
+    examples)] over the same `steps` batches."""
     import torch
 
     from loraflow.collator import CompletionCollator, PackedCollator
+    from loraflow.hardware import resolve_compute_dtype
     from loraflow.trainer import body_and_head, label_only_loss
 
-    parts = body_and_head(model)
+    models = {"upcast": _load(model_dir), "kept": _load(model_dir, upcast=False),
+              "dequantized": _with_lora(_load(model_dir, dequantize=True))}
     pad = CompletionCollator(pad_token_id=0)
     to_512 = CompletionCollator(pad_token_id=0, pad_to_multiple_of=max_length)
     everything = lambda b: {**b, "labels": torch.where(b["attention_mask"] == 1, b["input_ids"], -100)}  # noqa: E731
-    full = lambda b: model(**b, use_cache=False).loss  # noqa: E731
-    label_only = lambda b: label_only_loss(*parts, b)[0]  # noqa: E731
+    full = lambda m: lambda b: m(**b, use_cache=False).loss  # noqa: E731
+    label_only = lambda m: (lambda parts: lambda b: label_only_loss(*parts, b)[0])(body_and_head(m))  # noqa: E731
     rand = [examples[i * batch:(i + 1) * batch] for i in range(steps)]
     # length-grouped: the same examples, sorted by length, so each batch holds similar lengths
     pool = sorted(sum(rand, []), key=lambda e: len(e["input_ids"]))
     grouped = [pool[i * batch:(i + 1) * batch] for i in range(steps)]
-    cases = [
-        ("plain script: pad to max_length, loss and logits on every token", rand, lambda b: everything(to_512(b)), full),
-        ("pad to the batch's longest, completion-only loss", rand, pad, full),
-        ("+ logits only at label positions", rand, pad, label_only),
-        ("+ length-grouped batches (loraflow default)", grouped, pad, label_only),
-        ("packed, padding-free, logits only at labels", rand, PackedCollator(), label_only),
+    dtype = resolve_compute_dtype("auto")
+    up, kept, deq = models["upcast"], models["kept"], models["dequantized"]
+    cases = [  # (name, model, batches, collate, loss)
+        ("plain script: pad to max_length, loss and logits on every token", up, rand, lambda b: everything(to_512(b)),
+         full(up)),
+        ("pad to the batch's longest, completion-only loss", up, rand, pad, full(up)),
+        ("+ logits only at label positions", up, rand, pad, label_only(up)),
+        ("+ length-grouped batches", up, grouped, pad, label_only(up)),
+        (f"+ frozen weights kept in {dtype}, not upcast to fp32 (loraflow default)", kept, grouped, pad,
+         label_only(kept)),
+        (f"+ frozen weights dequantized to {dtype} once (no NF4 in the step)", deq, grouped, pad, label_only(deq)),
+        ("packed, padding-free, logits only at labels", up, rand, PackedCollator(), label_only(up)),
     ]
     times: dict[str, list[float]] = {name: [] for name, *_ in cases}
     losses: dict[str, float] = {}
+    saved: dict[str, float] = {}
+    longest = grouped[-1]  # the warm-up batch of every case: its activations are the peak's
     for r in range(rounds):
-        for name, batches, collate, loss_fn in cases[r % len(cases):] + cases[:r % len(cases)]:
-            for i, b in enumerate([batches[-1], *batches]):  # the first: a warm-up step, not timed
+        for name, model, batches, collate, loss_fn in cases[r % len(cases):] + cases[:r % len(cases)]:
+            if name not in saved:
+                saved[name] = saved_for_backward_mb(lambda: loss_fn(collate(longest)))  # warm-up, not timed
+            else:
+                loss_fn(collate(longest)).backward()
+            model.zero_grad()
+            for b in batches:
                 inputs = collate(b)
                 t = time.perf_counter()
                 loss = loss_fn(inputs)
                 loss.backward()
-                if i:
-                    times[name].append(time.perf_counter() - t)
+                times[name].append(time.perf_counter() - t)
                 model.zero_grad()
             losses[name] = float(loss)
-    out = [(name, statistics.median(times[name]), min(times[name]), max(times[name]), losses[name])
+    out = [(name, statistics.median(times[name]), min(times[name]), max(times[name]), losses[name], saved[name])
            for name, *_ in cases]
     for row in out:
-        print(f"train  {row[0]}: {row[1]:.2f} s/step ({row[2]:.2f}-{row[3]:.2f}, n={len(times[row[0]])})", flush=True)
+        print(f"train  {row[0]}: {row[1]:.2f} s/step ({row[2]:.2f}-{row[3]:.2f}, n={len(times[row[0]])}), "
+              f"{row[5]:.0f} MB saved for backward", flush=True)
     return out
 
 
@@ -166,16 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     from loraflow.hardware import machine, matmul_peaks
 
     report = {"machine": machine(), "matmul_peaks": matmul_peaks()}
-    report["train"] = train_levers(_load(model_dir), examples, a.batch_size, a.steps, a.max_length, a.rounds)
+    report["train"] = train_levers(model_dir, examples, a.batch_size, a.steps, a.max_length, a.rounds)
     report["eval"] = eval_levers(model_dir, prompts, tokenizer, a.max_new_tokens, a.eval_examples)
     texts = [r["input"] for r in rows["train"]] * 50
     report["tokenize"] = tokenize_levers(tokenizer, texts)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2))
     base = report["train"][0][1]
-    print("\n| training lever | s/step, median (min–max) | vs plain script |\n|---|---|---|")
-    for name, sec, low, high, _ in report["train"]:
-        print(f"| {name} | {sec:.2f} ({low:.2f}–{high:.2f}) | {base / sec:.2f}x faster |")
+    print("\n| training lever | s/step, median (min–max) | vs plain script | saved for backward, 4 longest, MB |"
+          "\n|---|---|---|---|")
+    for name, sec, low, high, _, mb in report["train"]:
+        print(f"| {name} | {sec:.2f} ({low:.2f}–{high:.2f}) | {base / sec:.2f}x faster | {mb:.0f} |")
     base = report["eval"][0][1]
     print("\n| evaluation lever | examples/s | vs plain script | same outputs |\n|---|---|---|---|")
     for name, rate, same in report["eval"]:

@@ -151,6 +151,12 @@ class TrainConfig(Section):
         "longest (least padding; the fastest here); random = shuffled, padded to the longest; packed = "
         "padding-free, laid end to end with attention masked between examples.",
     )
+    upcast_frozen: bool | Literal["auto"] = Field(
+        "auto", description="Cast the frozen weights that are not 4-bit (embeddings, norms, LM head) to fp32 for "
+        "training, as peft's prepare_model_for_kbit_training does, which keeps activations in fp32 too; 'auto' = "
+        "only when computing in fp16 (its narrow range needs it). In bf16 it costs ~1.5 GB at the demo's size "
+        "and buys no speed (docs/benchmarks.md).",
+    )
     label_only_logits: bool = Field(
         True, description="Compute the LM head only at label positions (same loss, less compute and memory)."
     )
@@ -158,6 +164,11 @@ class TrainConfig(Section):
         "auto",
         description="Training processes on this machine, one per GPU (DDP through torchrun); 'auto' = the "
         "number of visible GPUs, 1 on CPU. The effective batch is processes x per-device batch x accumulation.",
+    )
+    early_start: bool = Field(
+        True, description="Start the training process when the run starts, if the train stage will run (its key "
+        "misses), so its torch/transformers imports overlap the data, tokenize and model stages; one process "
+        "only, not with num_processes > 1 or a URL output_dir (run-only).",
     )
     ddp_backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto", description="torch.distributed backend with several processes; 'auto' = nccl on GPUs, gloo on CPU."
@@ -211,7 +222,8 @@ class TrainConfig(Section):
     )
 
     def run_only(self) -> set[str]:
-        watch = {"logging_steps", "save_total_limit", "report_to", "dataloader_num_workers", "per_device_eval_batch_size"}
+        watch = {"logging_steps", "save_total_limit", "report_to", "dataloader_num_workers", "per_device_eval_batch_size",
+                 "early_start"}
         if not (self.load_best_model_at_end or self.early_stopping_patience):
             watch |= {"eval_steps", "save_steps", "eval_generate_samples", "metric_for_best_model"}
         return watch

@@ -16,15 +16,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from loraflow.artifacts import Handle
 from loraflow.config import PipelineConfig
 from loraflow.distributed import ERROR_MARK, resolve_processes, worker_command
-from loraflow.worker import PROGRESS_MARK
+from loraflow.worker import PROGRESS_MARK, WAIT_FLAG
 
 log = logging.getLogger("loraflow")
 _PROGRESS = re.compile(r"\d+%\|.*\|")  # a tqdm redraw: "42%|████      | 10/24 [...]"
@@ -69,6 +71,84 @@ def _forward(stream, tail: deque, errors: list[dict], on_progress: Callable[[dic
                 log.info("%s", line)
 
 
+# Training processes started early, by train key, until the train stage claims its own (loraflow.launch.early_start).
+_EARLY: dict[str, subprocess.Popen] = {}
+_EARLY_LOCK = threading.Lock()
+
+
+def _spawn(command: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent, **kw)
+
+
+def _early_key(cfg: PipelineConfig, output_dir: str | Path) -> str | None:
+    """The train key when the train stage will run in one local process, else None."""
+    from loraflow import store
+    from loraflow.artifacts import is_complete
+    from loraflow.remote import is_url
+
+    if not cfg.train.early_start or is_url(cfg.run.output_dir) or resolve_processes(cfg.train.num_processes) != 1:
+        return None
+    key = store.chain(cfg)["train"].key
+    return key if cfg.run.refreshes("train") or not is_complete(store.folder(output_dir, "train", key)) else None
+
+
+@contextmanager
+def early_start(cfg: PipelineConfig, output_dir: str | Path) -> Iterator[None]:
+    """Start the training process now if the train stage will run, so its imports (torch, transformers,
+    peft: ~10-20 s on a small CPU) overlap the stages before it; `run_train_worker` hands it the request.
+    A process nobody claimed is ended when the block exits (the run failed or stopped before training)."""
+    try:
+        key = _early_key(cfg, output_dir)
+    except Exception as err:  # noqa: BLE001 - the stage that needs the input reports it properly
+        log.debug("train: not started early (%s)", err)
+        key = None
+    if key is not None:
+        with _EARLY_LOCK:
+            if key not in _EARLY:
+                _EARLY[key] = _spawn([sys.executable, "-m", "loraflow.worker", WAIT_FLAG], stdin=subprocess.PIPE)
+            else:
+                key = None  # another run of the same config in this process started it: that run owns it
+    try:
+        yield
+    finally:
+        with _EARLY_LOCK:
+            proc = _EARLY.pop(key, None) if key is not None else None
+        if proc is not None:
+            _retire(proc)
+
+
+def _retire(proc: subprocess.Popen) -> None:
+    """End an early-started process that got no request: EOF on its stdin ends it."""
+    try:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        proc.kill()
+        proc.wait()
+    finally:
+        proc.stdout.close()
+
+
+def _claim(key: str, request: Path) -> subprocess.Popen | None:
+    """The early-started process for `key`, given its request, or None (none started, or it died)."""
+    with _EARLY_LOCK:
+        proc = _EARLY.pop(key, None)
+    if proc is None:
+        return None
+    try:
+        if proc.poll() is not None:
+            raise OSError(f"exited with code {proc.returncode}")
+        proc.stdin.write(f"{request}\n".encode())
+        proc.stdin.close()
+    except OSError as err:
+        log.info("train: the early-started training process is gone (%s): starting a new one", err)
+        _retire(proc)
+        return None
+    log.info("train: using the training process started with the run (its imports overlapped the earlier stages)")
+    return proc
+
+
 def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, output_dir: str | Path,
                      on_progress: Callable[[dict], None] | None = None) -> Handle:
     """Train in `python -m loraflow.worker` (through torchrun with train.num_processes > 1); returns
@@ -84,8 +164,9 @@ def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, outp
     if done is not None:  # e.g. Prefect's records were cleared: no worker
         log.info("train: reusing %s", done.path)
         return done
+    key = train_key(cfg, tokenized, model)
     if cfg.run.refreshes("train"):  # from scratch: the old checkpoints are set aside, not resumed from
-        work = store.work_dir(output_dir, train_key(cfg, tokenized, model))
+        work = store.work_dir(output_dir, key)
         if work.exists():
             aside = work.with_name(f"{work.name}.set-aside-{int(time.time())}")
             work.rename(aside)
@@ -101,13 +182,9 @@ def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, outp
             "cfg": cfg.model_dump(mode="json"), "tokenized": tokenized.model_dump(), "model": model.model_dump(),
             "output_dir": str(output_dir), "result": str(result),
         }))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if processes > 1:
             log.info("train: %d processes (DDP) through torchrun", processes)
-        proc = subprocess.Popen(
-            worker_command(processes, str(request)),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent,
-        )
+        proc = _claim(key, request) or _spawn(worker_command(processes, str(request)))
         tail: deque[str] = deque(maxlen=20)
         errors: list[dict] = []  # {"at": time, "error": "rank N: Type: message"} from each failing rank
         try:

@@ -179,12 +179,19 @@ def build_model(
     return Handle(stage="model", path=str(final), fingerprint=key, info=info)
 
 
-def load_for_training(model_handle: Handle, model: ModelConfig, quant: QuantizationConfig, gradient_checkpointing: bool):
-    """Base (quantized) + the model stage's initial adapter, trainable."""
+def upcasts(upcast_frozen: bool | str, compute_dtype_name: str) -> bool:
+    """Whether training casts the frozen non-4-bit weights to fp32 (train.upcast_frozen: 'auto' = in fp16)."""
+    return resolve_compute_dtype(compute_dtype_name) == "float16" if upcast_frozen == "auto" else bool(upcast_frozen)
+
+
+def load_for_training(model_handle: Handle, model: ModelConfig, quant: QuantizationConfig, gradient_checkpointing: bool,
+                      upcast_frozen: bool | str = "auto"):
+    """Base (quantized) + the model stage's initial adapter, trainable. With `upcasts`, the frozen weights
+    that are not 4-bit go to fp32 (peft's prepare_model_for_kbit_training); else they stay in the compute dtype."""
     from peft import PeftModel, prepare_model_for_kbit_training
 
     base = load_base(model_handle.info["base_dir"], model, quant, training=True)
-    if quant.mode != "none":
+    if quant.mode != "none" and upcasts(upcast_frozen, quant.compute_dtype):
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         base.gradient_checkpointing_enable()

@@ -261,9 +261,11 @@ def train_adapter(
     output_dir: str | Path,
     callbacks: list | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    process: dict[str, Any] | None = None,
 ) -> Handle | None:
     """Fine-tune the LoRA adapter; returns a handle to the folder holding adapter/, logs/ and metrics
-    (None on the other ranks of a multi-process run).
+    (None on the other ranks of a multi-process run). `process` is recorded in the metrics as it is
+    (how the training process was started).
 
     `stop_requested` (checked after training) turns an early stop into `Preempted`, leaving the
     checkpoint in the work folder for the rerun instead of publishing a half-trained adapter.
@@ -274,7 +276,7 @@ def train_adapter(
     sk = store.train_key(cfg, tokenized.fingerprint, model_handle.fingerprint)
     final = store.folder(output_dir, "train", sk.key)
     work = store.work_dir(output_dir, sk.key)  # survives crashes: holds the checkpoints to resume from
-    _run_training(cfg, tokenized, model_handle, final, work, callbacks or [], stop_requested)
+    _run_training(cfg, tokenized, model_handle, final, work, callbacks or [], stop_requested, process or {})
     if rank() != 0:
         return None  # under DDP, rank 0 writes the stage folder and returns the handle
     store.remember(output_dir, sk)
@@ -296,7 +298,7 @@ def finished_train(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle,
 
 
 def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, final: Path, work: Path,
-                  extra_callbacks: list, stop_requested: Callable[[], bool] | None) -> None:
+                  extra_callbacks: list, stop_requested: Callable[[], bool] | None, process: dict[str, Any]) -> None:
     import datasets
     from torch.utils.tensorboard import SummaryWriter
     from transformers import AutoTokenizer
@@ -312,7 +314,8 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    model = load_for_training(model_handle, cfg.model, cfg.quantization, cfg.train.gradient_checkpointing)
+    model = load_for_training(model_handle, cfg.model, cfg.quantization, cfg.train.gradient_checkpointing,
+                              cfg.train.upcast_frozen)
     model.config.use_cache = False
     before = frozen_checksum(model)
 
@@ -370,6 +373,7 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         "adapter_sum_per_rank": adapter_sums,
         "written_by_rank": rank(),
         "first_step_at": marks.get("first_step_at"),  # time.time() of the first optimizer step's end
+        "process": process,
         "batching": cfg.train.batching,
         "label_only_logits": trainer.parts is not None,
         **peak_memory_mb(),

@@ -62,20 +62,56 @@ def progress_callback():
     return ReportProgress()
 
 
+WAIT_FLAG = "--wait"  # started early (loraflow.launch.EarlyStart): import, then read the request path on stdin
+
+
+def _import_early() -> None:
+    """What training imports, while the flow's earlier stages run (a missing optional library fails later, where
+    it is used, with that stage's message)."""
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer  # noqa: F401
+
+    import loraflow.modeling  # noqa: F401
+    import loraflow.trainer  # noqa: F401
+    import loraflow.training  # noqa: F401
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # noqa: BLE001 - reported by the model loader, if 4-bit is asked for
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    process = {"started_early": bool(argv) and argv[0] == WAIT_FLAG, "started_at": time.time()}
+    if process["started_early"]:  # SIGTERM while waiting ends the process (nothing to save yet)
+        _import_early()
+        process["imported_at"] = time.time()
+        print("train worker: started early, imports done", file=sys.stderr, flush=True)
+        line = sys.stdin.readline().strip()
+        process["request_at"] = time.time()
+        if not line:  # the run ended (or failed) before training: nothing to do
+            return 0
+        argv = [line]
+    Preemption.install()
+    return _train(argv, process)
+
+
+def _train(argv: list[str], process: dict) -> int:
     from loraflow.artifacts import Handle
     from loraflow.config import PipelineConfig
     from loraflow.distributed import ERROR_MARK, rank
     from loraflow.training import Preempted, train_adapter
 
-    argv = sys.argv[1:] if argv is None else argv
     request = json.loads(Path(argv[0]).read_text())
-    Preemption.install()
     cfg = PipelineConfig.model_validate(request["cfg"])
     try:
         handle = train_adapter(
             cfg, Handle(**request["tokenized"]), Handle(**request["model"]), request["output_dir"],
             callbacks=[preemption_callback(), progress_callback()], stop_requested=lambda: Preemption.requested,
+            process=process,
         )
     except Preempted as err:
         print(f"train worker: {err}", file=sys.stderr, flush=True)

@@ -53,10 +53,11 @@ def batch(tokenized, n: int = 8) -> dict[str, torch.Tensor]:
     return CompletionCollator(pad_token_id=0)([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
 
 
-def trainable_model(stage):
+def trainable_model(stage, upcast_frozen="auto"):
     """The train stage's model with a trained-looking adapter (the initial B = 0 gives A no gradient)."""
     cfg, _, model_handle = stage
-    model = load_for_training(model_handle, cfg.model, cfg.quantization, gradient_checkpointing=False)
+    model = load_for_training(model_handle, cfg.model, cfg.quantization, gradient_checkpointing=False,
+                              upcast_frozen=upcast_frozen)
     torch.manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -83,6 +84,21 @@ def test_bf16_loss_and_gradients_track_fp32(prepared):
     # bf16 keeps 8 bits of mantissa: the gradient of every LoRA tensor points the same way as fp32's
     for name, g in grads32.items():
         cosine = torch.nn.functional.cosine_similarity(g.flatten(), grads16[name].flatten(), dim=0)
+        assert cosine > 0.98, (name, float(cosine))
+
+
+def test_bf16_frozen_weights_kept_in_bf16_track_the_fp32_upcast(prepared):
+    # peft's prepare_model_for_kbit_training casts embeddings, norms and the LM head to fp32 (and with them
+    # the activations); in bf16, 'auto' keeps them in bf16: less memory, the same direction of descent.
+    _, stages = prepared
+    stage = stages["bfloat16"]
+    frozen = lambda m: {p.dtype for n, p in m.named_parameters() if "norm" in n or "embed" in n}  # noqa: E731
+    kept, upcast = trainable_model(stage), trainable_model(stage, upcast_frozen=True)
+    assert frozen(kept) == {torch.bfloat16} and frozen(upcast) == {torch.float32}
+    (loss_kept, grads_kept), (loss_up, grads_up) = (loss_and_grads(m, batch(stage[1])) for m in (kept, upcast))
+    assert loss_kept == pytest.approx(loss_up, rel=2e-2)
+    for name, g in grads_up.items():
+        cosine = torch.nn.functional.cosine_similarity(g.flatten(), grads_kept[name].flatten(), dim=0)
         assert cosine > 0.98, (name, float(cosine))
 
 

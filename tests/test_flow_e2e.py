@@ -49,6 +49,7 @@ def test_flow_trains_and_scores_tiny_model(tmp_path, tiny_llama_dir, prefect_har
     assert train["last_logged_loss"] < 0.8 * train["first_logged_loss"], train
     assert train["base_weights_unchanged"] is True
     assert train["compute_dtype"] == resolve_compute_dtype("auto")  # what 'auto' means on this CPU
+    assert train["process"]["started_early"] is True  # its imports overlapped the data/tokenize/model stages
 
     adapter = Path(result["adapter"])
     assert (adapter / "adapter_model.safetensors").is_file()
@@ -86,13 +87,32 @@ def test_flow_trains_and_scores_tiny_model(tmp_path, tiny_llama_dir, prefect_har
     assert metrics["finetuned"]["rougeL_fmeasure"] > metrics["base"]["rougeL_fmeasure"]
 
 
-def test_reruns_recompute_only_what_changed(tmp_path, tiny_llama_dir, prefect_harness):
+def early_spawns(monkeypatch) -> list:
+    """The training processes started early (real ones: the spy only records them)."""
+    from loraflow import launch
+    from loraflow.worker import WAIT_FLAG
+
+    started, spawn = [], launch._spawn
+
+    def spy(cmd, **kw):
+        proc = spawn(cmd, **kw)
+        if WAIT_FLAG in cmd:
+            started.append(proc)
+        return proc
+
+    monkeypatch.setattr(launch, "_spawn", spy)
+    return started
+
+
+def test_reruns_recompute_only_what_changed(tmp_path, tiny_llama_dir, prefect_harness, monkeypatch):
     from flows.finetune import finetune
 
     data_file = write_examples(tmp_path / "toy.jsonl")
     cfg = tiny_config(tmp_path, data_file, tiny_llama_dir, max_steps=4, save_steps=4)
+    early = early_spawns(monkeypatch)
     first = finetune(cfg, return_state=True)
     assert first.is_completed()
+    assert len(early) == 1 and early[0].returncode == 0  # the train stage ran in the process started early
     assert all(names == {"Completed"} for names in _task_states(first).values())
 
     def ran(config) -> set[str]:
@@ -101,6 +121,7 @@ def test_reruns_recompute_only_what_changed(tmp_path, tiny_llama_dir, prefect_ha
         return {stage for stage, names in _task_states(state).items() if names - {"Cached"}}
 
     assert ran(cfg) == set()  # same config, new flow run: every stage Cached
+    assert len(early) == 1  # a cached train starts no training process
     # One key per stage: the keys computed from the config alone are the folders' names and Prefect's keys.
     from flows.pipeline import resolve_hardware
     from loraflow import store
@@ -113,7 +134,9 @@ def test_reruns_recompute_only_what_changed(tmp_path, tiny_llama_dir, prefect_ha
     stored = {p.name for p in Path(PREFECT_LOCAL_STORAGE_PATH.value()).glob("loraflow-*")}  # Prefect's cache records
     assert {store.prefect_key(s, k, cfg.run.output_dir) for s, k in keys.items()} <= stored
     assert ran(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_new_tokens": 3})})) == {"evaluate"}
+    assert len(early) == 1
     assert ran(cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 2e-3})})) == {"train", "evaluate"}
+    assert len(early) == 2
     # How a run is watched is not what it computes: logging and checkpoint cadence are full hits.
     watched = cfg.train.model_copy(update={"logging_steps": 1, "save_total_limit": 5, "report_to": []})
     assert ran(cfg.model_copy(update={"train": watched})) == set()
@@ -165,6 +188,19 @@ def _task_states(flow_state) -> dict[str, set[str]]:
             return states
 
     return anyio.run(fetch)
+
+
+def test_a_run_that_fails_before_training_ends_its_early_training_process(tmp_path, tiny_llama_dir, prefect_harness,
+                                                                          monkeypatch):
+    from flows.finetune import finetune
+    from loraflow import launch
+
+    cfg = tiny_config(tmp_path, write_examples(tmp_path / "toy.jsonl"), tiny_llama_dir)
+    cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"target_modules": ["no_such_proj"]})})
+    early = early_spawns(monkeypatch)
+    state = finetune(cfg, return_state=True)
+    assert state.is_failed() and "no_such_proj" in str(state.message)  # the model stage's own error
+    assert len(early) == 1 and early[0].returncode == 0 and not launch._EARLY  # ended cleanly, nothing left
 
 
 def test_cli_run_with_missing_data_fails_in_one_line(tmp_path, prefect_harness, capsys):
