@@ -15,7 +15,8 @@ from loraflow.distributed import resolve_processes
 from loraflow.hardware import resolve_quantization, why_dtype
 from loraflow.launch import early_start
 from loraflow.remote import check_writable, is_url
-from tasks.stages import data_task, evaluate_task, for_run, model_task, tokenize_task, train_task, workspace
+from tasks.stages import (data_task, evaluate_task, for_run, model_task, preflight_task, tokenize_task, train_task,
+                          workspace)
 from tasks.storage import result_storage_slug
 
 
@@ -105,6 +106,7 @@ def resolve_hardware(cfg: PipelineConfig) -> PipelineConfig:
 def run_stages(cfg: PipelineConfig) -> Stages:
     load_hub_token(cfg.run.hf_token_secret)
     storage = result_storage_slug(cfg.run.result_storage) if cfg.run.result_storage else None
+    preflight_task.with_options(result_storage=storage)(cfg)  # errors fail the run here, before any stage writes
     with early_start(cfg, workspace(cfg.run)):  # a train that will run starts its process now
         data = stage(data_task, cfg, storage, cfg.data, cfg.run)
         tokenized = stage(tokenize_task, cfg, storage, data, cfg.prompt, cfg.model, cfg.run)

@@ -34,13 +34,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [
         ("run", "run the fine-tune flow (default config: the offline demo)"),
-        ("validate", "check a config without loading any model"),
+        ("validate", "pre-flight: check a config, its data, tokenizer and prompts without loading weights"),
         ("show-config", "print the fully resolved config as YAML"),
     ]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", nargs="?", help=f"YAML preset (default: {DEFAULT_CONFIG.relative_to(REPO_ROOT)})")
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field by dotted key, e.g. --set train.max_steps=10 (repeatable)")
+        if name == "validate":
+            s.add_argument("--config-only", action="store_true",
+                           help="check the config's fields and types only (no data, tokenizer or model files read)")
+            s.add_argument("--probe", action="store_true",
+                           help="also run one real training step on two examples: seconds per step and the total")
     sw = sub.add_parser("sweep", help="run one fine-tune child run per combination of --grid values, ranked by ROUGE")
     sw.add_argument("config", nargs="?", help=f"base YAML preset (default: {DEFAULT_CONFIG.relative_to(REPO_ROOT)})")
     sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -90,8 +95,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     if args.command == "validate":
-        print(f"ok: {config_path or 'defaults'} is a valid loraflow config")
-        return 0
+        checked_as = f"{config_path or 'the defaults'}" + "".join(f" --set {o}" for o in args.overrides)
+        if args.config_only:
+            print(f"ok: {checked_as} is a valid loraflow config (fields and types)")
+            return 0
+        import datasets
+
+        from loraflow.preflight import run_checks
+
+        datasets.disable_progress_bars()  # the report is the output
+        report = run_checks(cfg, checked_as, probe=args.probe)
+        print(report.text())
+        return 1 if report.errors else 0
     if args.command == "show-config":
         import yaml
 

@@ -17,11 +17,12 @@ LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "rouge
 
 # The modules whose source shapes each stage's result (the one list: tasks.stages builds its keys from it).
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "data": ("loraflow.data", "loraflow.aclsum", "loraflow.splits"),
-    "tokenize": ("loraflow.prompts", "loraflow.tokenization", "loraflow.sources"),  # sources: GGUF -> tokenizer
+    "data": ("loraflow.data", "loraflow.aclsum", "loraflow.splits", "loraflow.chat"),
+    "tokenize": ("loraflow.prompts", "loraflow.tokenization", "loraflow.sources", "loraflow.chat"),  # sources: GGUF -> tokenizer
     "model": ("loraflow.modeling", "loraflow.sources", "loraflow.hardware"),
     "train": ("loraflow.training", "loraflow.trainer", "loraflow.collator", "loraflow.modeling", "loraflow.launch",
               "loraflow.worker"),
+    "preflight": ("loraflow.preflight", "loraflow.memory"),  # and, through the evaluate key, every stage's
     "evaluate": ("loraflow.evaluation", "loraflow.rouge", "loraflow.modeling", "loraflow.scoring", "loraflow.bootstrap",
                  "loraflow.prompts"),
 }

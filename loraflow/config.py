@@ -36,6 +36,22 @@ class DataConfig(Section):
     )
     hub_config: str | None = Field(None, description="Hub dataset configuration name (e.g. 'Abstract').")
     revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit) to pin.")
+    format: Literal["columns", "messages"] = Field(
+        "columns", description="'columns': an input and a target column; 'messages': one conversation per row "
+        "(`messages_column`), whose last assistant turn is the target (see prompt.train_on)."
+    )
+    messages_column: str = Field(
+        "messages", description="format=messages: the column of conversations, each a list of {role, content} "
+        "(OpenAI style) or {from, value} (ShareGPT, roles mapped by `role_map`)."
+    )
+    role_map: dict[str, str] = Field(
+        {"human": "user", "gpt": "assistant"},
+        description="format=messages: role names mapped onto system / user / assistant (ShareGPT's by default).",
+    )
+    references_column: str | None = Field(
+        None, description="format=messages: a column of extra references (a string or a list) the last answer is "
+        "also scored against."
+    )
     input_column: str = Field("input", description="Column holding the model input (e.g. the document).")
     target_column: str = Field(
         "target", description="Column holding the target: a string, or a list of reference strings."
@@ -83,6 +99,12 @@ class DataConfig(Section):
         "all", description="aclsum only: which one-sentence aspect summary is the target ('all' = one row each)."
     )
 
+    def run_only(self) -> set[str]:
+        # the other format's columns do not shape this one's rows
+        if self.format == "columns":
+            return {"messages_column", "role_map", "references_column"}
+        return {"input_column", "target_column", "join_input_lists"}
+
 
 class PromptConfig(Section):
     style: Literal["template", "chat"] = Field(
@@ -94,7 +116,12 @@ class PromptConfig(Section):
         "Summarize the following text in one sentence.\n\n{input}",
         description="Python format string over the dataset's columns (e.g. {input}); renders the prompt.",
     )
-    system: str | None = Field(None, description="Optional system message for the chat style.")
+    system: str | None = Field(None, description="Optional system message for the chat style (messages datasets: "
+                               "added to conversations that have none).")
+    train_on: Literal["last_assistant", "all_assistants"] = Field(
+        "last_assistant", description="data.format=messages: the loss is on the last assistant turn, or on every "
+        "assistant turn; never on system or user text."
+    )
     max_length: int = Field(
         512, ge=16, description="Max tokens of prompt + target; the input is cut to fit, never the target."
     )
@@ -144,7 +171,11 @@ class TrainConfig(Section):
     per_device_train_batch_size: int = Field(4, ge=1, description="Examples per device per step.")
     per_device_eval_batch_size: int = Field(8, ge=1, description="Examples per device per eval step (run-only).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="Recompute activations in the backward pass instead of keeping them: less memory, ~30% "
+        "slower steps, the same gradients (run-only). 'auto' = on only when the training memory estimate "
+        "(loraflow.memory) exceeds what the machine has free when training starts.",
+    )
     batching: Literal["length_grouped", "random", "packed"] = Field(
         "length_grouped",
         description="How examples form a batch: length_grouped = similar lengths together, padded to the "
@@ -223,7 +254,7 @@ class TrainConfig(Section):
 
     def run_only(self) -> set[str]:
         watch = {"logging_steps", "save_total_limit", "report_to", "dataloader_num_workers", "per_device_eval_batch_size",
-                 "early_start"}
+                 "early_start", "gradient_checkpointing"}
         if not (self.load_best_model_at_end or self.early_stopping_patience):
             watch |= {"eval_steps", "save_steps", "eval_generate_samples", "metric_for_best_model"}
         return watch
@@ -341,6 +372,8 @@ class PipelineConfig(Section):
                 f"prompt.max_target_length ({self.prompt.max_target_length}) must be below prompt.max_length "
                 f"({self.prompt.max_length}): raise max_length or lower max_target_length"
             )
+        if self.data.format == "messages" and self.prompt.style != "chat":
+            problems.append("data.format=messages renders conversations with the chat template: set prompt.style=chat")
         if self.train.load_best_model_at_end and self.train.eval_steps is None:
             problems.append("train.load_best_model_at_end needs train.eval_steps: set train.eval_steps=N")
         if self.train.early_stopping_patience and self.train.eval_steps is None:
@@ -404,8 +437,45 @@ def build_config(data: dict[str, Any] | None = None) -> PipelineConfig:
         raise ConfigError(_format_errors(err)) from None
 
 
-def parse_value(text: str) -> Any:
-    """Parse an override value the way YAML would ('1e-4' -> 0.0001, 'true' -> True, '[a, b]' -> list)."""
+def field_annotation(key: str) -> Any:
+    """The type of the config field at dotted `key` (e.g. 'prompt.template'), or None when there is none."""
+    model: Any = PipelineConfig
+    annotation = None
+    for part in key.split("."):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        annotation = model = fields[part].annotation
+    return annotation
+
+
+def _kinds(annotation: Any) -> set[type]:
+    """The plain types a field accepts: str, int, float, bool, list, dict, NoneType (a Literal adds none)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_kinds(a) for a in typing.get_args(annotation)))
+    if origin is typing.Literal:
+        return set()
+    if origin is not None:
+        return {origin} if origin in (list, dict) else set()
+    return {annotation} if isinstance(annotation, type) else set()
+
+
+def parse_value(text: str, annotation: Any = None) -> Any:
+    """Parse an override value for a field of type `annotation`. A field that takes text gets the text as typed
+    (`Question: {input}` stays a string, `1.0` too), except YAML's null for an optional field, a [list] or
+    {mapping} where the field also takes one, and a quoted YAML string (unquoted, its escapes read). Other fields parse the way YAML would ('1e-4' -> 0.0001,
+    'true' -> True, '[a, b]' -> list)."""
+    kinds = _kinds(annotation) if annotation is not None else set()
+    if str in kinds:
+        if text in ("null", "~") and type(None) in kinds:
+            return None
+        if (text[:1] in "[{" and kinds & {list, dict}) or (len(text) > 1 and text[0] == text[-1] and text[0] in "'\""):
+            return yaml.safe_load(text)  # a list or mapping, or a YAML-quoted string ("a\nb" has a newline)
+        return text
     value = yaml.safe_load(text)
     if isinstance(value, str):
         try:
@@ -430,7 +500,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = parse_value(raw.strip())
+        node[parts[-1]] = parse_value(raw.strip(), field_annotation(key.strip()))
     return out
 
 

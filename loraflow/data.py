@@ -21,6 +21,7 @@ library that shapes its numbers gives a new folder.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import re
@@ -39,7 +40,7 @@ FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parque
 # the prefix must not run on into a letter, so "trainer.jsonl" or "testimonials.csv" are not splits.
 _SPLIT_FILE = re.compile(r"^(training|train|testing|test|validation|valid|val|dev)(?![a-z])", re.IGNORECASE)
 _CANONICAL = {"training": "train", "testing": "test", "valid": "validation", "val": "validation", "dev": "validation"}
-OWN_COLUMNS = ("input", "target", "references", "cluster")
+OWN_COLUMNS = ("input", "target", "references", "cluster", "messages")
 
 
 class DataError(ValueError):
@@ -174,11 +175,19 @@ def load_source(cfg: DataConfig, cache_dir: str | Path | None = None):
     if is_local(cfg.source):
         data_files = _local_splits(cfg)
         builder = FORMATS[Path(next(iter(data_files.values()))[0]).suffix]
-        try:
-            return datasets.load_dataset(builder, data_files=data_files, cache_dir=str(cache_dir) if cache_dir else None)
-        except Exception as err:  # e.g. a column that is a string in one row and a list in another
-            raise DataError(f"data.source: could not read '{cfg.source}' as {builder} ({type(err).__name__}: "
-                            f"{_first_line(err)}): check that every row has the same columns and types") from None
+        # Each split on its own: a train file with one target string per row and a test file with a list of
+        # references (the usual shape) have different types, which one load would refuse. `_normalise` makes
+        # both a list of references.
+        out = {}
+        for split, files in data_files.items():
+            try:
+                out[split] = datasets.load_dataset(builder, data_files={split: files}, split=split,
+                                                   cache_dir=str(cache_dir) if cache_dir else None)
+            except Exception as err:  # e.g. a column that is a string in one row and a list in another
+                raise DataError(f"data.source: could not read the {split} split of '{cfg.source}' as {builder} "
+                                f"({type(err).__name__}: {_first_line(err)}): check that every row of "
+                                f"{', '.join(Path(f).name for f in files)} has the same columns and types") from None
+        return datasets.DatasetDict(out)
     from loraflow.sources import hub_commit
 
     try:  # the commit the key holds, so a branch that moves after keying cannot change the rows
@@ -206,15 +215,22 @@ def _kind(feature: Any) -> str:
     return "scalar" if dtype is not None else "other"
 
 
+def _missing_column(field: str, col: str, ds, split: str, source: str) -> DataError:
+    close = difflib.get_close_matches(col, ds.column_names, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return DataError(f"data.{field}: no column '{col}' in the {split} split of '{source}': "
+                     f"{hint}available columns are {', '.join(ds.column_names)}")
+
+
 def _normalise(ds, cfg: DataConfig, split: str):
     """Map columns onto input/target/references and drop empty rows; returns (dataset, n_dropped)."""
     if cfg.cluster_column is not None and cfg.cluster_column not in ds.column_names:
-        raise DataError(f"data.cluster_column: no column '{cfg.cluster_column}' in the {split} split of "
-                        f"'{cfg.source}': available columns are {', '.join(ds.column_names)}")
+        raise _missing_column("cluster_column", cfg.cluster_column, ds, split, cfg.source)
+    if cfg.format == "messages":
+        return _normalise_messages(ds, cfg, split), 0
     for field, col in (("input_column", cfg.input_column), ("target_column", cfg.target_column)):
         if col not in ds.column_names:
-            raise DataError(f"data.{field}: no column '{col}' in the {split} split of '{cfg.source}': "
-                            f"available columns are {', '.join(ds.column_names)}")
+            raise _missing_column(field, col, ds, split, cfg.source)
         kind = _kind(ds.features[col])
         if kind == "other":
             raise DataError(f"data.{field}: column '{col}' holds {ds.features[col]}, not text or a list of "
@@ -247,6 +263,47 @@ def _normalise(ds, cfg: DataConfig, split: str):
         raise DataError(f"data: all {len(mapped)} rows of the {split} split have an empty '{cfg.input_column}' or "
                         f"'{cfg.target_column}': check data.input_column / data.target_column and the data")
     return kept, len(mapped) - len(kept)
+
+
+def _normalise_messages(ds, cfg: DataConfig, split: str):
+    """A conversation per row (`loraflow.chat`): messages (JSON), input (the history as text), target (the last
+    answer), references (it, and the references column's), cluster."""
+    from loraflow.chat import ChatError, conversation, history_text
+
+    for field, col in (("messages_column", cfg.messages_column), ("references_column", cfg.references_column)):
+        if col is not None and col not in ds.column_names:
+            raise _missing_column(field, col, ds, split, cfg.source)
+    extra = [c for c, f in ds.features.items() if _kind(f) == "text" and c not in (cfg.messages_column, *OWN_COLUMNS)]
+
+    def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {"input": [], "target": [], "references": [], "cluster": [], "messages": [],
+                                **{c: [] for c in extra}}
+        for j, (raw, index) in enumerate(zip(batch[cfg.messages_column], indices)):
+            try:
+                messages = conversation(raw, cfg.role_map, f"row {index} of the {split} split")
+            except ChatError as err:
+                raise DataError(str(err)) from None
+            extra_refs = batch[cfg.references_column][j] if cfg.references_column else None
+            refs = [messages[-1]["content"].strip()] + [str(r).strip() for r in (
+                extra_refs if isinstance(extra_refs, list) else [extra_refs]) if r is not None and str(r).strip()]
+            out["input"].append(history_text(messages))
+            out["target"].append(refs[0])
+            out["references"].append(refs)
+            out["messages"].append(json.dumps(messages, ensure_ascii=False))
+            key = batch[cfg.cluster_column][j] if cfg.cluster_column else out["input"][-1]
+            out["cluster"].append("" if key is None else str(key))
+            for c in extra:
+                out[c].append(batch[c][j] or "")
+        return out
+
+    import datasets
+
+    text = datasets.Value("string")
+    # Explicit: a same-named source column's feature (datasets may read messages as Json) must not be reused.
+    features = datasets.Features({"input": text, "target": text, "references": datasets.List(text), "cluster": text,
+                                  "messages": text, **{c: text for c in extra}})
+    return ds.map(convert, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
+                  desc=f"data: read conversations ({split})")
 
 
 def _find_split(names: list[str], wanted: str) -> str | None:
@@ -352,7 +409,7 @@ def prepare_data(cfg: DataConfig, output_dir: str | Path, refresh: bool = False)
             if dropped:
                 log.warning("data: dropped %d rows with an empty input or target", dropped)
             info = {"n_train": len(splits["train"]), "n_validation": len(splits["validation"]),
-                    "n_test": len(splits["test"]), "source": cfg.source, "dropped": dropped}
+                    "n_test": len(splits["test"]), "source": cfg.source, "dropped": dropped, "format": cfg.format}
             splits.save_to_disk(str(tmp / "dataset"))
             write_json(tmp / "info.json", info)
             write_json(tmp / "splits.json", origin)

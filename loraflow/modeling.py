@@ -188,13 +188,21 @@ def load_for_training(model_handle: Handle, model: ModelConfig, quant: Quantizat
                       upcast_frozen: bool | str = "auto"):
     """Base (quantized) + the model stage's initial adapter, trainable. With `upcasts`, the frozen weights
     that are not 4-bit go to fp32 (peft's prepare_model_for_kbit_training); else they stay in the compute dtype."""
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel
 
-    base = load_base(model_handle.info["base_dir"], model, quant, training=True)
-    if quant.mode != "none" and upcasts(upcast_frozen, quant.compute_dtype):
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        base.gradient_checkpointing_enable()
-        base.enable_input_require_grads()
+    base = prepare_for_training(load_base(model_handle.info["base_dir"], model, quant, training=True), quant,
+                                gradient_checkpointing, upcast_frozen)
     with MODEL_BUILD:
         return PeftModel.from_pretrained(base, Path(model_handle.path) / "adapter_init", is_trainable=True)
+
+
+def prepare_for_training(base, quant: QuantizationConfig, gradient_checkpointing: bool, upcast_frozen: bool | str):
+    """The frozen base made ready for LoRA training (see `load_for_training`)."""
+    from peft import prepare_model_for_kbit_training
+
+    if quant.mode != "none" and upcasts(upcast_frozen, quant.compute_dtype):
+        return prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
+    if gradient_checkpointing:
+        base.gradient_checkpointing_enable()
+        base.enable_input_require_grads()
+    return base

@@ -32,7 +32,7 @@ def template_fields(template: str) -> set[str]:
 
 
 def _columns_hint(columns: list[str]) -> str:
-    usable = [c for c in columns if c not in ANSWER_COLUMNS]
+    usable = [c for c in columns if c not in (*ANSWER_COLUMNS, "cluster", "messages")]  # not the data stage's own
     return ", ".join("{" + c + "}" for c in usable)
 
 
@@ -41,8 +41,12 @@ def check_template(template: str, columns: list[str]) -> None:
     fields = template_fields(template)
     missing = sorted(fields - set(columns))
     if missing:
+        import difflib
+
+        close = difflib.get_close_matches(missing[0], [c for c in columns if c not in (*ANSWER_COLUMNS, "cluster")], n=1)
+        hint = f"did you mean {{{close[0]}}}? " if close else ""
         raise PromptError(
-            f"prompt.template uses {{{missing[0]}}} but the data has no such column: use one of {_columns_hint(columns)}"
+            f"prompt.template uses {{{missing[0]}}} but the data has no such column: {hint}use one of {_columns_hint(columns)}"
         )
     leaked = sorted(fields & set(ANSWER_COLUMNS))
     if leaked:

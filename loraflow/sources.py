@@ -99,11 +99,24 @@ def resolve_model_dir(
     return _download(name_or_path, revision, allow_pickle)
 
 
-def _download(repo_id: str, revision: str | None, allow_pickle: bool = False) -> Path:
+def metadata_dir(name_or_path: str, revision: str | None = None, cache_dir: str | None = None,
+                 allow_pickle: bool = False) -> Path:
+    """A folder with the model's config and tokenizer, for checks that load no weights: a hub model's
+    config and tokenizer files alone (its weights come later, into the same cache); else `resolve_model_dir`
+    (a local folder is only checked; a GGUF is converted once, and the run reuses that)."""
+    path = Path(name_or_path).expanduser()
+    if name_or_path == BUILTIN_GGUF or path.suffix == ".gguf" or path.exists() or name_or_path.startswith((".", "/", "~")):
+        return resolve_model_dir(name_or_path, revision, cache_dir, allow_pickle)
+    return _download(name_or_path, revision, allow_pickle, weights=False)
+
+
+def _download(repo_id: str, revision: str | None, allow_pickle: bool = False, weights: bool = True) -> Path:
     from huggingface_hub import snapshot_download
 
     # The token comes from HF_TOKEN / the hub login, read by huggingface_hub itself: never logged or keyed.
     patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
+    if not weights:
+        patterns = [p for p in patterns if p not in ("*.safetensors", "*.bin")]
     try:
         # the commit the key holds (`hub_commit`), so a branch that moves after keying cannot change the files
         return Path(snapshot_download(repo_id, revision=hub_commit(repo_id, revision), allow_patterns=patterns))

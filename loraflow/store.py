@@ -119,6 +119,13 @@ def chain(cfg: PipelineConfig) -> dict[str, StageKey]:
     return {k.stage: k for k in (data, tokenize, model, train, evaluate)}
 
 
+def preflight_key(cfg: PipelineConfig) -> StageKey:
+    """The pre-flight checks' key (`loraflow.preflight`): what they read, through the evaluate key (every stage's
+    inputs), and the run-only setting the memory check reads."""
+    return _make("preflight", {"upstream evaluate": chain(cfg)["evaluate"].key,
+                               "gradient checkpointing": cfg.train.gradient_checkpointing})
+
+
 # -- folders ---------------------------------------------------------------------------------------
 
 def folder(output_dir: str | Path, stage: str, key: str) -> Path:

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from loraflow.config import ConfigError, PipelineConfig, build_config, deep_merge, parse_value
+from loraflow.config import ConfigError, PipelineConfig, build_config, deep_merge, field_annotation, parse_value
 from loraflow.report import KEYS
 
 Metric = Literal["rouge1", "rouge2", "rougeL", "rougeLsum"]
@@ -85,7 +85,7 @@ def parse_grid_arg(text: str) -> tuple[str, list[Any]]:
         else:
             current += ch
     parts.append(current)
-    return key.strip(), [parse_value(p.strip()) for p in parts]
+    return key.strip(), [parse_value(p.strip(), field_annotation(key.strip())) for p in parts]
 
 
 def _check(base: dict[str, Any], flat: dict[str, Any]) -> PipelineConfig:

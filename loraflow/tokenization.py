@@ -124,6 +124,15 @@ def encode_batch(rows: dict[str, list], prompt: PromptConfig, tokenizer, prefix:
     return out
 
 
+def encoder(data_format: str):
+    """The batch encoder of a data format: `encode_batch` for columns, `chat.encode_conversations` for messages."""
+    if data_format == "messages":  # conversations: the chat template renders them whole (loraflow.chat)
+        from loraflow.chat import encode_conversations
+
+        return encode_conversations
+    return encode_batch
+
+
 def encode_example(row: dict[str, Any], prompt: PromptConfig, tokenizer) -> dict[str, Any]:
     """{input_ids, labels, prompt_ids, truncated, prompt_truncated} for one row with `input` and `target`.
 
@@ -185,7 +194,9 @@ def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, final: Path, k
     tokenizer = load_tokenizer(tokenizer_dir)
     prefix = bos_prefix(tokenizer)
     splits = datasets.load_from_disk(str(Path(data.path) / "dataset"))
-    check_template(prompt.template, splits["train"].column_names)
+    encode = encoder(data.info.get("format", "columns"))
+    if encode is encode_batch:
+        check_template(prompt.template, splits["train"].column_names)
     if prompt.system and prompt.style == "template":
         log.warning("tokenize: prompt.system is ignored with prompt.style=template; put it in prompt.template")
     out, stats = {}, {}
@@ -196,7 +207,7 @@ def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, final: Path, k
         # keep_in_memory: never write cache files into the data stage's folder. new_fingerprint: skip
         # datasets' hashing of the closure, which pickles the whole tokenizer (seconds per call).
         started = time.perf_counter()
-        enc = ds.map(lambda rows: encode_batch(rows, prompt, tokenizer, prefix), batched=True, batch_size=1000,
+        enc = ds.map(lambda rows: encode(rows, prompt, tokenizer, prefix), batched=True, batch_size=1000,
                      keep_in_memory=True, new_fingerprint=f"{key}-{name}", desc=f"tokenize {name}")
         seconds = time.perf_counter() - started
         labels = enc["labels"]
@@ -209,7 +220,13 @@ def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, final: Path, k
             fits, truncated = enc["prompt_ids"], list(enc["prompt_truncated"])
         kept = [i for i, ids in enumerate(fits) if ids and enc["input_ids"][i]]
         if not kept:
-            raise PromptError(_nothing_fits(ds[0], prompt, tokenizer, prefix, name, len(ds)))
+            raise PromptError(_nothing_fits(ds[0], prompt, tokenizer, prefix, name, len(ds)) if encode is encode_batch
+                              else f"tokenize: none of the {len(ds)} {name} conversations fits prompt.max_length="
+                              f"{prompt.max_length} even with its earlier turns dropped: raise prompt.max_length")
+        unlabelled = [i for i in kept if target_lens[i] == 0]
+        if unlabelled:  # their loss would be 0 and silently dilute the others'
+            raise PromptError(f"tokenize: {len(unlabelled)} {name} examples have no trainable label token (first rows: "
+                              f"{', '.join(map(str, unlabelled[:5]))}): check their targets, or raise prompt.max_length")
         stats[name] = _stats([prompt_lens[i] for i in kept], [target_lens[i] for i in kept],
                              sum(truncated[i] for i in kept), len(ds) - len(kept))
         stats[name]["examples_per_second"] = round(len(ds) / seconds, 1)

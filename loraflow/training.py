@@ -284,6 +284,30 @@ def train_adapter(
     return Handle(stage="train", path=str(final), fingerprint=sk.key, info=metrics)
 
 
+def resolve_checkpointing(cfg: PipelineConfig, base_dir: str, stats_file: Path) -> bool:
+    """train.gradient_checkpointing, with 'auto' = on when the memory estimate for the longest batch (from the
+    tokenize stage's stats) exceeds what is free now (`loraflow.memory`); the reason is logged."""
+    value = cfg.train.gradient_checkpointing
+    if value != "auto":
+        return bool(value)
+    import torch
+    from transformers import AutoConfig
+
+    from loraflow import memory
+
+    stats = json.loads(stats_file.read_text())["train"]
+    length = min(cfg.prompt.max_length, stats["max_prompt_tokens"] + stats["max_target_tokens"])
+    cuda = torch.cuda.is_available()
+    batch = cfg.train.per_device_train_batch_size
+    shapes = memory.shapes(AutoConfig.from_pretrained(base_dir, trust_remote_code=cfg.model.trust_remote_code))
+    budget, where = memory.available(cuda)
+    need = memory.Estimate(memory.training(cfg, shapes, batch, length, batch * stats["max_target_tokens"], cuda, False),
+                           budget, where)
+    on = need.total > budget
+    log.info("train: gradient checkpointing %s (auto): %s", "on" if on else "off", need.line("estimate without it"))
+    return on
+
+
 def finished_train(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, output_dir: str | Path) -> Handle | None:
     """The train stage's handle when its folder is complete and no refresh is asked for (marked as used),
     else None: the one check both the training process and its launcher make."""
@@ -314,12 +338,13 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    model = load_for_training(model_handle, cfg.model, cfg.quantization, cfg.train.gradient_checkpointing,
-                              cfg.train.upcast_frozen)
+    checkpointing = resolve_checkpointing(cfg, model_handle.info["base_dir"], Path(tokenized.path) / "stats.json")
+    model = load_for_training(model_handle, cfg.model, cfg.quantization, checkpointing, cfg.train.upcast_frozen)
     model.config.use_cache = False
     before = frozen_checksum(model)
 
-    args = training_arguments(cfg.train, work / "checkpoints", has_eval=eval_ds is not None)
+    args = training_arguments(cfg.train.model_copy(update={"gradient_checkpointing": checkpointing}),
+                              work / "checkpoints", has_eval=eval_ds is not None)
     timer = throughput_callback()
     callbacks = [timer, save_last_step(), *extra_callbacks]
     if cfg.train.early_stopping_patience and eval_ds is not None:

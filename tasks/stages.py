@@ -105,6 +105,42 @@ def for_run(task_obj: Any, run: RunConfig, storage_slug: str | None) -> Any:
                                  result_storage=storage_slug)
 
 
+class PreflightError(ValueError):
+    """The run's inputs fail a pre-flight check (`loraflow.preflight`); the message names the first and the fix."""
+
+
+def _preflight_key(_ctx: Any, parameters: dict[str, Any]) -> str:
+    return f"loraflow-preflight-{store.preflight_key(parameters['cfg']).key}"
+
+
+@task(name="preflight", cache_policy=CacheKeyFnPolicy(cache_key_fn=_preflight_key), persist_result=True,
+      result_serializer="json")
+def preflight_task(cfg: PipelineConfig) -> list[str]:
+    """The checks `loraflow validate` makes, before any stage: fail in seconds, publish the report as an
+    artifact. It reads the data, the tokenizer and the model's config, never weights; a pass is cached under
+    everything it read (`store.preflight_key`), a failure is not."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from loraflow.preflight import run_checks
+
+    report = run_checks(cfg, checked_as=f"the config of flow run {flow_run_name()}")
+    create_markdown_artifact(report.markdown(), key="pre-flight", description=f"Pre-flight checks: {report.summary()}")
+    logger = get_run_logger()
+    for level, text in report.lines:
+        logger.log(logging.ERROR if level == "error" else logging.WARNING if level == "warning" else logging.INFO,
+                   "pre-flight: %s", text)
+    if report.errors:
+        more = f" (and {len(report.errors) - 1} more errors: see the pre-flight artifact)" if len(report.errors) > 1 else ""
+        raise PreflightError(f"pre-flight: {report.errors[0]}{more}")
+    return report.warnings
+
+
+def flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return flow_run.name or "?"
+
+
 @task(**_options("data", retries=2, retry_delay_seconds=10, retry_condition_fn=_retryable))
 def data_task(data: DataConfig, run: RunConfig) -> Handle:
     """Load, map, validate and split the dataset."""

@@ -74,7 +74,7 @@ CATALOGUE = {  # name: (overrides, or a function of tmp_path returning one more 
     "empty dataset": ([_empty], 1, r"empty.jsonl' has no rows: add examples"),
     "corrupt jsonl line": ([_corrupt], 1, r"toy.jsonl: line 7 is not valid JSON .*fix or remove that line"),
     "every example too long": (["prompt.max_length=16", "prompt.max_target_length=4",
-                                'prompt.template="Read the report below with care, then write a summary of it in plain words.\\n{input}\\nSummary:"'], 1, r"none of the \d+ train examples fits.*raise prompt.max_length"),
+                                'prompt.template="Read the report below with care, then write a summary of it in plain words.\\n{input}\\nSummary:"'], 1, r"pre-flight: tokenize: none of the \d+ sampled training rows fits prompt.max_length=16.*raise prompt.max_length"),
     "test_size out of range": (["data.test_size=1.5"], 2, r"data.test_size: .*"),
     "target modules not found": (["lora.target_modules=[qkv]"], 1, r"lora.target_modules \['qkv'\] not found.*'q_proj'"),
     "unknown config key": (["train.learnig_rate=1e-3"], 2, r"train.learnig_rate.*did you mean 'learning_rate'"),

@@ -176,7 +176,7 @@ def test_columns_are_mapped_and_extra_string_columns_kept(tmp_path):
     assert row == {"id": f"r{i}", "topic": f"t{int(i) % 3}", "input": f"document number {i}", "target": f"summary {i}",
                    "references": [f"summary {i}"], "cluster": f"document number {i}"}
     assert h.info == {**dict(zip(("n_train", "n_validation", "n_test"), sizes(h))),
-                      "source": str(tmp_path / "d.jsonl"), "dropped": 0}
+                      "source": str(tmp_path / "d.jsonl"), "dropped": 0, "format": "columns"}
     assert sum(sizes(h)) == 20
 
 

@@ -115,12 +115,16 @@ def test_reruns_recompute_only_what_changed(tmp_path, tiny_llama_dir, prefect_ha
     assert len(early) == 1 and early[0].returncode == 0  # the train stage ran in the process started early
     assert all(names == {"Completed"} for names in _task_states(first).values())
 
-    def ran(config) -> set[str]:
+    def ran(config, preflight: bool | None = None) -> set[str]:
+        """The stages that ran; `preflight`: whether the preflight task must have run too (its key holds every
+        stage's inputs, so it reruns when a key changes, not when a folder is recomputed under the same key)."""
         state = finetune(config, return_state=True)
         assert state.is_completed()
-        return {stage for stage, names in _task_states(state).items() if names - {"Cached"}}
+        ran = {stage for stage, names in _task_states(state).items() if names - {"Cached"}}
+        assert preflight is None or ("preflight" in ran) == preflight, ran
+        return ran - {"preflight"}
 
-    assert ran(cfg) == set()  # same config, new flow run: every stage Cached
+    assert ran(cfg, preflight=False) == set()  # same config, new flow run: every stage Cached
     assert len(early) == 1  # a cached train starts no training process
     # One key per stage: the keys computed from the config alone are the folders' names and Prefect's keys.
     from flows.pipeline import resolve_hardware
@@ -133,7 +137,8 @@ def test_reruns_recompute_only_what_changed(tmp_path, tiny_llama_dir, prefect_ha
 
     stored = {p.name for p in Path(PREFECT_LOCAL_STORAGE_PATH.value()).glob("loraflow-*")}  # Prefect's cache records
     assert {store.prefect_key(s, k, cfg.run.output_dir) for s, k in keys.items()} <= stored
-    assert ran(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_new_tokens": 3})})) == {"evaluate"}
+    assert ran(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_new_tokens": 3})}),
+               preflight=True) == {"evaluate"}
     assert len(early) == 1
     assert ran(cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 2e-3})})) == {"train", "evaluate"}
     assert len(early) == 2
@@ -209,7 +214,7 @@ def test_cli_run_with_missing_data_fails_in_one_line(tmp_path, prefect_harness, 
     code = main(["run", "--set", f"data.source={tmp_path / 'nope.jsonl'}", "--set", f"run.output_dir={tmp_path / 'runs'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
-    assert err[-1].startswith("error: data.source:") and "does not exist: check the path" in err[-1]
+    assert err[-1].startswith("error: pre-flight: data.source:") and "does not exist: check the path" in err[-1]
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("manifest.json"))
 
 
@@ -261,8 +266,10 @@ def test_results_live_in_the_configured_result_storage(tmp_path, tiny_llama_dir,
     first = finetune(cfg, return_state=True)
     assert first.is_completed()
     records = [json.loads(p.read_text()) for p in shared.iterdir() if p.is_file()]
-    handles = [json.loads(r["result"])["data"] for r in records]  # Prefect's JSON serializer wraps the Handle
+    results = [json.loads(r["result"]) for r in records]  # Prefect's JSON serializer wraps the Handle
+    handles = [r["data"] for r in results if isinstance(r, dict)]
     assert sorted(h["stage"] for h in handles) == ["data", "evaluate", "model", "tokenize", "train"]
+    assert len(results) == 6  # and the preflight task's passing result (its list of warnings)
 
     # Another worker, whose own Prefect storage is elsewhere, reuses every stage through the shared location.
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "other-worker-storage"}):

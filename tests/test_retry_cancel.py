@@ -144,7 +144,7 @@ def test_run_failed_in_train_and_retried_resumes_with_earlier_stages_cached(tmp_
     [failed] = anyio.run(_flow_runs, cfg["run"]["output_dir"])
     assert failed.state.name == "Failed"
     assert anyio.run(_latest_task_states, failed.id) == {
-        "data": "Completed", "tokenize": "Completed", "model": "Completed", "train": "Failed"}
+        "preflight": "Completed", "data": "Completed", "tokenize": "Completed", "model": "Completed", "train": "Failed"}
 
     retry = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "retry", str(failed.id),
                             "--entrypoint", "flows/finetune.py:finetune"],
@@ -153,7 +153,8 @@ def test_run_failed_in_train_and_retried_resumes_with_earlier_stages_cached(tmp_
     [retried] = anyio.run(_flow_runs, cfg["run"]["output_dir"])
     assert retried.id == failed.id and retried.state.name == "Completed"
     assert anyio.run(_latest_task_states, retried.id) == {
-        "data": "Cached", "tokenize": "Cached", "model": "Cached", "train": "Completed", "evaluate": "Completed"}
+        "preflight": "Cached", "data": "Cached", "tokenize": "Cached", "model": "Cached", "train": "Completed",
+        "evaluate": "Completed"}
     [train_dir] = [p for p in (tmp_path / "runs" / "train").iterdir() if (p / "manifest.json").is_file()]
     metrics = json.loads((train_dir / "train_metrics.json").read_text())
     assert metrics["resumed_from"].endswith(f"checkpoint-{killed_at}") and metrics["global_step"] == 40
@@ -230,7 +231,8 @@ def test_a_deployed_run_failed_in_train_retried_from_the_cli_recomputes_only_wha
         worker.wait()
     assert retried.id == run.id and retried.state.name == "Completed", retried.state
     assert anyio.run(_latest_task_states, retried.id) == {
-        "data": "Cached", "tokenize": "Cached", "model": "Cached", "train": "Completed", "evaluate": "Completed"}
+        "preflight": "Cached", "data": "Cached", "tokenize": "Cached", "model": "Cached", "train": "Completed",
+        "evaluate": "Completed"}
     [train_dir] = [p for p in (tmp_path / "runs" / "train").iterdir() if (p / "manifest.json").is_file()]
     metrics = json.loads((train_dir / "train_metrics.json").read_text())
     assert metrics["resumed_from"].endswith(f"checkpoint-{killed_at}") and metrics["global_step"] == 40

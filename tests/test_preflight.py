@@ -1,0 +1,225 @@
+"""Pre-flight (`loraflow validate`, and the flow's first task): what a run will meet, before any weight loads.
+Each bad input exits 1 with one error line naming the fix, and nothing is written under the output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loraflow.cli import main
+from tests_support import write_examples
+
+
+def write_config(tmp_path: Path, model_dir: Path, source: Path, **sections) -> Path:
+    cfg = {
+        "data": {"source": str(source), "input_column": "text", "target_column": "summary", "test_size": 0.125},
+        "prompt": {"style": "chat", "template": "Summarize: {input}", "max_length": 64, "max_target_length": 16},
+        "model": {"name_or_path": str(model_dir)},
+        "run": {"output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache")},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def validate(capsys, *argv: str) -> tuple[int, str]:
+    code = main(["validate", *argv])
+    return code, capsys.readouterr().out
+
+
+def test_a_good_config_reports_sizes_lengths_and_what_it_checked_as(tmp_path, tiny_llama_dir, capsys):
+    path = write_config(tmp_path, tiny_llama_dir, write_examples(tmp_path / "toy.jsonl"))
+    code, out = validate(capsys, str(path), "--set", "prompt.template=Question: {input}", "--set", "model.revision=1.0")
+    assert code == 0, out
+    assert out.splitlines()[0] == f"pre-flight of {path} --set prompt.template=Question: {{input}} --set model.revision=1.0"
+    assert "ok       data: 78 train / 8 validation / 10 test rows" in out  # 96 rows, by the split hashes
+    assert "template reads {input}" in out and "prefix of the full conversation, as text and as tokens" in out
+    assert "prompt tokens, 78 sampled training rows:" in out and "#" in out  # the histograms
+    assert "memory: train, batch 4 x 57 tokens, gradient checkpointing off (auto)" in out
+    assert out.rstrip().endswith("result: 0 errors, 0 warnings")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("case, override, error", [
+    ("a missing input column", "data.input_column=txt",
+     "data.input_column: no column 'txt' in the pool split of '{source}': did you mean 'text'?"),
+    ("a misspelled placeholder", "prompt.template=Summarize: {inptu}",
+     "prompt.template uses {inptu} but the data has no such column: did you mean {input}?"),
+    ("a model folder that does not exist", "model.name_or_path={tmp}/no-such-model",
+     "model.name_or_path: '{tmp}/no-such-model' is not a model folder (no config.json)"),
+    ("no room left for the prompt", "prompt.max_target_length=60",
+     "none of the 10 test prompts fits prompt.max_length - max_target_length = 4 tokens"),
+])
+def test_each_bad_input_exits_1_with_one_error_line_and_writes_nothing(tmp_path, tiny_llama_dir, capsys, case,
+                                                                      override, error):
+    source = write_examples(tmp_path / "toy.jsonl")
+    path = write_config(tmp_path, tiny_llama_dir, source)
+    code, out = validate(capsys, str(path), "--set", override.replace("{tmp}", str(tmp_path)))
+    errors = [line for line in out.splitlines() if line.startswith("error ")]
+    assert code == 1 and len(errors) == 1, out
+    assert error.replace("{source}", str(source)).replace("{tmp}", str(tmp_path)) in errors[0], errors[0]
+    assert out.rstrip().endswith("result: 1 error, 0 warnings") or "result: 1 error" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_conversation_fails_validate_in_one_line(tmp_path, tiny_llama_dir, capsys):
+    source = tmp_path / "chats.jsonl"
+    rows = [[{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"a {i}"}] for i in range(20)]
+    rows[7][1]["role"] = "bot"
+    source.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    path = write_config(tmp_path, tiny_llama_dir, source, data={"format": "messages"})
+    code, out = validate(capsys, str(path))
+    errors = [line for line in out.splitlines() if line.startswith("error ")]
+    assert code == 1 and len(errors) == 1 and "row 7 of the pool split, message 1 has the unknown role 'bot'" in errors[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_csv_without_the_input_column_fails_before_any_model_file_is_read(tmp_path, tiny_llama_dir, capsys):
+    source = tmp_path / "rows.csv"
+    source.write_text("document,summary\n" + "".join(f"text {i},sum {i}\n" for i in range(20)))
+    path = write_config(tmp_path, tiny_llama_dir, source, data={"input_column": "input"})
+    code, out = validate(capsys, str(path))
+    assert code == 1 and "data.input_column: no column 'input'" in out and "available columns are document, summary" in out
+
+
+def test_split_files_whose_targets_differ_in_type_load_as_lists_of_references(tmp_path):
+    from loraflow.config import DataConfig
+    from loraflow.data import build_splits
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"input": f"doc {i}", "target": f"sum {i}"}) + "\n"
+                                                for i in range(20)))
+    (folder / "test.jsonl").write_text("".join(json.dumps({"input": f"test {i}", "target": [f"a {i}", f"b {i}"]}) + "\n"
+                                               for i in range(5)))
+    splits, _, _ = build_splits(DataConfig(source=str(folder)), tmp_path / "scratch")
+    assert splits["test"][0]["references"] == ["a 0", "b 0"] and splits["test"][0]["target"] == "a 0"
+    assert splits["train"][0]["references"] == [splits["train"][0]["target"]]
+
+
+def test_validate_config_only_checks_fields_and_types(capsys):
+    code, out = validate(capsys, "configs/gpu-qwen2.5-0.5b-scitldr.yaml", "--config-only")  # hub ids: no network here
+    assert code == 0 and "is a valid loraflow config (fields and types)" in out
+
+
+def test_the_flow_fails_in_its_preflight_task_before_any_stage_writes(tmp_path, tiny_llama_dir, prefect_harness):
+    from flows.finetune import finetune
+    from loraflow.config import load_config
+
+    path = write_config(tmp_path, tiny_llama_dir, write_examples(tmp_path / "toy.jsonl"),
+                        prompt={"template": "Summarize: {inptu}"})
+    state = finetune(load_config(path), return_state=True)
+    assert state.is_failed()
+    assert "pre-flight: prompt.template uses {inptu}" in str(state.message) or "{inptu}" in str(state.message)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.json"))
+
+
+def test_known_harmless_library_warnings_are_silenced_once_and_others_still_show():
+    import subprocess
+    import sys
+
+    # bitsandbytes warns at import on an AVX512-BF16 CPU that it cannot fetch a kernel loraflow never uses; peft
+    # reads transformers' deprecated is_gradient_checkpointing. Neither reaches the user; another warning does.
+    code = (
+        "import warnings, loraflow, bitsandbytes\n"
+        "warnings.warn('`is_gradient_checkpointing` is deprecated and will be removed in v6.', FutureWarning)\n"
+        "warnings.warn('a warning the user can act on', FutureWarning)\n"
+    )
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "gemm_4bit_forward" not in err and "is_gradient_checkpointing" not in err
+    assert "a warning the user can act on" in err
+
+
+def test_the_memory_estimate_counts_what_each_setting_changes(tiny_llama_dir):
+    from transformers import AutoConfig
+
+    from loraflow import memory
+    from loraflow.config import build_config
+
+    shapes = memory.shapes(AutoConfig.from_pretrained(tiny_llama_dir))
+    assert shapes["layers"] == 2 and shapes["hidden"] == 64 and len(shapes["linear"]) == 2 * 7
+    cfg = build_config({"quantization": {"mode": "nf4", "compute_dtype": "bfloat16"}})
+    plain = memory.training(cfg, shapes, 8, 512, 8 * 32, False, False)
+    deep = {**shapes, "layers": 30}  # checkpointing keeps each layer's input and recomputes one layer at a time
+    assert memory.training(cfg, deep, 8, 512, 256, False, True)["activations"] < \
+        memory.training(cfg, deep, 8, 512, 256, False, False)["activations"] / 5
+    everywhere = cfg.model_copy(update={"train": cfg.train.model_copy(update={"label_only_logits": False})})
+    assert memory.training(everywhere, shapes, 8, 512, 8 * 32, False, False)["logits"] == 16 * plain["logits"]
+    full = cfg.model_copy(update={"quantization": cfg.quantization.model_copy(update={"mode": "none"})})
+    linear = sum(i * o for _, i, o in shapes["linear"])
+    quantized_bytes = memory.training(full, shapes, 8, 512, 256, False, False)["weights"] - plain["weights"]
+    assert quantized_bytes == pytest.approx(linear * (2 - 0.5 - 1 / 64))  # bf16 vs 4 bits + a byte per 64 weights
+
+
+@pytest.mark.parametrize("setting, code, says", [
+    ("false", 1, "set train.gradient_checkpointing=auto (or true), which needs"),
+    ("auto", 0, "gradient checkpointing on (auto)"),
+])
+def test_a_run_over_the_memory_budget_says_how_to_fit(tmp_path, tiny_llama_dir, capsys, monkeypatch, setting, code,
+                                                       says):
+    from loraflow import memory
+    from loraflow.config import load_config
+    from loraflow.preflight import run_checks
+
+    path = write_config(tmp_path, tiny_llama_dir, write_examples(tmp_path / "toy.jsonl"),
+                        train={"per_device_train_batch_size": 64})
+    facts = run_checks(load_config(path), "test").facts
+    assert facts["train_checkpointed_bytes"] < facts["train_bytes"] < facts["budget_bytes"]  # GBs free here
+    # a machine with less free memory: between what training needs with and without checkpointing
+    budget = (facts["train_checkpointed_bytes"] + facts["train_bytes"]) / 2
+    monkeypatch.setattr(memory, "available", lambda cuda: (budget, "RAM"))
+    got, out = validate(capsys, str(path), "--set", f"train.gradient_checkpointing={setting}")
+    assert got == code and says in out, out
+
+
+def test_auto_checkpointing_turns_on_only_over_the_budget(tmp_path, tiny_llama_dir, monkeypatch):
+    from loraflow import memory
+    from loraflow.config import load_config
+    from loraflow.training import resolve_checkpointing
+
+    cfg = load_config(write_config(tmp_path, tiny_llama_dir, tmp_path / "unused.jsonl"))
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"train": {"max_prompt_tokens": 40, "max_target_tokens": 12}}))
+    assert resolve_checkpointing(cfg, str(tiny_llama_dir), stats) is False  # GBs free here
+    monkeypatch.setattr(memory, "available", lambda cuda: (1e6, "RAM"))
+    assert resolve_checkpointing(cfg, str(tiny_llama_dir), stats) is True
+    fixed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": False})})
+    assert resolve_checkpointing(fixed, str(tiny_llama_dir), stats) is False
+
+
+def test_probe_runs_one_real_step_and_estimates_the_training_time(tmp_path, tiny_llama_dir, capsys):
+    path = write_config(tmp_path, tiny_llama_dir, write_examples(tmp_path / "toy.jsonl"), train={"max_steps": 40})
+    code, out = validate(capsys, str(path), "--probe")
+    assert code == 0, out
+    line = next(x for x in out.splitlines() if "probe:" in x)
+    assert "one step of 2 rows" in line and "min for 40 steps" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_template_that_formats_a_list_column_says_it_is_not_text(tmp_path, tiny_llama_dir, capsys):
+    source = tmp_path / "tagged.jsonl"
+    source.write_text("".join(json.dumps({"text": f"report {i}", "summary": f"sum {i}", "tags": ["a", "b"]}) + "\n"
+                              for i in range(40)))
+    path = write_config(tmp_path, tiny_llama_dir, source, prompt={"template": "Tags {tags}: {input}"})
+    code, out = validate(capsys, str(path))
+    assert code == 1 and "prompt.template uses {tags}, a column of List(Value('string'))" in out, out
+
+
+def test_a_system_prompt_for_a_chat_template_without_a_system_role_names_the_fix(tmp_path, tiny_llama_dir, capsys):
+    import shutil
+
+    strict = tmp_path / "strict-model"
+    shutil.copytree(tiny_llama_dir, strict)
+    config = json.loads((strict / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role "
+                               "not supported') }}{% endif %}{{ m['content'] }}\n{% endfor %}")
+    (strict / "tokenizer_config.json").write_text(json.dumps(config))
+    (strict / "chat_template.jinja").unlink(missing_ok=True)
+    path = write_config(tmp_path, strict, write_examples(tmp_path / "toy.jsonl"), prompt={"system": "Be brief."})
+    code, out = validate(capsys, str(path))
+    assert code == 1 and "System role not supported" in out and "unset prompt.system" in out, out
