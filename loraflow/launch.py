@@ -119,9 +119,11 @@ def early_start(cfg: PipelineConfig, output_dir: str | Path) -> Iterator[None]:
 
 
 def _retire(proc: subprocess.Popen) -> None:
-    """End an early-started process that got no request: EOF on its stdin ends it."""
+    """End an early-started process that got no request, at once: it has nothing to save (SIGTERM before a request
+    ends it; one still importing would otherwise hold up a run that is stopping)."""
     try:
         proc.stdin.close()
+        proc.terminate()
         proc.wait(timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         proc.kill()

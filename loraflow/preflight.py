@@ -249,9 +249,9 @@ def _sample(cfg: PipelineConfig, report: Report, splits, tokenizer, sample: int)
     if unstopped:
         report.add(ERROR, f"tokenize: {len(unstopped)} completions do not end with the end of turn {stop}: the model "
                           "would not learn to stop; this is a bug, please report it")
-    if prompt.style == "chat" and cfg.data.format == "columns":  # messages: checked while encoding (loraflow.chat)
-        _chat_consistency(cfg, report, [{k: v[i] for k, v in columns.items()} for i in kept[:200]], tokenizer,
-                          render_prompt)
+    if prompt.style == "chat":
+        _chat_consistency(report, _prompt_and_full(cfg, [{k: v[i] for k, v in columns.items()} for i in kept[:200]],
+                                                   tokenizer, render_prompt), tokenizer)
     label_lens = [sum(1 for x in enc["labels"][i] if x != IGNORE_INDEX) for i in kept]
     report.histograms[f"prompt tokens, {len(kept)} sampled training rows"] = histogram(
         [len(enc["input_ids"][i]) - k for i, k in zip(kept, label_lens)])
@@ -259,31 +259,45 @@ def _sample(cfg: PipelineConfig, report: Report, splits, tokenizer, sample: int)
     return [{"input_ids": enc["input_ids"][i], "labels": enc["labels"][i]} for i in kept]
 
 
-def _chat_consistency(cfg: PipelineConfig, report: Report, rows: list[dict[str, Any]], tokenizer, render_prompt) -> None:
-    """The conversation with its answer must begin with the prompt rendered for generation, as text and as tokens:
-    a template that rewrites history (drops a system prompt, strips reasoning) trains on another prompt."""
-    prompt = cfg.prompt
-    text_diff = token_diff = 0
+def _prompt_and_full(cfg: PipelineConfig, rows: list[dict[str, Any]], tokenizer, render_prompt) -> list[tuple[str, str]]:
+    """(the generation prompt, the conversation with its answer) as the chat template renders them, per row."""
+    import json
+
+    from loraflow.chat import _with_system
+
+    prompt, pairs = cfg.prompt, []
     for row in rows:
-        before = render_prompt(row, prompt, tokenizer)
-        messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + [
-            {"role": "user", "content": prompt.template.format_map(row)}, {"role": "assistant", "content": row["target"]}]
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        if cfg.data.format == "messages":
+            messages = _with_system(json.loads(row["messages"]), prompt)
+            before = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        else:
+            before = render_prompt(row, prompt, tokenizer)
+            messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + [
+                {"role": "user", "content": prompt.template.format_map(row)}, {"role": "assistant", "content": row["target"]}]
+        pairs.append((before, tokenizer.apply_chat_template(messages, tokenize=False)))
+    return pairs
+
+
+def _chat_consistency(report: Report, pairs: list[tuple[str, str]], tokenizer) -> None:
+    """The conversation with its answer must begin with the prompt rendered for generation, as text and as tokens:
+    a template that rewrites history (drops a system prompt, strips reasoning) trains on another prompt, and a
+    token merged across the boundary makes generation start from other ids than training saw."""
+    text_diff = token_diff = 0
+    for before, full in pairs:
         if not full.startswith(before):
             text_diff += 1
             continue
         ids = tokenizer(before, add_special_tokens=False)["input_ids"]
         if tokenizer(full, add_special_tokens=False)["input_ids"][:len(ids)] != ids:
             token_diff += 1
-    n = len(rows)
+    n = len(pairs)
     if text_diff:
         report.add(WARNING, f"prompt: for {text_diff} of {n} rows the chat template renders the conversation before "
-                            "the answer differently once the answer is added (it rewrites history): training sees the "
-                            "generation prompt, which is what evaluation asks")
+                            "the answer differently once the answer is added (it rewrites history): training sees another "
+                            "prompt than evaluation asks")
     if token_diff:
         report.add(WARNING, f"prompt: for {token_diff} of {n} rows the tokens at the prompt/answer boundary merge "
-                            "differently in the full conversation; loraflow tokenizes prompt and answer apart, as "
-                            "generation sees them")
+                            "differently in the full conversation than in the prompt alone")
     if not (text_diff or token_diff):
         report.add(OK, f"prompt: the chat template's prompt is a prefix of the full conversation, as text and as "
                        f"tokens ({n} rows)")

@@ -114,6 +114,21 @@ def test_a_bad_conversation_is_one_line_naming_the_row_and_the_fix(tmp_path, mes
     assert not (tmp_path / "runs" / "data").exists() or not any((tmp_path / "runs" / "data").iterdir())
 
 
+def test_extra_references_are_scored_with_the_last_answer(tmp_path):
+    from loraflow.data import build_splits
+
+    source = tmp_path / "chats.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"a {i}"}],
+             "more": [f"b {i}", f"c {i}"]} for i in range(20)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = build_config({"data": {"source": str(source), "format": "messages", "references_column": "more"}})
+    splits, _, _ = build_splits(cfg.data, tmp_path / "scratch")
+    row = splits["test"][0]
+    i = row["target"].split()[1]
+    assert row["references"] == [f"a {i}", f"b {i}", f"c {i}"] and row["input"] == f"user: q {i}"
+    assert json.loads(row["messages"])[-1] == {"role": "assistant", "content": f"a {i}"}
+
+
 def test_messages_need_the_chat_style():
     from loraflow.config import ConfigError
 

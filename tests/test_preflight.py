@@ -114,9 +114,19 @@ def test_the_flow_fails_in_its_preflight_task_before_any_stage_writes(tmp_path, 
     path = write_config(tmp_path, tiny_llama_dir, write_examples(tmp_path / "toy.jsonl"),
                         prompt={"template": "Summarize: {inptu}"})
     state = finetune(load_config(path), return_state=True)
-    assert state.is_failed()
-    assert "pre-flight: prompt.template uses {inptu}" in str(state.message) or "{inptu}" in str(state.message)
+    assert state.is_failed() and "{inptu}" in str(state.message)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.json"))
+    # the report is the run's pre-flight artifact
+    import anyio
+    from prefect.client.orchestration import get_client
+
+    async def latest() -> str:
+        async with get_client() as client:
+            return (await client.read_latest_artifacts())  # one per key
+
+    artifacts = {a.key: a for a in anyio.run(latest) if a.key}
+    assert "pre-flight" in artifacts and "prompt.template uses {inptu}" in artifacts["pre-flight"].data
+    assert artifacts["pre-flight"].flow_run_id == state.state_details.flow_run_id
 
 
 def test_known_harmless_library_warnings_are_silenced_once_and_others_still_show():
@@ -223,3 +233,22 @@ def test_a_system_prompt_for_a_chat_template_without_a_system_role_names_the_fix
     path = write_config(tmp_path, strict, write_examples(tmp_path / "toy.jsonl"), prompt={"system": "Be brief."})
     code, out = validate(capsys, str(path))
     assert code == 1 and "System role not supported" in out and "unset prompt.system" in out, out
+
+
+def test_a_chat_template_that_rewrites_history_is_reported(tmp_path, tiny_llama_dir, capsys):
+    import shutil
+
+    # drops the system message once an answer follows it, as some templates rewrite earlier turns
+    rewriting = tmp_path / "rewriting-model"
+    shutil.copytree(tiny_llama_dir, rewriting)
+    config = json.loads((rewriting / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% set answered = messages[-1]['role'] == 'assistant' %}{% for m in messages %}"
+        "{% if not (answered and m['role'] == 'system') %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (rewriting / "tokenizer_config.json").write_text(json.dumps(config))
+    (rewriting / "chat_template.jinja").unlink(missing_ok=True)
+    path = write_config(tmp_path, rewriting, write_examples(tmp_path / "toy.jsonl"),
+                        prompt={"system": "Be brief.", "max_length": 128})
+    code, out = validate(capsys, str(path))
+    assert code == 0 and "warning  prompt: for 78 of 78 rows the chat template renders the conversation before" in out, out
