@@ -50,6 +50,11 @@ class Estimate:
         return f"{what}: ~{self.total / GIB:.1f} GiB ({parts}) of {self.budget / GIB:.1f} GiB free {self.where}"
 
 
+def checkpointing(setting: bool | str, without: float, budget: float) -> bool:
+    """train.gradient_checkpointing resolved: 'auto' = on when training without it needs more than `budget` bytes."""
+    return without > budget if setting == "auto" else bool(setting)
+
+
 def available(cuda: bool) -> tuple[float, str]:
     """Bytes free now: the GPU's free memory, else RAM available to new allocations (MemAvailable)."""
     if cuda:

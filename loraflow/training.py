@@ -303,7 +303,7 @@ def resolve_checkpointing(cfg: PipelineConfig, base_dir: str, stats_file: Path) 
     budget, where = memory.available(cuda)
     need = memory.Estimate(memory.training(cfg, shapes, batch, length, batch * stats["max_target_tokens"], cuda, False),
                            budget, where)
-    on = need.total > budget
+    on = memory.checkpointing(value, need.total, budget)
     log.info("train: gradient checkpointing %s (auto): %s", "on" if on else "off", need.line("estimate without it"))
     return on
 
