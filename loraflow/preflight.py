@@ -222,7 +222,8 @@ def _sample(cfg: PipelineConfig, report: Report, splits, tokenizer, sample: int)
         report.add(WARNING, f"tokenize: {len(unfit)} of {n} sampled training rows do not fit prompt.max_length="
                             f"{prompt.max_length} even with the input cut to nothing and will be dropped "
                             f"(first: {', '.join(map(str, (ids[i] for i in unfit[:5])))})")
-    kept = [i for i in range(n) if i not in set(unfit)]
+    unfit_set = set(unfit)
+    kept = [i for i in range(n) if i not in unfit_set]
     share = lambda k: f"{k} of {n} ({100 * k / n:.1f}%)"  # noqa: E731
     cut_inputs = sum(bool(enc["truncated"][i]) for i in kept)
     target_ids = tokenizer(list(columns["target"]), add_special_tokens=False)["input_ids"]
