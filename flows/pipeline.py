@@ -1,4 +1,4 @@
-"""The stage chain both flows run: data -> tokenize -> model -> train -> evaluate, each a cached task."""
+"""The stage chain both flows run: data -> tokenize -> model -> train -> evaluate (-> export), each a cached task."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from typing import Any
 
 from prefect.logging import get_run_logger
 
-from loraflow import store
+from loraflow import store, tracking
 from loraflow.artifacts import Handle, ensure_writable
 from loraflow.config import PipelineConfig, deep_merge, default_config, over_defaults
 from loraflow.distributed import resolve_processes
 from loraflow.hardware import resolve_quantization, why_dtype
 from loraflow.launch import early_start
 from loraflow.remote import check_writable, is_url
-from tasks.stages import (data_task, evaluate_task, for_run, model_task, preflight_task, tokenize_task, train_task,
-                          workspace)
+from tasks.stages import (data_task, evaluate_task, export_task, for_run, model_task, preflight_task, tokenize_task,
+                          train_task, workspace)
 from tasks.storage import result_storage_slug
 
 
@@ -28,9 +28,10 @@ class Stages:
     trained: Handle
     scores: Handle
     storage: str | None  # the result-storage block slug the stages used (None: Prefect's default)
+    exported: Handle | None = None  # the export stage, when it ran (`export_stage`)
 
     def all(self) -> tuple[Handle, ...]:
-        return (self.data, self.tokenized, self.model, self.trained, self.scores)
+        return (self.data, self.tokenized, self.model, self.trained, self.scores) + ((self.exported,) if self.exported else ())
 
 
 def resolve_config(cfg: PipelineConfig) -> PipelineConfig:
@@ -69,6 +70,9 @@ def stage(task_obj, cfg: PipelineConfig, storage: str | None, *args: Any) -> Han
     task_obj = for_run(task_obj, cfg.run, storage)
     state = task_obj.with_options(refresh_cache=refresh or None)(*args, return_state=True)
     handle: Handle = state.result()
+    tracker = tracking.current()
+    if tracker is not None:
+        tracker.note(task_obj.name, cached=state.name == "Cached")
     if state.name == "Cached":
         handle, problem = store.localize(handle, cfg)
         if problem is None:
@@ -114,3 +118,10 @@ def run_stages(cfg: PipelineConfig) -> Stages:
         trained = stage(train_task, cfg, storage, cfg, tokenized, model)
     scores = stage(evaluate_task, cfg, storage, cfg, tokenized, model, trained)
     return Stages(data, tokenized, model, trained, scores, storage)
+
+
+def export_stage(cfg: PipelineConfig, stages: Stages) -> Handle:
+    """The cached export stage after evaluate (merged / GGUF, parity-checked); kept on `stages`."""
+    stages.exported = stage(export_task, cfg, stages.storage, cfg, stages.tokenized, stages.model, stages.trained,
+                            stages.scores)
+    return stages.exported

@@ -2,6 +2,9 @@
 
     loraflow run [CONFIG] [--set train.learning_rate=1e-4 ...]
     loraflow validate CONFIG [--set ...]
+    loraflow export [CONFIG] [--set ...] [--format merged|gguf|both]
+    loraflow watch SOURCE [--every 60s] [--quiet 10s] [--name NAME]
+    loraflow emit-data-updated SOURCE [--name NAME]
     loraflow show-config [CONFIG] [--set ...]
     loraflow sweep [CONFIG] --grid train.learning_rate=1e-4,2e-4 --grid lora.r=4,8 [--max-concurrent 2]
     loraflow cache ls|why|gc [CONFIG] [--set ...] [--older-than 7d | --keep-last N] [--dry-run]
@@ -36,11 +39,16 @@ def _parser() -> argparse.ArgumentParser:
         ("run", "run the fine-tune flow (default config: the offline demo)"),
         ("validate", "pre-flight: check a config, its data, tokenizer and prompts without loading weights"),
         ("show-config", "print the fully resolved config as YAML"),
+        ("export", "export the config's run (cached stages reused, missing ones computed) as a merged model and/or GGUF, "
+                   "parity-checked against the evaluated model"),
     ]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", nargs="?", help=f"YAML preset (default: {DEFAULT_CONFIG.relative_to(REPO_ROOT)})")
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field by dotted key, e.g. --set train.max_steps=10 (repeatable)")
+        if name == "export":
+            s.add_argument("--format", choices=["merged", "gguf", "both"],
+                           help="what to write (default: the config's export.format)")
         if name == "validate":
             s.add_argument("--config-only", action="store_true",
                            help="check the config's fields and types only (no data, tokenizer or model files read)")
@@ -64,6 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--older-than", metavar="AGE", help="gc: remove stages unused for this long, e.g. 7d, 12h, 30m")
     c.add_argument("--keep-last", type=int, metavar="N", help="gc: keep the N most recently used keys of each stage")
     c.add_argument("--dry-run", action="store_true", help="gc: only say what would be removed")
+    w = sub.add_parser("watch", help="emit loraflow.data.updated whenever SOURCE's content changes and has settled "
+                                     "(a deployment trigger then starts retraining)")
+    w.add_argument("source", help="the data folder or file to watch (as in data.source)")
+    w.add_argument("--every", default="60s", help="how often to look (default: 60s)")
+    w.add_argument("--quiet", default="10s",
+                   help="how long the source must stay unchanged before a change counts (default: 10s)")
+    w.add_argument("--name", help="resource name: the event is for loraflow.data.NAME (default: the folder name)")
+    e = sub.add_parser("emit-data-updated", help="emit loraflow.data.updated for SOURCE now (for pipelines that "
+                                                 "know when they are done writing)")
+    e.add_argument("source", help="the data folder or file that changed")
+    e.add_argument("--name", help="resource name: the event is for loraflow.data.NAME (default: the folder name)")
     up = sub.add_parser("up", help="start a local Prefect server + worker and deploy deployments/prefect.yaml")
     up.add_argument("--host", default="127.0.0.1", help="server bind address (default: loopback only)")
     up.add_argument("--port", type=int, default=4200)
@@ -78,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         from loraflow.up import main as up
 
         return up(args.host, args.port, args.pool)
+    if args.command in ("watch", "emit-data-updated"):
+        return _events(args)
     config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     if args.command == "sweep":
         return _sweep(config_path, args)
@@ -113,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
 
+    if args.command == "export":
+        update = {"enabled": True, **({"format": args.format} if args.format else {})}
+        cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update=update)})
     _prefect_defaults()
     from flows.finetune import finetune
     from loraflow.launch import WorkerFailed
@@ -127,7 +151,37 @@ def main(argv: list[str] | None = None) -> int:
 
     print(results_table(result["metrics"]))
     print(f"adapter: {result['adapter']}\nmetrics: {result['metrics_file']}")
+    if result.get("export"):
+        from loraflow.report import export_table
+
+        print(export_table(result["export"]))
     print(json.dumps({"adapter": result["adapter"], "stages": result["stages"]}, indent=2))
+    return 0
+
+
+def _events(args: argparse.Namespace) -> int:
+    from loraflow.events import WatchError, emit_data_updated, parse_seconds, watch
+
+    if not os.environ.get("PREFECT_API_URL"):
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            print("error: events go to a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api, "
+                  "as `loraflow up` prints)", file=sys.stderr)
+            return 2
+    try:
+        if args.command == "emit-data-updated":
+            if not Path(args.source).expanduser().exists():
+                raise WatchError(f"emit-data-updated: '{args.source}' does not exist: pass the data folder or file")
+            event = emit_data_updated(args.source, args.name)
+            print(f"emitted {event.event} for {event.resource.id}: fingerprint {event.payload['fingerprint']}")
+            return 0
+        watch(args.source, parse_seconds(args.every), parse_seconds(args.quiet), args.name)
+    except WatchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
     return 0
 
 

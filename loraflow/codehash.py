@@ -14,6 +14,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "rouge-score")
+STAGE_LIBRARIES: dict[str, tuple[str, ...]] = {"export": ("gguf",)}  # libraries only that stage's numbers depend on
 
 # The modules whose source shapes each stage's result (the one list: tasks.stages builds its keys from it).
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
@@ -24,14 +25,15 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
               "loraflow.worker"),
     "preflight": ("loraflow.preflight", "loraflow.memory"),  # and, through the evaluate key, every stage's
     "evaluate": ("loraflow.evaluation", "loraflow.rouge", "loraflow.modeling", "loraflow.scoring", "loraflow.bootstrap",
-                 "loraflow.prompts"),
+                 "loraflow.prompts", "loraflow.parity"),
+    "export": ("loraflow.export", "loraflow.gguf_export", "loraflow.parity", "loraflow.modeling"),
 }
 
 
 @lru_cache(maxsize=None)
-def library_versions() -> dict[str, str]:
+def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     out = {}
-    for name in LIBRARIES:
+    for name in LIBRARIES + extra:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -53,4 +55,4 @@ def module_source_hash(*modules: str) -> str:
 
 def code_identity(stage: str) -> dict[str, object]:
     """{"code": source hash of the stage's modules, "libraries": versions}: a stage key's code part."""
-    return {"code": module_source_hash(*STAGE_MODULES[stage]), "libraries": library_versions()}
+    return {"code": module_source_hash(*STAGE_MODULES[stage]), "libraries": library_versions(STAGE_LIBRARIES.get(stage, ()))}

@@ -231,8 +231,9 @@ class TrainConfig(Section):
     load_best_model_at_end: bool = Field(
         False, description="Reload the best checkpoint by metric_for_best_model on the validation split at the end."
     )
-    report_to: list[Literal["tensorboard"]] = Field(
-        ["tensorboard"], description="Loggers; TensorBoard writes to <train dir>/logs (run-only)."
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        ["tensorboard"], description="Loggers (run-only): TensorBoard writes to <train dir>/logs; mlflow logs the flow "
+        "run to one MLflow run (config, curves, ROUGE with intervals, adapter; run.mlflow_tracking_uri); [] = none."
     )
     seed: int = Field(42, description="Seed for data order, dropout and initialisation in Trainer.")
     early_stopping_patience: int | None = Field(
@@ -312,6 +313,64 @@ class PromotionConfig(Section):
     registry_dir: str | None = Field(
         None, description="Folder of the model registry (champion pointer + history); default <run.output_dir>/registry."
     )
+    registry: Literal["json", "mlflow"] = Field(
+        "json", description="Where the champion is kept: 'json' = registry_dir/registry.json only; 'mlflow' = also the "
+        "MLflow Model Registry (a promoted adapter becomes a model version with alias 'champion', which retraining "
+        "reads); needs train.report_to to include mlflow.")
+    mlflow_model_name: str | None = Field(
+        None, description="Registered model name with promotion.registry: mlflow; default loraflow-<run.name>.")
+    require_approval: bool = Field(
+        False, description="Before a challenger replaces the champion, suspend the run (freeing its worker) until a "
+        "person approves or rejects it in the Prefect UI (Resume) or the API; needs a deployment run.")
+    approval_timeout_hours: float = Field(
+        24.0, gt=0, description="No answer within this long is a recorded rejection (the suspended run then fails).")
+
+
+class ParityThresholds(Section):
+    """What an export must reach against the model the evaluate stage scored, on `export.parity_samples` rows."""
+
+    min_top1_agreement: float = Field(
+        ..., ge=0, le=1, description="Share of answer positions (teacher-forced) where the export's most likely "
+        "next token is the evaluated model's.")
+    min_greedy_exact_match: float = Field(
+        ..., ge=0, le=1, description="Share of prompts whose greedy generation is exactly the evaluated model's.")
+    max_mean_abs_logit_diff: float | None = Field(
+        None, gt=0, description="Largest allowed mean |logit difference| over the evaluated model's 16 most likely "
+        "tokens at each answer position (None = reported, not gated).")
+
+
+class ExportConfig(Section):
+    """The optional **export** stage: the adapter merged into its base (safetensors) and/or a GGUF file, each
+    checked against the model the evaluate stage scored before it is published (`loraflow/export.py`)."""
+
+    enabled: Literal["auto", True, False] = Field(
+        "auto", description="Run the export stage: 'auto' = in `loraflow-retrain` right after a promotion, not in "
+        "`loraflow-finetune`; `loraflow export` always exports.")
+    format: Literal["merged", "gguf", "both"] = Field(
+        "merged", description="'merged': a transformers folder (safetensors, no peft needed); 'gguf': one .gguf file "
+        "for llama.cpp / Ollama (Llama-architecture models with default RoPE, and Qwen2); 'both'.")
+    base: Literal["dequantized", "original"] = Field(
+        "dequantized", description="The weights the adapter is merged into: 'dequantized' = the 4-bit base expanded to "
+        "the compute dtype, exactly what the adapter was trained against; 'original' = the full-precision weights "
+        "(parity is then reported, not gated: the adapter never saw them).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype of the merged safetensors; 'auto' = the compute dtype the model was trained and "
+        "scored in.")
+    gguf_type: Literal["f16", "bf16", "q8_0"] = Field(
+        "q8_0", description="GGUF tensor type of the 2-D weights (norms and biases stay f32): q8_0 is ~half of f16.")
+    parity_samples: int = Field(
+        8, ge=1, le=256, description="Validation rows of the parity check. The evaluate stage records its model's "
+        "logits and greedy outputs on these rows (changing it re-scores).")
+    parity_merged: ParityThresholds = Field(
+        default_factory=lambda: ParityThresholds(min_top1_agreement=0.98, min_greedy_exact_match=0.75,
+                                                 max_mean_abs_logit_diff=0.25),
+        description="Thresholds for a merged export (and a GGUF in f16/bf16, which stores the same weights).")
+    parity_q8_0: ParityThresholds = Field(
+        default_factory=lambda: ParityThresholds(min_top1_agreement=0.9, min_greedy_exact_match=0.25),
+        description="Thresholds for a q8_0 GGUF (8-bit blocks: looser).")
+
+    def run_only(self) -> set[str]:
+        return {"enabled"}
 
 
 class RunConfig(Section):
@@ -330,7 +389,7 @@ class RunConfig(Section):
         "folder, or an fsspec URL such as s3://bucket/prefix. Point every worker at the same place to share "
         "cached stages. Default: Prefect's own result storage (PREFECT_LOCAL_STORAGE_PATH, ~/.prefect/storage).",
     )
-    refresh: bool | list[Literal["data", "tokenize", "model", "train", "evaluate"]] = Field(
+    refresh: bool | list[Literal["data", "tokenize", "model", "train", "evaluate", "export"]] = Field(
         False, description="Recompute even if cached: true = every stage, or a list of stages, e.g. [train]."
     )
     lock_stale_seconds: float = Field(
@@ -338,6 +397,10 @@ class RunConfig(Section):
         description="A stage lock whose holder runs on another machine is broken after this long without its "
         "heartbeat (every 5 s); on this machine a lock is broken as soon as its holder process is gone.",
     )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking server for train.report_to: [mlflow] and promotion.registry: mlflow, e.g. "
+        "http://127.0.0.1:5000; default $MLFLOW_TRACKING_URI.")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment of this config's runs; default run.name.")
     hf_token_secret: str | None = Field(
         None,
         description="Name of a Prefect Secret block holding a Hugging Face token (else HF_TOKEN from the "
@@ -363,6 +426,9 @@ class PipelineConfig(Section):
     promotion: PromotionConfig = Field(
         default_factory=PromotionConfig, description="Champion/challenger rules (used by scheduled retraining)."
     )
+    export: ExportConfig = Field(
+        default_factory=ExportConfig, description="Merged / GGUF export, checked for parity before it is published."
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
@@ -387,6 +453,9 @@ class PipelineConfig(Section):
                 f"train.save_steps ({self.train.save_steps}) must be a multiple of train.eval_steps "
                 f"({self.train.eval_steps}) with load_best_model_at_end or early stopping"
             )
+        if self.promotion.registry == "mlflow" and "mlflow" not in self.train.report_to:
+            problems.append("promotion.registry=mlflow registers the adapter logged to the run's MLflow run: add mlflow "
+                            "to train.report_to, e.g. --set 'train.report_to=[tensorboard, mlflow]'")
         if "{" not in self.prompt.template:
             problems.append("prompt.template has no {field}: add the input column, e.g. '...\\n\\n{input}'")
         if problems:

@@ -97,6 +97,7 @@ def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trai
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    from loraflow import parity
     from loraflow.buildlock import MODEL_BUILD
     from loraflow.modeling import load_base
     from loraflow.prompts import stop_token_ids
@@ -134,6 +135,8 @@ def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trai
     if cfg.eval.compare_base and not dequantized:
         with model.disable_adapter():
             base_preds = generate(model, tokenizer, prompts, cfg.eval, "generate (base)", stops)
+    reference = parity.record(model, tokenizer, parity.parity_rows(splits["validation"], cfg.export.parity_samples),
+                              cfg.eval, stops)  # what an export must reproduce (`loraflow.parity`)
     systems = {"finetuned": tuned, **({"base": base_preds} if base_preds is not None else {})}
     summary, per = score_split(systems, test["references"], test["cluster"], cfg.eval)
     val_summary, val_per = score_split({"finetuned": val_preds}, validation["references"], validation["cluster"], cfg.eval)
@@ -150,6 +153,7 @@ def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trai
         write_predictions(tmp / "predictions.jsonl", test, systems, per)
         write_predictions(tmp / "validation_predictions.jsonl", validation, {"finetuned": val_preds}, val_per)
         write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / parity.REFERENCE, reference)
 
 
 def write_predictions(path: Path, rows, systems: dict[str, list[str]], per: dict[str, dict[str, list[float]]]) -> None:

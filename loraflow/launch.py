@@ -160,6 +160,7 @@ def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, outp
     processes = resolve_processes(cfg.train.num_processes)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_processes": processes})})
     from loraflow import store
+    from loraflow.tracking import handoff
     from loraflow.training import finished_train, train_key
 
     done = finished_train(cfg, tokenized, model, output_dir)
@@ -182,7 +183,7 @@ def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, outp
         result = Path(tmp) / "result.json"
         request.write_text(json.dumps({
             "cfg": cfg.model_dump(mode="json"), "tokenized": tokenized.model_dump(), "model": model.model_dump(),
-            "output_dir": str(output_dir), "result": str(result),
+            "output_dir": str(output_dir), "result": str(result), "tracking": handoff(),
         }))
         if processes > 1:
             log.info("train: %d processes (DDP) through torchrun", processes)

@@ -14,9 +14,36 @@ import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 from pydantic import BaseModel, Field
+
+
+class DataEvent(BaseModel):
+    """The `loraflow.data.updated` event a triggered retraining run was started for (`loraflow.events`)."""
+
+    source: str = Field(description="The data folder or file the event is for (absolute path).")
+    fingerprint: str = Field(description="Its content fingerprint when the event was emitted.")
+    event_id: str | None = Field(None, description="The Prefect event's id.")
+    occurred: str | None = Field(None, description="When the event was emitted (ISO 8601).")
+
+
+class Approval(BaseModel):
+    """A person's say on a promotion (`promotion.require_approval`): asked, then answered or timed out."""
+
+    status: Literal["pending", "approved", "rejected", "expired"] = "pending"
+    deadline: str  # ISO 8601, UTC: no answer by then is a rejection
+    timeout_hours: float
+    flow_run_id: str | None = None  # the suspended run that asks
+    rule_reason: str = ""  # what the promotion rule said
+    table: str = ""  # champion vs challenger, as shown to the approver (markdown)
+    stages: dict[str, dict] | None = None  # the stage handles the challenger was judged on (a resumed run uses them)
+    approver: str | None = None
+    comment: str | None = None
+    answered_at: str | None = None
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return (now or datetime.now(timezone.utc)) >= datetime.fromisoformat(self.deadline)
 
 
 class Candidate(BaseModel):
@@ -38,8 +65,14 @@ class Candidate(BaseModel):
     test_score: float | None = None
     base: dict | None = None  # what the adapter needs: base model, quantization, LoRA settings
     model_handle: dict | None = None  # the model stage it was trained from (to re-score it on its own base)
+    trigger: DataEvent | None = None  # the data event that started the run (None: on demand or by schedule)
+    approval: Approval | None = None  # with promotion.require_approval: the question and its answer
     promoted: bool
     reason: str
+
+    def awaiting(self, now: datetime | None = None) -> bool:
+        """Waiting for a person's answer, before its deadline."""
+        return self.approval is not None and self.approval.status == "pending" and not self.approval.expired(now)
 
 
 class RegistryState(BaseModel):
@@ -56,10 +89,22 @@ class Registry:
         self.file = self.folder / "registry.json"
 
     def read(self) -> RegistryState:
+        """The registry, with every approval whose deadline has passed read as the rejection it is."""
         try:
-            return RegistryState.model_validate_json(self.file.read_text())
+            return _expire(RegistryState.model_validate_json(self.file.read_text()))
         except FileNotFoundError:
             return RegistryState()
+
+    def asked_by(self, flow_run_id: str) -> Candidate | None:
+        """The candidate a (now resumed) flow run recorded as pending before it suspended, if any."""
+        return next((c for c in reversed(self.read().candidates)
+                     if c.approval is not None and c.approval.flow_run_id == flow_run_id and c.approval.status == "pending"),
+                    None)
+
+    def pending(self, train_fingerprint: str) -> Candidate | None:
+        """The challenger with this adapter that still waits for a person's answer, if any."""
+        return next((c for c in reversed(self.read().candidates)
+                     if c.train_fingerprint == train_fingerprint and c.awaiting()), None)
 
     def champion(self) -> Candidate | None:
         state = self.read()
@@ -82,12 +127,43 @@ class Registry:
             state.candidates.append(candidate)
             if candidate.promoted:
                 state.champion = candidate.id
-            tmp = self.file.with_name(f".registry.{uuid.uuid4().hex[:8]}.tmp")
-            tmp.write_text(state.model_dump_json(indent=2))
-            with open(tmp) as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.file)
-            return state
+            return self._write(state)
+
+    def resolve(self, candidate_id: str, promoted: bool, reason: str, approval: Approval) -> Candidate:
+        """Answer a pending candidate in place (making it champion if promoted), atomically."""
+        with self._locked():
+            state = self.read()
+            candidate = state.get(candidate_id)
+            if candidate is None:
+                raise KeyError(f"registry {self.file}: no candidate {candidate_id}")
+            candidate.promoted, candidate.reason, candidate.approval = promoted, reason, approval
+            if promoted:
+                state.champion = candidate.id
+            self._write(state)
+            return candidate
+
+    def expire(self) -> RegistryState:
+        """Write down the rejections of approvals that timed out (`read` already shows them)."""
+        with self._locked():
+            return self._write(self.read())
+
+    def _write(self, state: RegistryState) -> RegistryState:
+        tmp = self.file.with_name(f".registry.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(state.model_dump_json(indent=2))
+        with open(tmp) as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.file)
+        return state
+
+
+def _expire(state: RegistryState) -> RegistryState:
+    now = datetime.now(timezone.utc)
+    for c in state.candidates:
+        if c.approval is not None and c.approval.status == "pending" and c.approval.expired(now):
+            hours = f"{c.approval.timeout_hours:g}"
+            c.approval.status = "expired"
+            c.reason = f"rejected: no answer within {hours} hours (asked in flow run {c.approval.flow_run_id})"
+    return state
 
 
 def base_identity(base: dict | None) -> tuple:

@@ -39,3 +39,18 @@ def results_table(metrics: dict[str, Any]) -> str:
         lines.append(f"validation ROUGE-L (fine-tuned, n={val['n_examples']}, what sweeps and promotion read): "
                      f"{_ci(val['intervals']['finetuned']['rougeL_fmeasure'])}")
     return "\n".join(lines)
+
+
+def export_table(export: dict[str, Any]) -> str:
+    """The export's parity with the evaluated model, one line per format, then its files."""
+    parity = export["parity"]
+    head = f"{'export':<12}{'top-1':>8}{'max|dlogit|':>13}{'mean|dlogit|':>14}{'greedy =':>10}{'MB':>8}  gate"
+    gated = any(c["gated"] for c in parity["checks"])
+    verdict = ("passed" if parity["passed"] else "FAILED") if gated else "reported only (export.base=original is not gated)"
+    lines = [f"export parity with the evaluated model, {parity['n']} validation rows: {verdict}", head, "-" * len(head)]
+    for c in parity["checks"]:
+        lines.append(f"{c['label']:<12}{c['top1_agreement']:>8.3f}{c['max_abs_logit_diff']:>13.4f}"
+                     f"{c['mean_abs_logit_diff']:>14.5f}{c['greedy_exact_match']:>10.3f}"
+                     f"{export['size_mb'][c['format']]:>8}  {'gated' if c['gated'] else 'reported only'}")
+    lines += [f"{fmt}: {path}" for fmt, path in export["files"].items()]
+    return "\n".join(lines)

@@ -26,7 +26,7 @@ from loraflow.codehash import code_identity
 from loraflow.config import DataConfig, LoraConfig, ModelConfig, PipelineConfig, PromptConfig, QuantizationConfig, key_fields
 from loraflow.remote import download, is_url, local_path, local_root, remote_folder, upload
 
-STAGES = ("data", "tokenize", "model", "train", "evaluate")
+STAGES = ("data", "tokenize", "model", "train", "evaluate", "export")  # export: optional, after evaluate
 
 
 @dataclass(frozen=True)
@@ -82,9 +82,18 @@ def train_key(cfg: PipelineConfig, tokenized: str, model: str, without: tuple[st
 def evaluate_key(cfg: PipelineConfig, tokenized: str, model: str, trained: str) -> StageKey:
     from loraflow.hardware import resolve_compute_dtype
 
+    # export.parity_samples: the rows whose logits and greedy outputs the stage records (`loraflow.parity`)
     return _make("evaluate", {"upstream tokenize": tokenized, "upstream model": model, "upstream train": trained,
-                              "eval": key_fields(cfg.eval),
+                              "eval": key_fields(cfg.eval), "export.parity_samples": cfg.export.parity_samples,
                               "quantization.compute_dtype": resolve_compute_dtype(cfg.quantization.compute_dtype)})
+
+
+def export_key(cfg: PipelineConfig, evaluated: str) -> StageKey:
+    """`evaluated`: the evaluate key, which holds the adapter's (train), the base's (model) and the reference's."""
+    from loraflow.export import export_dtype
+
+    return _make("export", {"upstream evaluate": evaluated, "export": key_fields(cfg.export),
+                            "export.dtype": export_dtype(cfg)})
 
 
 def key_of(stage: str, args: dict[str, Any]) -> StageKey:
@@ -104,6 +113,8 @@ def key_of(stage: str, args: dict[str, Any]) -> StageKey:
         return train_key(args["cfg"], fp["tokenized"], fp["model"])
     if stage == "evaluate":
         return evaluate_key(args["cfg"], fp["tokenized"], fp["model"], fp["trained"])
+    if stage == "export":
+        return export_key(args["cfg"], fp["scores"])
     raise KeyError(f"no stage named {stage!r}: one of {', '.join(STAGES)}")
 
 

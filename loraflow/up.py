@@ -5,8 +5,10 @@ Everything a user needs to trigger fine-tunes from the UI on one machine, in one
   2. the `process` work pool with a concurrency limit of 1, and a `gpu` tag concurrency limit of 1
      (the train and evaluate tasks carry that tag), so one GPU never runs two trainings at once;
   3. `prefect deploy --all --prefect-file deployments/prefect.yaml`;
-  4. a worker on the pool, with LORAFLOW_PROJECT_DIR pointing at this checkout.
-Ctrl-C stops the worker and the server.
+  4. a worker on the pool, with LORAFLOW_PROJECT_DIR pointing at this checkout;
+  5. `loraflow watch data/incoming`: new data there emits `loraflow.data.updated`, and the retraining
+     deployment's trigger starts a run.
+Ctrl-C stops the watcher, the worker and the server.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_TAG = "gpu"
+WATCHED = "data/incoming"  # the retraining deployment's data folder (deployments/prefect.yaml)
 
 
 def _health(api_url: str, auth: str | None) -> bool:
@@ -53,8 +56,8 @@ def environment(host: str, port: int) -> dict[str, str]:
 
 
 def start(host: str = "127.0.0.1", port: int = 4200, pool: str = "loraflow", log_dir: Path | None = None,
-          startup_timeout: float = 300) -> list[subprocess.Popen]:
-    """Start server + worker and deploy; returns the [server, worker] processes (already running)."""
+          startup_timeout: float = 300, watch: bool = True) -> list[subprocess.Popen]:
+    """Start server + worker (+ the data watcher) and deploy; returns the processes (already running)."""
     env = environment(host, port)
     log_dir = Path(log_dir or REPO / "runs" / "prefect-up")
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +79,12 @@ def start(host: str = "127.0.0.1", port: int = 4200, pool: str = "loraflow", log
     worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool],
                               env=env, cwd=REPO, stdout=open(log_dir / "worker.log", "w"), stderr=subprocess.STDOUT,
                               start_new_session=True)
-    return [server, worker]
+    if not watch:
+        return [server, worker]
+    watcher = subprocess.Popen([sys.executable, "-m", "loraflow.cli", "watch", WATCHED, "--every", "30s", "--quiet", "10s"],
+                               env=env, cwd=REPO, stdout=open(log_dir / "watch.log", "w"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    return [server, worker, watcher]
 
 
 def stop(processes: list[subprocess.Popen]) -> None:
@@ -95,7 +103,8 @@ def main(host: str, port: int, pool: str) -> int:
     print(f"Prefect UI: http://{host}:{port}  (work pool '{pool}', logs in runs/prefect-up/)\n"
           f"Trigger a run:  PREFECT_API_URL=http://{host}:{port}/api prefect deployment run "
           "loraflow-finetune/finetune --params '{\"cfg\": {\"train\": {\"max_steps\": 8}}}'\n"
-          "Ctrl-C stops the worker and the server.", flush=True)
+          f"New .jsonl files in {WATCHED}/ start the retraining deployment (watcher log: runs/prefect-up/watch.log).\n"
+          "Ctrl-C stops the watcher, the worker and the server.", flush=True)
     try:
         while all(p.poll() is None for p in processes):
             time.sleep(1)

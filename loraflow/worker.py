@@ -107,10 +107,15 @@ def _train(argv: list[str], process: dict) -> int:
 
     request = json.loads(Path(argv[0]).read_text())
     cfg = PipelineConfig.model_validate(request["cfg"])
+    callbacks = [preemption_callback(), progress_callback()]
+    if request.get("tracking"):  # the flow run's MLflow run: the curves are logged there as they come
+        from loraflow.tracking import curves_callback
+
+        callbacks.append(curves_callback(request["tracking"]))
     try:
         handle = train_adapter(
             cfg, Handle(**request["tokenized"]), Handle(**request["model"]), request["output_dir"],
-            callbacks=[preemption_callback(), progress_callback()], stop_requested=lambda: Preemption.requested,
+            callbacks=callbacks, stop_requested=lambda: Preemption.requested,
             process=process,
         )
     except Preempted as err:

@@ -4,7 +4,8 @@
 - `<prefix>-predictions`: sample predictions next to their references;
 - `<prefix>-train-progress`: training progress, updated at every logging step;
 - `<prefix>-loss-curve`: the training loss as a picture (SVG in markdown);
-- `<prefix>-adapter`: a link to the adapter folder.
+- `<prefix>-adapter`: a link to the adapter folder;
+- `<prefix>-export`: the export's parity table and where its files are (when the export stage ran).
 `<prefix>` is the deployment's name (the flow's name for runs outside a deployment), so the
 Artifacts page keeps the history of each deployment's results.
 """
@@ -78,6 +79,24 @@ def publish_results(metrics: dict[str, Any], eval_dir: str, train_dir: str, cham
     adapter = Path(train_dir) / "adapter"
     create_link_artifact(adapter.resolve().as_uri(), link_text=str(adapter), key=f"{prefix}-adapter",
                          description="The trained LoRA adapter (load with peft's PeftModel.from_pretrained)")
+
+
+def publish_export(info: dict[str, Any], export_dir: str) -> None:
+    """The export's parity numbers per format, against the model the evaluate stage scored, and its files."""
+    from prefect.artifacts import create_markdown_artifact
+
+    parity = info["parity"]
+    lines = [f"**Export** ({info['format']}, base {info['base']}): parity with the evaluated model on {parity['n']} "
+             f"validation rows: **{'passed' if parity['passed'] else 'failed'}**", "",
+             "| export | gated | top-1 agreement | max abs logit diff | mean abs logit diff | greedy exact match | tokenizer | size MB | file |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in parity["checks"]:
+        file = Path(export_dir) / info["files"][c["format"]]
+        lines.append(f"| {c['label']} | {'yes' if c['gated'] else 'no (reported)'} | {c['top1_agreement']:.3f} | "
+                     f"{c['max_abs_logit_diff']:.4f} | {c['mean_abs_logit_diff']:.5f} | {c['greedy_exact_match']:.3f} | "
+                     f"{c['tokenizer_match']:.0%} | {info['size_mb'][c['format']]} | `{file}` |")
+    create_markdown_artifact("\n".join(lines), key=f"{artifact_prefix()}-export",
+                             description=f"Export: {', '.join(info['files'])} in {export_dir}")
 
 
 def progress_reporter(max_steps: int) -> Callable[[dict], None]:

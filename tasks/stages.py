@@ -1,4 +1,4 @@
-"""The five stages as Prefect tasks: thin wrappers that add names, caching, retries and logs.
+"""The five stages (and the optional export) as Prefect tasks: thin wrappers that add names, caching, retries and logs.
 
 Each task calls a plain function from `loraflow` and returns a small `Handle`; models, tokenizers
 and datasets never travel between tasks.
@@ -188,3 +188,15 @@ def evaluate_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, trained
 
     with stage_logs("evaluate", workspace(cfg.run)):
         return published(evaluate_adapter(cfg, tokenized, model, trained, workspace(cfg.run)), cfg.run)
+
+
+@task(**_options("export", tags=["gpu"]))
+def export_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, trained: Handle, scores: Handle) -> Handle:
+    """Merge the adapter (safetensors and/or GGUF), check parity with the evaluated model, publish."""
+    from loraflow.export import export_adapter
+    from tasks.reporting import publish_export
+
+    with stage_logs("export", workspace(cfg.run)):
+        exported = published(export_adapter(cfg, tokenized, model, trained, scores, workspace(cfg.run)), cfg.run)
+    publish_export(exported.info, exported.path)
+    return exported

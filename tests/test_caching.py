@@ -127,7 +127,7 @@ def test_editing_a_stages_code_invalidates_that_stage_and_what_follows_only(tmp_
     retokenized = tokenize_data(data, prompt, gpt2_tokenizer_dir, tmp_path / "out")
     assert retokenized.fingerprint != tokens.fingerprint and Path(retokenized.path).is_dir()
     # (downstream stages key on the tokenize key, so they miss too)
-    monkeypatch.setattr(codehash, "library_versions", lambda: {**real_versions, "transformers": "9.9.9"})
+    monkeypatch.setattr(codehash, "library_versions", lambda extra=(): {**real_versions, "transformers": "9.9.9"})
     assert prepare_data(data_cfg, tmp_path / "out").fingerprint != data.fingerprint  # a library upgrade
 
 

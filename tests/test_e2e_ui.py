@@ -226,3 +226,60 @@ def test_basic_auth_server_refuses_clients_without_credentials(tmp_path):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
+
+
+def test_a_promotion_is_approved_from_the_resume_form_in_the_ui(stack, tiny_llama_dir):
+    """The retraining run suspends for approval; the flow run page's Resume form shows the champion-vs-challenger
+    table; ticking Approve, naming the approver and submitting promotes the challenger with the answer recorded."""
+    from selenium.webdriver.common.by import By
+
+    from loraflow.registry import Registry
+    from test_live_retraining import _rows
+
+    home = stack["home"] / "approval"
+    folder = home / "incoming"
+    folder.mkdir(parents=True)
+    (folder / "batch-1.jsonl").write_text("".join(_rows(folder / "x", 48, 0)))
+    cfg = tiny_config(home, folder, tiny_llama_dir, max_steps=4, save_steps=4)
+    cfg = cfg.model_copy(update={"promotion": cfg.promotion.model_copy(update={"require_approval": True}),
+                                 "export": cfg.export.model_copy(update={"enabled": False})})
+    from prefect import flow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{stack['port']}/api"}):
+        remote = flow.from_source(source=str(REPO), entrypoint="flows/retrain.py:retrain")
+        deployment_id = remote.deploy(name="retrain-approval", work_pool_name="loraflow",
+                                      parameters={"cfg": cfg.model_dump(mode="json")}, print_next_steps=False)
+    run = _api(stack, lambda c: c.create_flow_run_from_deployment(deployment_id))
+    deadline = time.time() + 600
+    while _api(stack, lambda c: c.read_flow_run(run.id)).state.name != "Suspended":
+        state = _api(stack, lambda c: c.read_flow_run(run.id)).state
+        assert not state.is_final() and time.time() < deadline, f"the run did not suspend: {state.name} {state.message}"
+        time.sleep(2)
+    base = f"http://127.0.0.1:{stack['port']}"
+    browser = _browser()
+    try:
+        browser.get(f"{base}/runs/flow-run/{run.id}")
+        resume = _wait_for(browser, lambda: next(b for b in browser.find_elements(By.TAG_NAME, "button")
+                                                 if b.text.strip() == "Resume"), what="the Resume button")
+        browser.execute_script("arguments[0].click()", resume)
+        _wait_for(browser, lambda: "Resume Flow Run" in browser.page_source and "validation rougeL" in browser.page_source,
+                  what="the resume form with the champion-vs-challenger table")
+        toggle = browser.find_element(By.CSS_SELECTOR, "input[type=checkbox]")
+        browser.execute_script("arguments[0].click()", toggle)
+        approver, comment = browser.find_elements(By.TAG_NAME, "textarea")[:2]
+        approver.send_keys("Chris")
+        comment.send_keys("approved in the UI")
+        browser.save_screenshot(str(SHOTS / "6-approval-form.png"))
+        submit = next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Submit")
+        browser.execute_script("arguments[0].click()", submit)
+        done = _wait_final(stack, run.id)
+        assert done.state.name == "Completed", done.state
+        browser.get(f"{base}/runs/flow-run/{run.id}")
+        _wait_for(browser, lambda: "Completed" in browser.page_source, what="the completed run")
+        browser.save_screenshot(str(SHOTS / "7-approved-run.png"))
+    finally:
+        browser.quit()
+    champion = Registry(home / "runs" / "registry").champion()
+    assert champion is not None and champion.approval.status == "approved"
+    assert champion.approval.approver == "Chris" and champion.approval.comment == "approved in the UI"

@@ -170,6 +170,16 @@ def test_reruns_recompute_only_what_changed(tmp_path, tiny_llama_dir, prefect_ha
     trained = json.loads((Path(paths["train"]) / "train_metrics.json").read_text())
     assert trained["resumed_from"] is None and trained["global_step"] == 4
 
+    # The optional export stage: computed once, then a hit; its own settings rerun it alone, and the rows the
+    # evaluate stage records for its parity check rerun both.
+    def exported(**export):
+        return cfg.model_copy(update={"export": cfg.export.model_copy(update={"enabled": True, **export})})
+
+    assert ran(exported()) == {"export"}
+    assert ran(exported()) == set()
+    assert ran(exported(format="gguf", gguf_type="f16")) == {"export"}
+    assert ran(exported(parity_samples=4)) == {"evaluate", "export"}
+
     # The data file edited in place (same path): everything downstream of data runs (the model
     # stage does not read the data, so it stays cached).
     data_file.write_text(data_file.read_text().replace("river", "lake"))
@@ -236,6 +246,8 @@ def test_two_runs_of_one_config_at_once_compute_each_stage_once(tmp_path, tiny_l
     for s in states:
         for stage, names in _task_states(s).items():
             per_stage.setdefault(stage, []).extend(names)
+    per_stage.pop("preflight")  # checks only, no files: two at once are harmless, so it takes no lock
+    assert set(per_stage) == {"data", "tokenize", "model", "train", "evaluate"}
     for stage, names in per_stage.items():
         assert sorted(names) == ["Cached", "Completed"], (stage, names)  # computed once, reused once
 

@@ -40,6 +40,7 @@ def test_retraining_promotes_only_what_beats_the_champion(tmp_path, tiny_llama_d
     assert first["promoted"] and "no champion yet" in first["decision"]
     champion = registry.champion()
     assert champion is not None and first["champion"]["id"] == champion.id
+    assert first["export"]["parity"]["passed"]  # the first champion exported right after its promotion
 
     # Unchanged data: every stage cached, nothing recorded, the champion stays.
     again, second = run(0.0)
@@ -50,7 +51,7 @@ def test_retraining_promotes_only_what_beats_the_champion(tmp_path, tiny_llama_d
     # New data arrives. A margin no challenger can meet: rejected, the champion stays.
     _grow(data, "batch-2.jsonl", 32, 64)
     _, third = run(1.0)
-    assert not third["promoted"] and "rejected" in third["decision"]
+    assert not third["promoted"] and "rejected" in third["decision"] and third["export"] is None
     state = registry.read()
     challenger = state.candidates[-1]
     assert state.champion == champion.id and challenger.champion_id == champion.id
@@ -69,7 +70,9 @@ def test_retraining_promotes_only_what_beats_the_champion(tmp_path, tiny_llama_d
     lenient = challenger.validation["mean_diff"] - 1e-6
     again, fourth = run(lenient, rule="mean")
     assert fourth["promoted"], fourth["decision"]
-    assert {s for s, names in _task_states(again).items() if names - {"Cached"}} == set()
+    # no retraining (cached); the new champion is exported (export.enabled: auto = after a promotion)
+    assert {s for s, names in _task_states(again).items() if names - {"Cached"}} == {"export"}
+    assert fourth["export"]["parity"]["passed"] and Path(fourth["export"]["files"]["merged"]).is_dir()
     assert registry.champion().train_fingerprint == challenger.train_fingerprint
     assert [c.promoted for c in registry.read().candidates] == [True, False, True]
 
@@ -132,3 +135,14 @@ def test_decision_rule_and_atomic_registry(tmp_path):
     state = Registry(tmp_path / "reg").read()  # a fresh reader, as after a restart
     assert len(state.candidates) == 17 and state.champion == champ.id
     assert not list((tmp_path / "reg").glob(".registry.*.tmp"))
+
+
+def test_approval_outside_a_deployment_run_is_refused_before_any_stage(tmp_path, tiny_llama_dir, prefect_harness):
+    from flows.approval import ApprovalNeedsDeployment
+    from flows.retrain import retrain
+
+    cfg = tiny_config(tmp_path, write_examples(tmp_path / "toy.jsonl"), tiny_llama_dir)
+    cfg = cfg.model_copy(update={"promotion": cfg.promotion.model_copy(update={"require_approval": True})})
+    with pytest.raises(ApprovalNeedsDeployment, match=r"needs a deployment run: start it with `prefect deployment run"):
+        retrain(cfg)
+    assert not (tmp_path / "runs" / "data").exists()
