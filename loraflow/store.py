@@ -225,17 +225,18 @@ def forget(output_dir: str | Path, stage: str, key: str) -> None:
     _record_path(output_dir, stage, key).unlink(missing_ok=True)
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {dotted key: leaf value}."""
     if isinstance(obj, dict) and obj:
         out: dict[str, Any] = {}
         for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         return out
     return {prefix.rstrip("."): obj}
 
 
 def differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    old, new = _flatten(before), _flatten(now)
+    old, new = flatten(before), flatten(now)
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 

@@ -53,14 +53,12 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
-    """Dotted keys -> text values, the way MLflow params are kept."""
-    if isinstance(obj, dict) and obj:
-        out: dict[str, str] = {}
-        for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): json.dumps(obj) if isinstance(obj, (list, dict)) else str(obj)}
+def params(cfg: PipelineConfig) -> dict[str, str]:
+    """The resolved config as MLflow params: dotted keys, text values (lists and dicts as JSON)."""
+    from loraflow.store import flatten
+
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+            for k, v in flatten(cfg.model_dump(mode="json")).items()}
 
 
 class Tracker:
@@ -94,10 +92,9 @@ class Tracker:
         if earlier:
             c.update_run(run.info.run_id, status="RUNNING")
         tracker = cls(uri, run.info.run_id, experiment_id)
-        params = flatten(cfg.model_dump(mode="json"))
         from mlflow.entities import Param
 
-        items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+        items = [Param(k, v[:6000]) for k, v in sorted(params(cfg).items())]
         for i in range(0, len(items), 100):
             c.log_batch(tracker.run_id, params=items[i:i + 100])
         tracker._link()

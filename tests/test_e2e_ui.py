@@ -20,9 +20,9 @@ import time
 import anyio
 import pytest
 
-from loraflow.up import REPO, environment, start, stop
+from loraflow.up import REPO
 from test_flow_e2e import tiny_config
-from tests_support import free_port, write_examples
+from tests_support import free_port, live_stack, write_examples
 
 pytestmark = pytest.mark.e2e
 SHOTS = REPO / "runs" / "e2e-screenshots"
@@ -30,19 +30,9 @@ SHOTS = REPO / "runs" / "e2e-screenshots"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """`loraflow up` in-process: server + pool + deployments + worker, each in its own process."""
-    home = tmp_path_factory.mktemp("e2e")
-    port = free_port()
-    old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
-    os.environ["PREFECT_HOME"] = str(home / "prefect-home")
-    processes = start("127.0.0.1", port, "loraflow", log_dir=home / "logs")
-    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-    try:
-        yield {"port": port, "home": home, "env": environment("127.0.0.1", port)}
-    finally:
-        stop(processes)
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    """`loraflow up` in-process: server + pool + deployments + worker + watcher, each in its own process."""
+    with live_stack(tmp_path_factory.mktemp("e2e")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from loraflow.events import EVENT, Watcher, content_fingerprint, parse_seconds, resource
-from loraflow.up import REPO, start, stop
+from loraflow.up import REPO
 from test_flow_e2e import tiny_config
-from tests_support import free_port, write_examples
+from tests_support import live_stack, write_examples
 
 
 def _rows(path: Path, n: int, offset: int) -> list[str]:
@@ -85,18 +85,21 @@ def test_watch_and_emit_refuse_bad_input_in_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    home = tmp_path_factory.mktemp("events")
-    port = free_port()
-    old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
-    os.environ["PREFECT_HOME"] = str(home / "prefect-home")
-    processes = start("127.0.0.1", port, "loraflow", log_dir=home / "logs", watch=False)
-    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-    try:
-        yield {"port": port, "home": home}
-    finally:
-        stop(processes)
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    with live_stack(tmp_path_factory.mktemp("events"), watch=False) as running:  # the tests start their own watchers
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def _on_stack(request):
+    """Point this test's Prefect client at the module's server: a session's test harness (other modules) would
+    otherwise keep its own PREFECT_API_URL in Prefect's settings context, over the environment."""
+    if "stack" not in request.fixturenames:
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{request.getfixturevalue('stack')['port']}/api"}):
+        yield
 
 
 def _api(coro_fn):

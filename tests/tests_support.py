@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
 ANIMALS = ["cat", "dog", "horse", "bird", "fish", "mouse", "sheep", "goat"]
@@ -42,3 +45,22 @@ def train_briefly(model, tokenizer, prompts: list[str], answer_ids: list[int], s
         optimizer.step()
         optimizer.zero_grad()
     return model.eval()
+
+
+@contextmanager
+def live_stack(home: Path, watch: bool = True) -> Iterator[dict]:
+    """`loraflow up` in-process: a real `prefect server start`, the pool, the deployments, a worker (and the data
+    watcher), each in its own process; PREFECT_HOME and PREFECT_API_URL point at them meanwhile."""
+    from loraflow.up import environment, start, stop
+
+    port = free_port()
+    old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
+    os.environ["PREFECT_HOME"] = str(home / "prefect-home")
+    processes = start("127.0.0.1", port, "loraflow", log_dir=home / "logs", watch=watch)
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    try:
+        yield {"port": port, "home": home, "env": environment("127.0.0.1", port)}
+    finally:
+        stop(processes)
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
