@@ -70,17 +70,19 @@ def stage(task_obj, cfg: PipelineConfig, storage: str | None, *args: Any) -> Han
     task_obj = for_run(task_obj, cfg.run, storage)
     state = task_obj.with_options(refresh_cache=refresh or None)(*args, return_state=True)
     handle: Handle = state.result()
-    tracker = tracking.current()
-    if tracker is not None:
-        tracker.note(task_obj.name, cached=state.name == "Cached")
+    tracker = tracking.current()  # MLflow's run lists the stages that were cache hits
     if state.name == "Cached":
         handle, problem = store.localize(handle, cfg)
         if problem is None:
             logger.info("%s: hit — key %s, cached %s", handle.stage, handle.fingerprint, handle.path)
             store.touch(workspace(cfg.run), handle.stage, handle.fingerprint)
+            if tracker is not None:
+                tracker.note(task_obj.name, cached=True)
             return handle
         logger.warning("%s: cached result unusable (%s): recomputing", handle.stage, problem)
         handle = task_obj.with_options(refresh_cache=True)(*args)
+    if tracker is not None:
+        tracker.note(task_obj.name, cached=False)
     return handle
 
 
