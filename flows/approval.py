@@ -50,16 +50,18 @@ def table(entry: Candidate, champion: Candidate | None, test_score: float | None
     from loraflow.bootstrap import fmt_interval
 
     metric = entry.metric
+
+    def cell(score: float | None) -> str:
+        return "–" if score is None else f"{100 * score:.2f}"
+
     rows = ["| | validation " + metric + " | test " + metric + " |", "|---|---|---|",
-            f"| challenger `{entry.id}` | {100 * entry.score:.2f} | "
-            f"{100 * entry.test_score:.2f} |" if entry.test_score is not None else ""]
+            f"| challenger `{entry.id}` | {cell(entry.score)} | {cell(entry.test_score)} |"]
     if champion is not None:
-        rows.append(f"| champion `{champion.id}` | {100 * (entry.champion_score or 0):.2f} | "
-                    f"{'' if test_score is None else f'{100 * test_score:.2f}'} |")
+        rows.append(f"| champion `{champion.id}` | {cell(entry.champion_score)} | {cell(test_score)} |")
     if entry.validation is not None:
         rows.append(f"| challenger − champion (paired 95% CI, n={entry.validation['n']}) | "
                     f"{fmt_interval(entry.validation)} | {fmt_interval(entry.test) if entry.test else '–'} |")
-    return "\n".join(r for r in rows if r)
+    return "\n".join(rows)
 
 
 def ask(registry: Registry, entry: Candidate, champion: Candidate | None, champion_test: float | None, stages,

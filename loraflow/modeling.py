@@ -113,7 +113,7 @@ def peft_config(lora: LoraConfig):
     )
 
 
-def attach_lora(base, lora: LoraConfig, quantized: bool, gradient_checkpointing: bool = False):
+def attach_lora(base, lora: LoraConfig, quantized: bool):
     """Wrap the base with fresh LoRA adapters (seeded), checking the target modules exist."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -128,7 +128,7 @@ def attach_lora(base, lora: LoraConfig, quantized: bool, gradient_checkpointing:
             )
     with MODEL_BUILD:
         if quantized:
-            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         torch.manual_seed(lora.seed)
         return get_peft_model(base, peft_config(lora))
 
@@ -201,8 +201,24 @@ def prepare_for_training(base, quant: QuantizationConfig, gradient_checkpointing
     from peft import prepare_model_for_kbit_training
 
     if quant.mode != "none" and upcasts(upcast_frozen, quant.compute_dtype):
-        return prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     if gradient_checkpointing:
-        base.gradient_checkpointing_enable()
-        base.enable_input_require_grads()
+        enable_checkpointing(base)
     return base
+
+
+# Non-reentrant: autograd sees through the recomputed layers, so the LoRA weights inside them get their gradients
+# whether or not the layer's input requires grad. (peft's prepare_model_for_kbit_training would pass `{}`, which
+# leaves torch to pick: reentrant, with a warning.)
+CHECKPOINTING_KWARGS = {"use_reentrant": False}
+
+
+def enable_checkpointing(model) -> None:
+    """Turn activation checkpointing on: here, once. Training passes `activation_checkpointing=False` to
+    TrainingArguments (`loraflow.training`), because Trainer would otherwise enable it a second time, with its own
+    arguments, over the same layers; peft's prepare_model_for_kbit_training is asked not to either."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: the old name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=CHECKPOINTING_KWARGS)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)

@@ -54,7 +54,9 @@ def training_arguments(train: TrainConfig, checkpoint_dir: Path, has_eval: bool)
         per_device_train_batch_size=train.per_device_train_batch_size,
         per_device_eval_batch_size=train.per_device_eval_batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
-        activation_checkpointing=train.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
+        # Checkpointing, when on, is already on the model (`modeling.enable_checkpointing`): Trainer must not
+        # enable it a second time.
+        activation_checkpointing=False,
         num_train_epochs=train.num_train_epochs,
         max_steps=train.max_steps,
         learning_rate=train.learning_rate,
@@ -343,8 +345,7 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
     model.config.use_cache = False
     before = frozen_checksum(model)
 
-    args = training_arguments(cfg.train.model_copy(update={"gradient_checkpointing": checkpointing}),
-                              work / "checkpoints", has_eval=eval_ds is not None)
+    args = training_arguments(cfg.train, work / "checkpoints", has_eval=eval_ds is not None)
     timer = throughput_callback()
     callbacks = [timer, save_last_step(), *extra_callbacks]
     if cfg.train.early_stopping_patience and eval_ds is not None:
@@ -400,6 +401,9 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         "first_step_at": marks.get("first_step_at"),  # time.time() of the first optimizer step's end
         "process": process,
         "batching": cfg.train.batching,
+        "gradient_checkpointing": checkpointing,
+        "optim": getattr(args.optim, "value", str(args.optim)),
+        "bf16": args.bf16,
         "label_only_logits": trainer.parts is not None,
         **peak_memory_mb(),
         "base_weights_unchanged": before == after,

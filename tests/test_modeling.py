@@ -61,10 +61,50 @@ def test_cpu_defaults(monkeypatch):
     assert compute_dtype("auto") == torch.bfloat16 and compute_dtype("float32") == torch.float32
     args = training_arguments(TrainConfig(extra_args={"adam_beta2": 0.99}), Path("/tmp/x"), has_eval=True)
     assert args.optim == "adamw_torch" and args.bf16 is False and args.fp16 is False
+    assert args.activation_checkpointing is False  # on the model already when asked for (enable_checkpointing)
     assert args.eval_strategy == "no" and args.adam_beta2 == 0.99 and args.ddp_find_unused_parameters is False
     args = training_arguments(TrainConfig(eval_steps=5, optim="paged_adamw_8bit"), Path("/tmp/x"), has_eval=True)
     assert args.eval_strategy == "steps" and args.eval_steps == 5 and args.prediction_loss_only is True
     assert args.optim == "paged_adamw_8bit"
+
+
+@pytest.mark.parametrize("upcast_frozen", [True, False], ids=["peft-prepared", "kept-in-dtype"])
+def test_checkpointing_is_enabled_once_non_reentrant_and_keeps_the_gradients(built, upcast_frozen):
+    import warnings
+
+    import torch
+
+    from loraflow.collator import CompletionCollator
+    from loraflow.modeling import load_for_training
+
+    handle, quant = built["nf4"], QuantizationConfig(mode="nf4", compute_dtype="float32")
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(10, 5000, (12 + 3 * i,), generator=g).tolist()} for i in range(3)]
+    batch = CompletionCollator(pad_token_id=0)([{**r, "labels": [-100] * 8 + r["input_ids"][8:]} for r in rows])
+
+    def grads(checkpointing: bool):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = load_for_training(handle, ModelConfig(name_or_path="unused"), quant, checkpointing, upcast_frozen)
+            model.train()
+            for name, p in model.named_parameters():  # B = 0 at init would leave A without a gradient
+                if "lora_B" in name:
+                    p.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+            torch.manual_seed(0)
+            model(**batch, use_cache=False).loss.backward()
+        assert not [w for w in caught if "use_reentrant" in str(w.message)]  # torch was told, not left to pick
+        return model, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model, with_ckpt = grads(True)
+    layers = model.get_base_model().model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert all(layer._gradient_checkpointing_func.keywords == {"use_reentrant": False} for layer in layers)
+    assert len(model.get_input_embeddings()._forward_hooks) <= 1  # enabled once: one input-grad hook at most
+    _, without = grads(False)
+    assert with_ckpt.keys() == without.keys()
+    assert all(with_ckpt[n].abs().sum() > 0 for n in with_ckpt if ".layers.0." in n)  # layer 0's LoRA learns too
+    for n in without:
+        torch.testing.assert_close(with_ckpt[n], without[n], rtol=1e-4, atol=1e-6)
 
 
 def test_models_built_in_parallel_threads_leave_transformers_intact(tiny_llama_dir):

@@ -146,3 +146,16 @@ def test_approval_outside_a_deployment_run_is_refused_before_any_stage(tmp_path,
     with pytest.raises(ApprovalNeedsDeployment, match=r"needs a deployment run: start it with `prefect deployment run"):
         retrain(cfg)
     assert not (tmp_path / "runs" / "data").exists()
+
+
+def test_the_approval_table_keeps_every_row_and_shows_a_dash_for_a_missing_score():
+    from flows.approval import table
+    from loraflow.registry import Candidate
+
+    common = dict(adapter="a", train_fingerprint="t", data_fingerprint="d", test_fingerprint="x", metric="rougeL",
+                  promoted=False, reason="r")
+    champion = Candidate(id="champ", score=0.3, test_score=0.31, **common)
+    challenger = Candidate(id="chall", score=0.35, champion_id="champ", champion_score=None, test_score=None, **common)
+    rows = table(challenger, champion, None).splitlines()
+    assert rows[2] == "| challenger `chall` | 35.00 | – |"  # no test score yet: the row stays, with a dash
+    assert rows[3] == "| champion `champ` | – | – |"  # not 0.00: unknown is not zero
