@@ -36,7 +36,9 @@ def finetune(cfg: PipelineConfig = default_config()) -> dict[str, Any]:
         logger.info("adapter: %s", adapter)
         export = export_stage(cfg, stages) if wanted(cfg.export, "finetune") else None
         if tracker is not None:
-            tracker.log_results(stages, export)
+            tracker.log_results(stages)
+            if export is not None:
+                tracker.log_export(export)
             logger.info("MLflow run: %s", tracker.url)
     urls = {"adapter_url": remote_folder(cfg.run.output_dir, "train", stages.trained.fingerprint) + "/adapter"} \
         if is_url(cfg.run.output_dir) else {}

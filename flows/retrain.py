@@ -134,16 +134,18 @@ def retrain(cfg: PipelineConfig = default_config(), data_event: DataEvent | None
         publish_results(stages.scores.info, stages.scores.path, stages.trained.path,
                         champion=champion_scores, decision=decision)
         state = registry.read()
-        is_champion = state.champion is not None and state.get(state.champion).train_fingerprint == stages.trained.fingerprint
-        # the champion's export (a rerun after a failed export retries it; a cached one is a hit)
-        export = export_stage(cfg, stages) if wanted(cfg.export, "retrain", is_champion) else None
         if tracker is not None:
-            tracker.log_results(stages, export)
+            tracker.log_results(stages)
             tracker.client.set_tag(tracker.run_id, "loraflow.decision", decision[:5000])
             if promoted and cfg.promotion.registry == "mlflow":
                 version = register_champion(cfg, tracker, state.get(state.champion))
                 logger.info("MLflow: %s version %s is the champion", model_name(cfg), version)
-    champion = _champion(cfg, registry)
+        champion = _champion(cfg, registry)  # one source: the registry's pointer, or with registry=mlflow the alias
+        is_champion = champion is not None and champion.train_fingerprint == stages.trained.fingerprint
+        # the champion's export (a rerun after a failed export retries it; a cached one is a hit)
+        export = export_stage(cfg, stages) if wanted(cfg.export, "retrain", is_champion) else None
+        if tracker is not None and export is not None:
+            tracker.log_export(export)
     return {
         "decision": decision,
         "promoted": promoted,

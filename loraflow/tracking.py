@@ -116,8 +116,8 @@ class Tracker:
     def note(self, stage: str, cached: bool) -> None:
         (self.cached if cached else self.ran).add(stage)
 
-    def log_results(self, stages, export=None) -> None:
-        """Scores with intervals and n, curves of a cached train, the adapter and the export; the cached tags."""
+    def log_results(self, stages) -> None:
+        """Scores with intervals and n, curves of a cached train, the adapter; the cached tags."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -132,8 +132,10 @@ class Tracker:
         self.client.set_tag(self.run_id, "loraflow.train_key", stages.trained.fingerprint)
         self.client.log_artifacts(self.run_id, str(Path(stages.trained.path) / "adapter"), "adapter")
         self.client.log_artifact(self.run_id, str(Path(stages.scores.path) / "metrics.json"), "scores")
-        if export is not None:
-            self.client.log_artifacts(self.run_id, export.path, "export")
+
+    def log_export(self, export) -> None:
+        """The export stage's files (merged model, GGUF, parity report) as the run's `export` artifacts."""
+        self.client.log_artifacts(self.run_id, export.path, "export")
 
     def end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)

@@ -137,9 +137,13 @@ def test_a_promoted_champion_is_registered_in_mlflow_and_read_back_from_there(tm
     data = json.loads(registry.read_text())
     data["champion"] = None
     registry.write_text(json.dumps(data))
-    second = retrain(cfg)
+    # ... and the champion's export follows the alias too (export.enabled auto exports the champion's adapter)
+    exporting = cfg.model_copy(update={"export": cfg.export.model_copy(update={"enabled": "auto", "format": "merged"})})
+    second = retrain(exporting)
     assert second["decision"].startswith("unchanged") and second["champion"]["id"] == first["champion"]["id"]
     assert len(client.search_model_versions("name = 'tiny-champion'")) == 1
+    assert second["export"] is not None and Path(second["export"]["files"]["merged"]).is_dir()
+    assert any(f.path == "export/merged" for f in client.list_artifacts(second["mlflow_run_id"], "export"))
 
 
 def test_mlflow_settings_that_cannot_work_fail_in_one_line(monkeypatch):
