@@ -42,8 +42,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.gpu_env import BLOCKED
+from benchmarks.gpu_env import BLOCKED, versions
 from benchmarks.gpu_sides import SHAPES, SIDES, build, examples, lora, side_trainer, step_clock, tokenizer_for
+
+VERSIONS = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "trl", "liger-kernel"]
 
 def measure(side: str, model_dir: Path, rows: list[dict], out: Path, a: argparse.Namespace, peak_tflops: float) -> dict:
     """Train one side; its speed, utilisation, memory and losses."""
@@ -158,7 +160,7 @@ def run(a: argparse.Namespace) -> dict:
     peaks = matmul_peaks(size=8192 if cuda else 512, repeats=5)
     peak = peaks["bfloat16_gflops"] / 1000
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "dry_run": a.dry_run, "machine": machine(),
-                              "versions": versions(), "matmul_peak_tflops": {k.split("_")[0]: v / 1000
+                              "versions": versions(VERSIONS), "matmul_peak_tflops": {k.split("_")[0]: v / 1000
                                                                              for k, v in peaks.items()},
                               "settings": {k: v for k, v in vars(a).items() if k not in ("out", "markdown")},
                               # made absent by benchmarks/absent.py (scripts/gpu-check), as on the GPU machine
@@ -210,18 +212,6 @@ def _ratios(entry: dict) -> None:
             side["speed_vs_baseline"] = round(side["examples_per_second"] / base["examples_per_second"], 2)
         if base.get("peak_gpu_mb") and side.get("peak_gpu_mb"):
             side["memory_vs_baseline"] = round(side["peak_gpu_mb"] / base["peak_gpu_mb"], 2)
-
-
-def versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out = {}
-    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "trl", "liger-kernel"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def markdown(report: dict) -> str:

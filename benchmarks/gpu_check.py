@@ -24,7 +24,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from benchmarks.gpu_env import CARRY, REPO, WHEELS, carried, check, unmet_requirements
+from benchmarks.gpu_env import CARRY, REPO, WHEELS, carried, check, unmet_requirements, versions
 
 STACK = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "evaluate", "pydantic",
          "tokenizers", "safetensors", "huggingface-hub", "pyarrow", "numpy", "trl", "liger-kernel", "pytest"]
@@ -70,16 +70,9 @@ class Log:
 
 
 def environment() -> dict:
-    from importlib import metadata
-
     import torch
 
-    out: dict = {"python": sys.version.split()[0], "versions": {}}
-    for name in STACK:
-        try:
-            out["versions"][name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out["versions"][name] = None
+    out: dict = {"python": sys.version.split()[0], "versions": versions(STACK)}
     out["cuda_available"] = torch.cuda.is_available()
     if out["cuda_available"]:
         out["gpu"] = torch.cuda.get_device_name(0)

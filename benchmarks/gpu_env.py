@@ -153,6 +153,19 @@ def block_imports(names: list[str] = BLOCKED) -> list[str]:
     return list(names)
 
 
+def versions(names: list[str]) -> dict[str, str | None]:
+    """{distribution: installed version, or None}."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def unmet_requirements(names: list[str]) -> list[str]:
     """Requirements (Requires-Dist, no extras) of the installed `names` that the environment does not meet:
     what a `pip install --no-deps` leaves unchecked. One line each."""

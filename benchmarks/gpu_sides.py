@@ -84,7 +84,7 @@ def build(shape: str, out: Path, device: str) -> Path:
 
 
 class Counted:
-    """A collator that records each batch's work: rows, padded length, label and real tokens, sum of length²."""
+    """A collator that records each batch's work: rows, padded length, examples (packed rows hold several), labels."""
 
     def __init__(self, collate: Callable) -> None:
         self.collate, self.batches = collate, []
@@ -116,14 +116,14 @@ def step_clock():
     return Clock()
 
 
-def train_args(out: Path, a: argparse.Namespace, cuda: bool, **extra):
+def train_args(out: Path, a: argparse.Namespace, cuda: bool):
     from transformers import TrainingArguments
 
     return TrainingArguments(output_dir=str(out), per_device_train_batch_size=a.batch, max_steps=a.steps,
                              learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0,
                              optim="paged_adamw_8bit" if cuda else "adamw_torch", bf16=cuda, logging_steps=1,
                              save_strategy="no", report_to="none", seed=0, remove_unused_columns=False,
-                             dataloader_pin_memory=cuda, **extra)
+                             dataloader_pin_memory=cuda)
 
 
 def lora():

@@ -292,6 +292,17 @@ def resolve_checkpointing(cfg: PipelineConfig, base_dir: str, stats_file: Path) 
     value = cfg.train.gradient_checkpointing
     if value != "auto":
         return bool(value)
+    from loraflow import memory
+
+    need = longest_batch_estimate(cfg, base_dir, stats_file, checkpointing=False)
+    on = memory.checkpointing(value, need.total, need.budget)
+    log.info("train: gradient checkpointing %s (auto): %s", "on" if on else "off", need.line("estimate without it"))
+    return on
+
+
+def longest_batch_estimate(cfg: PipelineConfig, base_dir: str, stats_file: Path, checkpointing: bool):
+    """`loraflow.memory`'s training estimate for the longest batch the tokenize stage's stats allow, against what
+    is free now on this process's device (a `memory.Estimate`)."""
     import torch
     from transformers import AutoConfig
 
@@ -303,11 +314,8 @@ def resolve_checkpointing(cfg: PipelineConfig, base_dir: str, stats_file: Path) 
     batch = cfg.train.per_device_train_batch_size
     shapes = memory.shapes(AutoConfig.from_pretrained(base_dir, trust_remote_code=cfg.model.trust_remote_code))
     budget, where = memory.available(cuda)
-    need = memory.Estimate(memory.training(cfg, shapes, batch, length, batch * stats["max_target_tokens"], cuda, False),
-                           budget, where)
-    on = memory.checkpointing(value, need.total, budget)
-    log.info("train: gradient checkpointing %s (auto): %s", "on" if on else "off", need.line("estimate without it"))
-    return on
+    return memory.Estimate(memory.training(cfg, shapes, batch, length, batch * stats["max_target_tokens"], cuda,
+                                           checkpointing), budget, where)
 
 
 def finished_train(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, output_dir: str | Path) -> Handle | None:

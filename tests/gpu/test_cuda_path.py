@@ -159,16 +159,12 @@ def test_label_only_loss_under_bf16_autocast_matches_the_models_own(stages):
 
 
 def test_peak_gpu_memory_is_inside_the_preflight_estimate(stages):
-    from transformers import AutoConfig
+    from loraflow.training import longest_batch_estimate
 
-    from loraflow import memory
-
-    cfg, m = stages["cfg"], stages["trained"].info
-    stats = json.loads((Path(stages["tokenized"].path) / "stats.json").read_text())["train"]
-    length = min(cfg.prompt.max_length, stats["max_prompt_tokens"] + stats["max_target_tokens"])
-    batch = cfg.train.per_device_train_batch_size
-    shapes = memory.shapes(AutoConfig.from_pretrained(stages["model"].info["base_dir"]))
-    parts = memory.training(cfg, shapes, batch, length, batch * stats["max_target_tokens"], True, True)
+    m = stages["trained"].info
+    need = longest_batch_estimate(stages["cfg"], stages["model"].info["base_dir"],
+                                  Path(stages["tokenized"].path) / "stats.json", checkpointing=True)  # as trained
+    parts = need.parts
     measured = m["peak_gpu_mb"] * 2**20  # max_memory_allocated: the CUDA context (the estimate's runtime) is not in it
     print(f"peak GPU memory {measured / 2**20:.0f} MiB; estimate {sum(parts.values()) / 2**20:.0f} MiB "
           f"({ {k: round(v / 2**20) for k, v in parts.items()} })")
