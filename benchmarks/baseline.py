@@ -14,7 +14,8 @@ target + EOS padded to --max-length with the loss on every token (`DataCollatorF
 That collator sets the label of every pad-id token to -100, so with pad == eos the appended EOS is never
 learned and generation runs to max_new_tokens.
 
-Both train the same NF4 + LoRA model with the same batch size, steps and learning rate as loraflow. The
+Both train the same NF4 + LoRA model with the same batch size, steps and learning rate as loraflow; `--seed` sets
+the data order (Trainer's sampler) and the LoRA initialisation (`torch.manual_seed` before `get_peft_model`). The
 only additions are timers, peak-memory readings and ROUGE with loraflow's scorer, printed as one JSON
 object. The prompt is rendered with the same chat template and instruction as loraflow's.
 """
@@ -103,6 +104,7 @@ def main() -> None:
         args.model_dir, dtype=dtype, quantization_config=quant,
         device_map={"": 0} if torch.cuda.is_available() else None)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    torch.manual_seed(args.seed)  # the LoRA init: paired by seed with the other sides (Trainer seeds only its own work)
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.05,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
 
@@ -115,7 +117,7 @@ def main() -> None:
             output_dir=args.output_dir, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
             learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=args.warmup_steps,
             optim="paged_adamw_8bit" if cuda else "adamw_torch", bf16=cuda and torch.cuda.is_bf16_supported(),
-            logging_steps=4, save_strategy="no", report_to="none", seed=args.seed),
+            logging_steps=1, save_strategy="no", report_to="none", seed=args.seed),
         train_dataset=train_tok,
         data_collator=collator,
         callbacks=[step_timer(marks)],
@@ -148,6 +150,8 @@ def main() -> None:
         "train_loop_s": round(loop_s, 2),
         **counted,
         "train_loss": trained.training_loss,
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],  # per step
+        "seed": args.seed,
         "variant": args.variant,
         "stop_rate": round(sum(stopped) / len(stopped), 4),
         "mean_prediction_words": round(sum(len(p.split()) for p in predictions) / len(predictions), 2),

@@ -7,13 +7,15 @@ examples, from the plain script's layout (pad to 512, logits everywhere) to lora
 median over `--rounds` rounds of `--steps` timed steps each, every case's round opening with an untimed
 warm-up step, and the cases' order rotated each round (no case always runs first, on a cold cache).
 Evaluation: examples/s of greedy generation on the same prompts, from one `generate` per example on
-the 4-bit model to loraflow's default (batched, dequantized, adapter merged); outputs are compared.
+the 4-bit model to loraflow's default (batched, dequantized, adapter beside the weights) and the merged
+adapter (`eval.merge: true`); outputs are compared. `--parts eval` measures one table and keeps the others.
 Tokenization: examples/s of one call per example vs batched calls of the fast tokenizer.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import statistics
 import time
@@ -161,9 +163,12 @@ def eval_levers(model_dir: str, prompts: list[list[int]], tokenizer, max_new_tok
     rows.append(("plain script: one generate per example, 4-bit", rate, True))
     outs, rate = timed(quantized, batch)
     rows.append((f"batches of {batch}, sorted by length, left-padded, 4-bit", rate, outs == ref))
-    merged = PeftModel.from_pretrained(_load(model_dir, dequantize=True), adapter).merge_and_unload().eval()
+    beside = PeftModel.from_pretrained(_load(model_dir, dequantize=True), adapter).eval()
+    outs, rate = timed(beside, batch)
+    rows.append(("+ dequantized once, adapter beside the weights (loraflow default on CPU)", rate, outs == ref))
+    merged = beside.merge_and_unload().eval()
     outs, rate = timed(merged, batch)
-    rows.append(("+ dequantized once, adapter merged (loraflow default on CPU)", rate, outs == ref))
+    rows.append(("+ dequantized once, adapter merged (`eval.merge: true`)", rate, outs == ref))
     for r in rows:
         print(f"eval   {r[0]}: {r[1]:.3f} ex/s, same outputs: {r[2]}", flush=True)
     return rows
@@ -190,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "levers.json")
+    p.add_argument("--parts", nargs="+", choices=["train", "eval", "tokenize"], default=["train", "eval", "tokenize"],
+                   help="which tables to measure (the others are kept from --out when it exists)")
     a = p.parse_args(argv)
 
 
@@ -210,26 +217,36 @@ def main(argv: list[str] | None = None) -> int:
 
     from loraflow.hardware import machine, matmul_peaks
 
-    report = {"machine": machine(), "matmul_peaks": matmul_peaks()}
-    report["train"] = train_levers(model_dir, examples, a.batch_size, a.steps, a.max_length, a.rounds)
-    report["eval"] = eval_levers(model_dir, prompts, tokenizer, a.max_new_tokens, a.eval_examples)
-    texts = [r["input"] for r in rows["train"]] * 50
-    report["tokenize"] = tokenize_levers(tokenizer, texts)
+    report = json.loads(a.out.read_text()) if a.out.is_file() and set(a.parts) != {"train", "eval", "tokenize"} else {}
+    measured = {"machine": machine(), "matmul_peaks": matmul_peaks()}
+    if "train" in a.parts:
+        measured["train"] = train_levers(model_dir, examples, a.batch_size, a.steps, a.max_length, a.rounds)
+    if "eval" in a.parts:
+        measured["eval"] = eval_levers(model_dir, prompts, tokenizer, a.max_new_tokens, a.eval_examples)
+    if "tokenize" in a.parts:
+        measured["tokenize"] = tokenize_levers(tokenizer, [r["input"] for r in rows["train"]] * 50)
+    for part in a.parts:  # each table with the machine it was measured on
+        report[part] = measured[part]
+        report.setdefault("measured_on", {})[part] = {"machine": measured["machine"], "date": dt.date.today().isoformat()}
+    report.update(machine=measured["machine"], matmul_peaks=measured["matmul_peaks"])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2))
-    base = report["train"][0][1]
-    print("\n| training lever | s/step, median (min–max) | vs plain script | saved for backward, 4 longest, MB |"
-          "\n|---|---|---|---|")
-    for name, sec, low, high, _, mb in report["train"]:
-        print(f"| {name} | {sec:.2f} ({low:.2f}–{high:.2f}) | {base / sec:.2f}x faster | {mb:.0f} |")
-    base = report["eval"][0][1]
-    print("\n| evaluation lever | examples/s | vs plain script | same outputs |\n|---|---|---|---|")
-    for name, rate, same in report["eval"]:
-        print(f"| {name} | {rate:.3f} | {rate / base:.2f}x | {'yes' if same else 'no'} |")
-    base = report["tokenize"][0][1]
-    print("\n| tokenization | examples/s | vs one call per example |\n|---|---|---|")
-    for name, rate in report["tokenize"]:
-        print(f"| {name} | {rate:.0f} | {rate / base:.2f}x |")
+    if "train" in report:
+        base = report["train"][0][1]
+        print("\n| training lever | s/step, median (min–max) | vs plain script | saved for backward, 4 longest, MB |"
+              "\n|---|---|---|---|")
+        for name, sec, low, high, _, mb in report["train"]:
+            print(f"| {name} | {sec:.2f} ({low:.2f}–{high:.2f}) | {base / sec:.2f}x faster | {mb:.0f} |")
+    if "eval" in report:
+        base = report["eval"][0][1]
+        print("\n| evaluation lever | examples/s | vs plain script | same outputs |\n|---|---|---|---|")
+        for name, rate, same in report["eval"]:
+            print(f"| {name} | {rate:.3f} | {rate / base:.2f}x | {'yes' if same else 'no'} |")
+    if "tokenize" in report:
+        base = report["tokenize"][0][1]
+        print("\n| tokenization | examples/s | vs one call per example |\n|---|---|---|")
+        for name, rate in report["tokenize"]:
+            print(f"| {name} | {rate:.0f} | {rate / base:.2f}x |")
     return 0
 
 

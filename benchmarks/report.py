@@ -1,6 +1,7 @@
 """The tables and the machine-readable summary of a benchmark report (benchmarks/run.py): every measure
-per side as the median (min-max) over its repeats, and the ratios loraflow / fair baseline and loraflow / TRL
-of those medians."""
+per side as the median (min-max) over its runs (one per training seed; ROUGE-L as the mean over seeds), the
+ratios loraflow / fair baseline and loraflow / TRL of those medians, and ROUGE-L compared by a two-level paired
+bootstrap over seeds and test rows."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ MEASURES = [
     ("eval_examples_per_s", "evaluation, examples/s", 3, True),
     ("peak_rss_sum_mb", "peak RSS summed over the run's processes, MB", 0, False),
     ("largest_process_rss_mb", "largest single process's peak RSS, MB", 0, False),
-    ("rougeL", "ROUGE-L F1 (x100) at equal steps", 2, True),
+    ("rougeL", "ROUGE-L F1 (x100) at equal steps: mean (min–max) over seeds", 2, True),
     ("stop_rate", "predictions ending on a stop token", 2, True),
     ("mean_prediction_words", "mean prediction length, words", 1, None),
     ("wall_s", "whole run, cold, s", 1, False),
@@ -58,7 +59,8 @@ def measures(side: str, run: dict[str, Any], shape: dict, peak: float) -> dict[s
 
 def spread(values: list[float | None]) -> dict[str, float] | None:
     values = [v for v in values if v is not None]
-    return {"median": median(values), "min": min(values), "max": max(values), "n": len(values)} if values else None
+    return ({"median": median(values), "mean": sum(values) / len(values), "min": min(values), "max": max(values),
+             "n": len(values)} if values else None)
 
 
 def side_table(d: dict, shape: dict, peak: float) -> dict[str, dict[str, dict | None]]:
@@ -83,49 +85,83 @@ def _ratio(a: dict | None, b: dict | None, key: str) -> float | None:
     return round(a[key]["median"] / b[key]["median"], 3)
 
 
-def paired(d: dict, a: str, b: str) -> dict | None:
-    """Paired cluster-bootstrap 95% interval of ROUGE-L F1 (x100), side `a` - side `b`, on the same test rows
-    (their first runs: every side decodes greedily, so its repeats give the same predictions)."""
-    from loraflow.bootstrap import paired_bootstrap
+def by_seed(d: dict, side: str) -> dict[int, list[float]]:
+    """{training seed: per-test-row ROUGE-L F1 (x1)} of `side`'s runs."""
     from loraflow.rouge import per_example
 
-    if not d.get(a) or not d.get(b) or "references" not in d or "predictions" not in d[a][0]:
+    side_runs = d.get(side, [])
+    if side_runs and all("seed" not in r for r in side_runs):  # a report from before seeds: repeats of one seed
+        side_runs = [{**side_runs[0], "seed": 0}]
+    return {r["seed"]: per_example(r["predictions"], d["references"])["rougeL_fmeasure"] for r in side_runs}
+
+
+def paired(d: dict, a: str, b: str) -> dict | None:
+    """ROUGE-L F1 (x100) of side `a` - side `b`: the mean over the seeds both ran and the test rows, with a 95%
+    interval from the two-level paired bootstrap (seeds, then test clusters; `seeded_paired_bootstrap`)."""
+    from loraflow.bootstrap import seeded_paired_bootstrap
+
+    if not d.get(a) or not d.get(b) or "references" not in d:
         return None
-    refs = d["references"]
-    rows = {side: per_example(d[side][0]["predictions"], refs)["rougeL_fmeasure"] for side in (a, b)}
-    out = paired_bootstrap(rows[a], rows[b], d.get("clusters"), samples=2000, seed=0)
+    rows_a, rows_b = by_seed(d, a), by_seed(d, b)
+    seeds = [s for s in rows_a if s in rows_b]
+    if not seeds:
+        return None
+    out = seeded_paired_bootstrap([rows_a[s] for s in seeds], [rows_b[s] for s in seeds], d.get("clusters"),
+                                  samples=2000, seed=0)
     return {"mean_diff": round(100 * out["mean_diff"], 2), "ci95": [round(100 * x, 2) for x in out["ci95"]],
-            "n": out["n"], "n_clusters": out["n_clusters"]}
+            "seeds": out["seeds"], "n": out["n"], "n_clusters": out["n_clusters"]}
+
+
+def runs(d: dict, side: str, report: dict) -> list[dict[str, float]]:
+    return [measures(side, r, report["model_shape"], _peak(report)) for r in d.get(side, [])]
 
 
 def summary(report: dict) -> dict:
-    """benchmarks/results/summary.json: per dataset, the ratios of medians the docs quote."""
+    """benchmarks/results/summary.json: per dataset, the ratios of medians and the ROUGE-L comparisons the docs quote."""
     out: dict[str, Any] = {"date": report["date"], "machine": report["machine"]["cpu"],
                            "compute_dtype": report["machine"]["compute_dtype_auto"]}
     for name, d in report["datasets"].items():
         t = side_table(d, report["model_shape"], _peak(report))
         lf, base, trl = t.get("loraflow"), t.get("baseline"), t.get("trl")
         out[name] = {
-            "repeats": d.get("repeats"),
+            "seeds": d.get("seeds"),
+            "n_test": len(d.get("references", [])),
             "loraflow_over_baseline": {k: _ratio(lf, base, k) for k in
                                        ("train_examples_per_s", "eval_examples_per_s", "time_to_first_step_s",
                                         "peak_rss_sum_mb")},
             "loraflow_over_trl": {k: _ratio(lf, trl, k) for k in
-                                  ("train_examples_per_s", "eval_examples_per_s", "peak_rss_sum_mb")},
+                                  ("train_examples_per_s", "eval_examples_per_s", "time_to_first_step_s",
+                                   "peak_rss_sum_mb")},
             "baseline_stop_rate": base["stop_rate"]["median"] if base else None,
             "naive_baseline_stop_rate": t["baseline-naive"]["stop_rate"]["median"] if "baseline-naive" in t else None,
-            "rougeL": {side: round(t[side]["rougeL"]["median"], 2) for side in t},
-            "rougeL_loraflow_minus_baseline": paired(d, "loraflow", "baseline"),
-            "rougeL_loraflow_minus_trl": paired(d, "loraflow", "trl"),
+            "rougeL": {side: round(t[side]["rougeL"]["mean"], 2) for side in t},  # mean over seeds
+            "rougeL_by_seed": {side: [round(m["rougeL"], 2) for m in runs(d, side, report)] for side in t},
+            "rougeL_vs_baseline": paired(d, "loraflow", "baseline"),
+            "rougeL_vs_trl": paired(d, "loraflow", "trl"),
         }
     return out
 
 
-def _cell(s: dict | None, digits: int) -> str:
+def losses(d: dict) -> list[str]:
+    """Per-step training loss of each side, the mean over its seeds, side by side (markdown rows)."""
+    curves = {side: [r["losses"] for r in d.get(side, []) if r.get("losses")] for side in ("baseline", "trl", "loraflow")}
+    steps = max((len(c) for side_curves in curves.values() for c in side_curves), default=0)
+    if not steps:
+        return []
+
+    def cell(side: str, i: int) -> str:
+        values = [c[i] for c in curves[side] if i < len(c)]
+        return f"{sum(values) / len(values):.3f}" if values else "–"
+
+    lines = ["| step | baseline (fair) | TRL SFTTrainer | loraflow |", "|---|---|---|---|"]
+    return lines + [f"| {i + 1} | {cell('baseline', i)} | {cell('trl', i)} | {cell('loraflow', i)} |" for i in range(steps)]
+
+
+def _cell(s: dict | None, digits: int, center: str = "median") -> str:
     if not s:
         return "–"
-    med = f"{s['median']:.{digits}f}"
-    return med if s["n"] == 1 or s["min"] == s["max"] else f"{med} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+    mid = f"{s[center]:.{digits}f}"
+    return mid if s["n"] == 1 or s["min"] == s["max"] else f"{mid} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
 
 def markdown(report: dict) -> str:
@@ -140,27 +176,35 @@ def markdown(report: dict) -> str:
         stats, t = d["data"], side_table(d, report["model_shape"], _peak(report))
         lines += [f"**{name}**: {stats['n_train']} train / {stats['n_test']} test examples, mean "
                   f"{stats['mean_tokens_train']} tokens (target {stats['mean_target_tokens_train']}); "
-                  f"{report['args']['steps']} steps of batch {report['args']['batch_size']}; median (min–max) of "
-                  f"{d.get('repeats')} alternating runs per side (the naive baseline: one).", "",
+                  f"{report['args']['steps']} steps of batch {report['args']['batch_size']}; training seeds "
+                  f"{', '.join(map(str, d.get('seeds', [])))}, one alternating run per side and seed"
+                  f"{' (the naive baseline: one)' if d.get('baseline-naive') else ''}; median (min–max) over the runs, "
+                  "ROUGE-L the mean.", "",
                   "| measure | baseline (fair) | TRL SFTTrainer | loraflow | loraflow / baseline | loraflow / TRL "
                   "| naive baseline |", "|---|---|---|---|---|---|---|"]
         for key, label, digits, _ in MEASURES:
             lf, base, trl, naive = (t.get(s, {}).get(key) for s in ("loraflow", "baseline", "trl", "baseline-naive"))
             r_base, r_trl = _ratio(t.get("loraflow"), t.get("baseline"), key), _ratio(t.get("loraflow"), t.get("trl"), key)
-            lines.append(f"| {label} | {_cell(base, digits)} | {_cell(trl, digits)} | {_cell(lf, digits)} | "
+            center = "mean" if key == "rougeL" else "median"
+            base, trl, lf, naive = (_cell(x, digits, center) for x in (base, trl, lf, naive))
+            lines.append(f"| {label} | {base} | {trl} | {lf} | "
                          f"{f'{r_base:.2f}x' if r_base else '–'} | {f'{r_trl:.2f}x' if r_trl else '–'} | "
-                         f"{_cell(naive, digits)} |")
+                         f"{naive} |")
         for other, label in (("baseline", "fair baseline"), ("trl", "TRL")):
             p = paired(d, "loraflow", other)
             if p:
-                lines.append(f"| ROUGE-L, loraflow − {label}, paired 95% interval (n={p['n']}, {p['n_clusters']} "
-                             f"clusters) | | | {p['mean_diff']:+.2f} [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] | | | |")
+                lines.append(f"| ROUGE-L, loraflow − {label}, 95% interval over seeds and rows ({p['seeds']} seeds, "
+                             f"n={p['n']}, {p['n_clusters']} clusters) | | | {p['mean_diff']:+.2f} "
+                             f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] | | | |")
         lf = t.get("loraflow", {})
         if lf:
             lines.append(f"| whole run, fully cached rerun, s | – | – | {_cell(lf['cached_wall_s'], 1)} | "
                          f"{100 * lf['cached_wall_s']['median'] / lf['wall_s']['median']:.1f}% of cold | – | – |")
             lines.append(f"| orchestration overhead (flow run − Σ stage runs), s | – | – | {_cell(lf['overhead_s'], 2)} "
                          "| – | – | – |")
+        curve = losses(d)
+        if curve:
+            lines += ["", f"{name}: training loss per step, mean over seeds:", "", *curve]
         lines.append("")
     return "\n".join(lines)
 

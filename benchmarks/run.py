@@ -1,17 +1,22 @@
-"""loraflow vs a fair plain Trainer script and vs TRL's SFTTrainer, side by side on the same examples,
-model and settings.
+"""loraflow vs a fair plain Trainer script and vs TRL's SFTTrainer, side by side on the same rows, model and
+settings, over several training seeds.
 
-    uv run python -m benchmarks.run                      # SciTLDR and aclsum (see docs/benchmarks.md for the time)
-    uv run python -m benchmarks.run --datasets aclsum --steps 4 --repeats 1
+    uv run python -m benchmarks.run                      # SciTLDR and aclsum, seeds 0 1 2 (docs/benchmarks.md: the time)
+    uv run python -m benchmarks.run --datasets aclsum --steps 4 --seeds 0 --test-examples 8   # a quick look
 
-Per dataset the sides run alternately, in an order that rotates each repeat (A B C D, B C D A, ...):
-the fair baseline script and its naive variant (benchmarks/baseline.py), TRL (benchmarks/trl_peer.py),
-and `loraflow run` cold (empty output folder and result storage) followed by `loraflow run` again
-(everything cached). The naive variant runs once (a named row, not the headline). Every process is a
-separate command against one local Prefect server; its memory is the peak of the summed RSS over its
-process tree (benchmarks/rss.py). Medians and min-max over the repeats. Writes
-benchmarks/results/<date>.json and benchmarks/results/summary.json, and prints the markdown tables that
-docs/benchmarks.md holds.
+Every side trains on the same train.jsonl (loraflow reads validation.jsonl as its validation split, so it carves
+nothing out of train) and is scored on the same test.jsonl (benchmarks/data.py). Per dataset and seed the sides
+run alternately, in an order that rotates with the seed (A B C, B C A, ...): the fair baseline script
+(benchmarks/baseline.py), TRL (benchmarks/trl_peer.py), and `loraflow run` cold (empty output folder and result
+storage) followed by `loraflow run` again (everything cached). The seed is paired across sides: it sets the data
+order and the LoRA initialisation of each (`train.seed` and `lora.seed` for loraflow; `--seed` for the scripts).
+Each run is a separate command against one local Prefect server; its memory is the peak of the summed RSS over its
+process tree (benchmarks/rss.py). ROUGE-L is reported per seed and compared with a two-level paired bootstrap
+(seeds, then test rows: `loraflow.bootstrap.seeded_paired_bootstrap`); timings are medians and min-max over the
+seeds' runs. `--naive` adds the naive script (one run per dataset); `--sides` and `--loraflow-set` run a subset or
+a loraflow variant (e.g. `--loraflow-set train.batching=random`), `--carve-validation` gives loraflow no validation
+file (what the 2026-12-01 run did). Writes benchmarks/results/<date>.json and benchmarks/results/summary.json
+(or `--results`), and prints the markdown tables that docs/benchmarks.md holds.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from benchmarks.data import INSTRUCTIONS, REPO, write_examples
 from loraflow.hardware import resolve_compute_dtype
 
 
-SIDES = ["baseline", "trl", "loraflow"]  # alternated; "baseline-naive" runs once, after the first round
+SIDES = ["baseline", "trl", "loraflow"]  # alternated; "baseline-naive" (--naive) runs once, after the first seed
 
 
 def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> dict:
@@ -53,22 +58,25 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> dict:
             "largest_process_rss_mb": round(usage.ru_maxrss / 1024, 1), **memory}
 
 
-def bench_config(name: str, data_dir: Path, out: Path, a: argparse.Namespace) -> dict:
-    return {
+def bench_config(name: str, data_dir: Path, out: Path, a: argparse.Namespace, seed: int) -> dict:
+    from loraflow.config import apply_overrides
+
+    cfg = {
         "data": {"source": str(data_dir), "input_column": "input", "target_column": "target", "seed": a.seed},
         "prompt": {"style": "chat", "template": INSTRUCTIONS[name], "max_length": a.max_length, "max_target_length": 128},
         "model": {"name_or_path": a.model},
         "quantization": {"mode": "nf4", "double_quant": True},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear", "seed": seed},
         "train": {"per_device_train_batch_size": a.batch_size, "max_steps": a.steps, "learning_rate": a.learning_rate,
-                  "lr_scheduler_type": "cosine", "warmup_steps": 2, "logging_steps": 4, "save_steps": a.steps,
-                  "save_total_limit": 1, "seed": 42, "report_to": []},
-        # validation (carved from the train file: what loraflow's choices read) generates one batch; the
-        # evaluation examples/s compared is the test generation's alone
+                  "lr_scheduler_type": "cosine", "warmup_steps": 2, "logging_steps": 1, "save_steps": a.steps,
+                  "save_total_limit": 1, "seed": seed, "report_to": []},
+        # validation (validation.jsonl, what loraflow's choices read) generates one batch; the evaluation
+        # examples/s compared is the test generation's alone
         "eval": {"max_new_tokens": a.max_new_tokens, "batch_size": a.eval_batch_size, "compare_base": False,
                  "max_validation_samples": a.eval_batch_size},
         "run": {"name": f"bench-{name}", "output_dir": str(out / "runs"), "result_storage": str(out / "results")},
     }
+    return apply_overrides(cfg, a.loraflow_set)
 
 
 def flow_timings(api_env: dict[str, str]) -> dict:
@@ -90,34 +98,36 @@ with get_client(sync_client=True) as c:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def loraflow_side(name: str, data_dir: Path, out: Path, a: argparse.Namespace, env: dict[str, str]) -> dict:
+def loraflow_side(name: str, data_dir: Path, out: Path, a: argparse.Namespace, env: dict[str, str], seed: int) -> dict:
     shutil.rmtree(out / "runs", ignore_errors=True)
     shutil.rmtree(out / "results", ignore_errors=True)
-    cfg_path = out / "loraflow.yaml"
-    cfg_path.write_text(yaml.safe_dump(bench_config(name, data_dir, out, a), sort_keys=False))
+    cfg_path = out / f"loraflow-{seed}.yaml"
+    cfg_path.write_text(yaml.safe_dump(bench_config(name, data_dir, out, a, seed), sort_keys=False))
     cmd = [sys.executable, "-m", "loraflow.cli", "run", str(cfg_path)]
-    cold = run_measured(cmd, env, out / "loraflow-cold.log")  # its temporary processes included (training child)
+    cold = run_measured(cmd, env, out / f"loraflow-{seed}-cold.log")  # its temporary processes included (training child)
     cold["timings"] = flow_timings(env)
-    cached = run_measured(cmd, env, out / "loraflow-cached.log")
+    cached = run_measured(cmd, env, out / f"loraflow-{seed}-cached.log")
     cached["timings"] = flow_timings(env)
     runs = out / "runs"
     train = json.loads(next(runs.glob("train/*/train_metrics.json")).read_text())
+    history = json.loads(next(runs.glob("train/*/trainer_state.json")).read_text())["log_history"]
     metrics = json.loads(next(runs.glob("evaluate/*/metrics.json")).read_text())
     tok_stats = json.loads(next(runs.glob("tokenize/*/stats.json")).read_text())
     preds = [json.loads(line)["prediction"] for line in next(runs.glob("evaluate/*/predictions.jsonl")).open()]
-    return {"cold": cold, "cached": cached, "train": train, "eval": metrics, "tokenize_stats": tok_stats,
+    return {"seed": seed, "cold": cold, "cached": cached, "train": train, "eval": metrics, "tokenize_stats": tok_stats,
+            "losses": [e["loss"] for e in history if "loss" in e],
             "mean_prediction_words": round(sum(len(p.split()) for p in preds) / len(preds), 2), "predictions": preds}
 
 
 def script_side(script: str, tag: str, data_dir: Path, out: Path, model_dir: str, name: str, a: argparse.Namespace,
-                env: dict, *extra: str) -> dict:
+                env: dict, seed: int, *extra: str) -> dict:
     """One run of benchmarks/<script> (the baseline or the TRL peer), its process measured."""
     result = out / f"{tag}.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / script), "--train", str(data_dir / "train.jsonl"),
            "--test", str(data_dir / "test.jsonl"), "--model-dir", model_dir, "--out", str(result),
            "--instruction", INSTRUCTIONS[name], "--max-length", str(a.max_length), "--steps", str(a.steps),
            "--batch-size", str(a.batch_size), "--learning-rate", str(a.learning_rate),
-           "--max-new-tokens", str(a.max_new_tokens), "--output-dir", str(out / f"{tag}-out"),
+           "--max-new-tokens", str(a.max_new_tokens), "--output-dir", str(out / f"{tag}-out"), "--seed", str(seed),
            "--compute-dtype", resolve_compute_dtype("auto"), *extra]  # loraflow's rule: every side computes alike
     proc = run_measured(cmd, env, out / f"{tag}.log")
     return {**proc, **json.loads(result.read_text())}
@@ -146,16 +156,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", nargs="+", default=["scitldr", "aclsum"])
     p.add_argument("--model", default="smollm2-gguf", help="model.name_or_path (the demo's SmolLM2-135M-Instruct)")
     p.add_argument("--train-examples", type=int, default=256)
-    p.add_argument("--test-examples", type=int, default=24)
+    p.add_argument("--validation-examples", type=int, default=32)
+    p.add_argument("--test-examples", type=int, default=64)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--eval-batch-size", type=int, default=12)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, nargs="+", default=[3, 2],
-                   help="repeats of each side per dataset, in --datasets order (the last value for the rest)")
+    p.add_argument("--seed", type=int, default=0, help="the draw of the rows (one for every side and training seed)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="training seeds, paired across sides (data order and LoRA initialisation)")
+    p.add_argument("--sides", nargs="+", choices=SIDES, default=SIDES)
+    p.add_argument("--naive", action="store_true", help="also run the naive script, once per dataset")
+    p.add_argument("--loraflow-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a `loraflow run --set` override for the loraflow side (repeatable)")
+    p.add_argument("--carve-validation", action="store_true",
+                   help="write no validation.jsonl: loraflow carves its validation split out of train (the old setup)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     a = p.parse_args(argv)
@@ -177,31 +194,32 @@ def main(argv: list[str] | None = None) -> int:
         for name in a.datasets:
             out = a.work / name
             data_dir = out / "data"
-            stats = write_examples(name, model_dir, data_dir, a.train_examples, a.test_examples, a.max_length, a.seed)
+            stats = write_examples(name, model_dir, data_dir, a.train_examples, a.test_examples, a.max_length, a.seed,
+                                   a.validation_examples)
+            if a.carve_validation:
+                (data_dir / "validation.jsonl").unlink()
+                stats["n_validation"] = "carved from train by loraflow"
             print(f"{name}: {stats}", flush=True)
-            repeats = a.repeats[min(len(report["datasets"]), len(a.repeats) - 1)]
-            runs: dict[str, list] = {side: [] for side in [*SIDES, "baseline-naive"]}
+            runs: dict[str, list] = {side: [] for side in [*a.sides, *(["baseline-naive"] if a.naive else [])]}
             sides = {
-                "baseline": lambda r: script_side("baseline.py", f"baseline-{r}", data_dir, out, model_dir, name, a, env),
-                "trl": lambda r: script_side("trl_peer.py", f"trl-{r}", data_dir, out, model_dir, name, a, env,
+                "baseline": lambda s: script_side("baseline.py", f"baseline-{s}", data_dir, out, model_dir, name, a, env, s),
+                "trl": lambda s: script_side("trl_peer.py", f"trl-{s}", data_dir, out, model_dir, name, a, env, s,
                                              "--eval-batch-size", str(a.eval_batch_size)),
-                "loraflow": lambda r: loraflow_side(name, data_dir, out, a, env),
+                "loraflow": lambda s: loraflow_side(name, data_dir, out, a, env, s),
+                "baseline-naive": lambda s: script_side("baseline.py", "baseline-naive", data_dir, out, model_dir, name,
+                                                        a, env, s, "--variant", "naive"),
             }
-            for r in range(repeats):
-                order = SIDES[r % len(SIDES):] + SIDES[:r % len(SIDES)]  # rotated: no side always runs first
-                if r == 0:
+            for r, seed in enumerate(a.seeds):
+                order = a.sides[r % len(a.sides):] + a.sides[:r % len(a.sides)]  # rotated: no side always runs first
+                if r == 0 and a.naive:
                     order = order + ["baseline-naive"]
                 for side in order:
-                    if side == "baseline-naive":
-                        result = script_side("baseline.py", "baseline-naive", data_dir, out, model_dir, name, a, env,
-                                             "--variant", "naive")
-                    else:
-                        result = sides[side](r)
+                    result = sides[side](seed)
                     runs[side].append(result)
                     wall = result["cold"]["wall_s"] if side == "loraflow" else result["wall_s"]
-                    print(f"{name}: {side} (repeat {r + 1}/{repeats}) done in {wall} s", flush=True)
+                    print(f"{name}: {side} (seed {seed}) done in {wall} s", flush=True)
             test = [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()]
-            report["datasets"][name] = {"data": stats, "repeats": repeats, **runs,
+            report["datasets"][name] = {"data": stats, "seeds": a.seeds, **runs,
                                         "references": [r["target"] for r in test], "clusters": [r["input"][:200] for r in test]}
     finally:
         server.terminate()

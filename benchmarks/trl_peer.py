@@ -7,7 +7,7 @@ so SFTTrainer applies the chat template and computes the loss on the completion 
 such data); its default batching (pad to the longest in the batch). Packing and padding-free batches are
 left off: TRL supports padding-free only with FlashAttention 2/3 (none on CPU), and packing without it lets
 packed examples attend to each other. The same NF4 + LoRA model, batch size, steps, learning rate and
-schedule as the other sides. Evaluation as TRL users write it: batched `generate` (left padding), stopping
+schedule as the other sides; `--seed` sets the data order and the LoRA initialisation. Evaluation as TRL users write it: batched `generate` (left padding), stopping
 on the model's end-of-turn / EOS ids. Timers and ROUGE as in `benchmarks/baseline.py`.
 """
 
@@ -66,9 +66,10 @@ def main() -> None:
         output_dir=args.output_dir, max_length=args.max_length, per_device_train_batch_size=args.batch_size,
         max_steps=args.steps, learning_rate=args.learning_rate, lr_scheduler_type="cosine",
         warmup_steps=args.warmup_steps, optim="paged_adamw_8bit" if cuda else "adamw_torch",
-        bf16=cuda and torch.cuda.is_bf16_supported(), logging_steps=4, save_strategy="no", report_to="none",
+        bf16=cuda and torch.cuda.is_bf16_supported(), logging_steps=1, save_strategy="no", report_to="none",
         seed=args.seed)
     t0 = time.perf_counter()
+    torch.manual_seed(args.seed)  # SFTTrainer builds the LoRA model before Trainer seeds anything: seed its init here
     trainer = Counting(model=model, args=config, train_dataset=train, processing_class=tokenizer,
                        peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                               task_type="CAUSAL_LM"),
@@ -105,6 +106,8 @@ def main() -> None:
         "train_loop_s": round(loop_s, 2),
         "train_loss": result.training_loss,
         "last_logged_loss": losses[-1] if losses else None,
+        "losses": losses,  # per step
+        "seed": args.seed,
         **counted,
         "train_peak_rss_mb": train_peak,
         "eval_examples_per_second": round(len(test) / eval_s, 4),

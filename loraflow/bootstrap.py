@@ -46,6 +46,38 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], clusters: Sequence[
     return {"mean_diff": out.pop("mean"), **out}
 
 
+def seeded_paired_bootstrap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]],
+                            clusters: Sequence[str] | None = None, samples: int = 2000, seed: int = 0) -> dict[str, object]:
+    """Two-level paired bootstrap for "system A trains better than B": `a[s][i]` and `b[s][i]` are the scores
+    of row i by A and B trained with seed s (paired by seed, on the same rows). Each resample draws seeds with
+    replacement, then clusters of rows with replacement, and takes the mean of a - b over both: the interval
+    covers which training draw each side got as well as which test rows were drawn.
+    {"mean_diff", "ci95", "seeds", "n", "n_clusters", "samples"}."""
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.ndim != 2 or x.shape != y.shape or x.size == 0:
+        raise ValueError(f"bootstrap: scores of shape {x.shape} and {y.shape}: pass [seed][row] lists of one shape, "
+                         "both sides trained with the same seeds and scored on the same rows")
+    if clusters is not None and len(clusters) != x.shape[1]:
+        raise ValueError(f"bootstrap: {x.shape[1]} rows but {len(clusters)} cluster keys: pass one key per row")
+    d = x - y  # [seeds, rows]
+    _, group = np.unique(np.asarray(clusters if clusters is not None else range(d.shape[1]), dtype=str),
+                         return_inverse=True)
+    k, n_seeds = int(group.max()) + 1, d.shape[0]
+    sums = np.stack([np.bincount(group, weights=row, minlength=k) for row in d])  # [seeds, clusters]
+    counts = np.bincount(group, minlength=k).astype(float)
+    rng = np.random.default_rng(seed)
+    seed_draws = rng.integers(0, n_seeds, size=(samples, n_seeds))
+    cluster_draws = rng.integers(0, k, size=(samples, k))
+    # per resample: sum over drawn seeds of the drawn clusters' sums, over (drawn seeds x drawn clusters' rows)
+    picked = sums[seed_draws[:, :, None], cluster_draws[:, None, :]].sum(axis=(1, 2))
+    means = picked / (n_seeds * counts[cluster_draws].sum(axis=1))
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean_diff": float(d.mean()), "ci95": [float(lo), float(hi)], "seeds": n_seeds, "n": int(d.shape[1]),
+            "n_clusters": k, "samples": samples}
+
+
 def compare(a: dict[str, Sequence[float]], b: dict[str, Sequence[float]], keys: Sequence[str],
             clusters: Sequence[str] | None, samples: int, seed: int) -> dict[str, dict[str, object]]:
     """`paired_bootstrap` for each per-example score key (e.g. "rougeL_fmeasure") of two systems."""

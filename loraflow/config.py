@@ -290,8 +290,17 @@ class EvalConfig(Section):
     use_stemmer: bool = Field(True, description="Porter-stem words before ROUGE matching.")
     dequantize: Literal["auto", True, False] = Field(
         "auto",
-        description="Generate with the 4-bit weights expanded to the compute dtype and the adapter merged in "
-        "(the same numbers, ~3x faster decoding on CPU, more memory); 'auto' = on CPU only.",
+        description="Generate on the 4-bit base's weights expanded once to the compute dtype: the values the 4-bit "
+        "layers dequantize to on every call in training, without the per-token dequantization (~2-3x faster decoding "
+        "on CPU, the base at the compute dtype's size in memory); 'auto' = on CPU only. The adapter stays beside "
+        "these weights unless `merge` is set.",
+    )
+    merge: bool = Field(
+        False,
+        description="Merge the adapter into the (dequantized) weights before generating: faster decoding, but every "
+        "update is rounded to the compute dtype, and in bf16 an update below half a step of its weight is lost, "
+        "so the score is no longer quite the trained model's. Never applied to 4-bit weights (that would round the "
+        "update to NF4). The export's parity reference is always the unmerged model.",
     )
 
 
@@ -456,6 +465,9 @@ class PipelineConfig(Section):
         if self.promotion.registry == "mlflow" and "mlflow" not in self.train.report_to:
             problems.append("promotion.registry=mlflow registers the adapter logged to the run's MLflow run: add mlflow "
                             "to train.report_to, e.g. --set 'train.report_to=[tensorboard, mlflow]'")
+        if self.eval.merge and self.eval.dequantize is False and self.quantization.mode != "none":
+            problems.append("eval.merge=true merges into weights in the compute dtype, and eval.dequantize=false keeps "
+                            "them in 4 bits: set eval.dequantize=true (or auto, on CPU) or eval.merge=false")
         if "{" not in self.prompt.template:
             problems.append("prompt.template has no {field}: add the input column, e.g. '...\\n\\n{input}'")
         if problems:

@@ -8,12 +8,14 @@ Generation stops on every end-of-turn id (`prompts.stop_token_ids`), not a singl
 
 Generation is batched with left padding (so every prompt ends where generation starts), prompts
 sorted by length (less padding per batch), the KV cache on and `torch.inference_mode`.
-The base model is the same loaded model without the adapter, so both are scored on the same examples
-with the same quantized weights. On CPU (`eval.dequantize: auto`) the NF4 weights are expanded to the
-compute dtype once and the adapter is merged into them: the same weights the 4-bit path dequantizes
-on every call (in fp32 the very same computation, so identical greedy outputs; in bf16 the same numbers
-to bf16 rounding, tests/test_evaluation.py), without a dequantize per matmul per token or the adapter's
-extra matmuls.
+
+The scored model is the trained one: the base it was trained against with the adapter *beside* it, as
+in training (`scored_model`). On CPU (`eval.dequantize: auto`) the NF4 weights are expanded once to the
+compute dtype, the values the 4-bit layers dequantize to on every call, which saves a dequantization per
+matmul per token; the adapter is not merged into them (`eval.merge: false`), because in bf16 an update
+smaller than half a step of its weight would be rounded away (tests/test_evaluation.py). The base is the
+same model with its adapter disabled, so both are scored on the same examples with the same weights.
+The export's parity reference is recorded on this unmerged model, before any merge.
 """
 
 from __future__ import annotations
@@ -78,6 +80,25 @@ def use_dequantized(ev: EvalConfig, quantized: bool) -> bool:
     return not torch.cuda.is_available() if ev.dequantize == "auto" else bool(ev.dequantize)
 
 
+def scored_model(cfg: PipelineConfig, base_dir: str | Path, adapter_dir: str | Path):
+    """(the model the evaluate stage scores, whether its base is dequantized): the base the adapter was trained
+    against (on CPU with `eval.dequantize`, its 4-bit weights expanded once to the compute dtype) with the adapter
+    loaded beside it, unmerged, in eval mode (dropout off) with the KV cache on. `cfg.quantization` resolved."""
+    from peft import PeftModel
+
+    from loraflow.buildlock import MODEL_BUILD
+    from loraflow.modeling import load_base
+
+    base = load_base(base_dir, cfg.model, cfg.quantization)
+    dequantized = use_dequantized(cfg.eval, cfg.quantization.mode != "none")
+    with MODEL_BUILD:
+        if dequantized:
+            base = base.dequantize()  # bitsandbytes Linear4bit -> nn.Linear holding the dequantized weights
+        model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    model.config.use_cache = True
+    return model, dequantized
+
+
 def evaluate_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, output_dir: str | Path) -> Handle:
     """Score the fine-tuned adapter (and the base model) with ROUGE; writes predictions.jsonl + metrics.json."""
     cfg = cfg.model_copy(update={"quantization": resolve_quantization(cfg.quantization)})  # 'auto' -> this machine's
@@ -94,12 +115,10 @@ def evaluate_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handl
 
 def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, final: Path) -> None:
     import datasets
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     from loraflow import parity
     from loraflow.buildlock import MODEL_BUILD
-    from loraflow.modeling import load_base
     from loraflow.prompts import stop_token_ids
     from loraflow.scoring import score_split
 
@@ -111,32 +130,24 @@ def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trai
     tokenizer = AutoTokenizer.from_pretrained(Path(trained.path) / "adapter")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    base = load_base(model_handle.info["base_dir"], cfg.model, cfg.quantization)
-    stops = stop_token_ids(tokenizer, cfg.prompt, base.generation_config)
-    dequantized = use_dequantized(cfg.eval, cfg.quantization.mode != "none")
-    if dequantized:
-        with MODEL_BUILD:
-            base = base.dequantize()  # bitsandbytes Linear4bit -> nn.Linear holding the dequantized weights
-    base.eval()
-    base.config.use_cache = True
-    adapter = Path(trained.path) / "adapter"
+    model, dequantized = scored_model(cfg, model_handle.info["base_dir"], Path(trained.path) / "adapter")
+    stops = stop_token_ids(tokenizer, cfg.prompt, model.generation_config)
+    # what an export must reproduce (`loraflow.parity`): the trained model, recorded before any merge
+    reference = parity.record(model, tokenizer, parity.parity_rows(splits["validation"], cfg.export.parity_samples),
+                              cfg.eval, stops)
     base_preds: list[str] | None = None
-    if cfg.eval.compare_base and dequantized:  # before merging the adapter into the weights
-        base_preds = generate(base, tokenizer, prompts, cfg.eval, "generate (base)", stops)
-    with MODEL_BUILD:
-        model = PeftModel.from_pretrained(base, adapter).eval()
-        if dequantized:
+    if cfg.eval.compare_base:
+        with model.disable_adapter():
+            base_preds = generate(model, tokenizer, prompts, cfg.eval, "generate (base)", stops)
+    merged = cfg.eval.merge and (dequantized or cfg.quantization.mode == "none")  # never into 4-bit weights
+    if merged:
+        with MODEL_BUILD:
             model = model.merge_and_unload()
 
     t0 = time.perf_counter()
     tuned = generate(model, tokenizer, prompts, cfg.eval, "generate (fine-tuned)", stops)
     seconds = time.perf_counter() - t0
     val_preds = generate(model, tokenizer, validation["prompt_ids"], cfg.eval, "generate (validation)", stops)
-    if cfg.eval.compare_base and not dequantized:
-        with model.disable_adapter():
-            base_preds = generate(model, tokenizer, prompts, cfg.eval, "generate (base)", stops)
-    reference = parity.record(model, tokenizer, parity.parity_rows(splits["validation"], cfg.export.parity_samples),
-                              cfg.eval, stops)  # what an export must reproduce (`loraflow.parity`)
     systems = {"finetuned": tuned, **({"base": base_preds} if base_preds is not None else {})}
     summary, per = score_split(systems, test["references"], test["cluster"], cfg.eval)
     val_summary, val_per = score_split({"finetuned": val_preds}, validation["references"], validation["cluster"], cfg.eval)
@@ -146,6 +157,7 @@ def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trai
         "generation_examples_per_second": round(len(prompts) / seconds, 3),
         "generation_s": round(seconds, 3),
         "dequantized": dequantized,
+        "merged": merged,  # false: the adapter beside the base weights, as trained (eval.merge)
         "compute_dtype": cfg.quantization.compute_dtype,  # resolved by evaluate_adapter
         "stop_token_ids": stops,
     }

@@ -8,7 +8,9 @@ file, published only if it behaves like the model the evaluate stage scored.
       export.json      what was written, sizes, parity, seconds (the stage's handle info)
 
 `export.base: dequantized` (default) merges into the 4-bit base expanded to the compute dtype, the
-weights the adapter was trained against (and, on CPU, the very weights the evaluate stage scored);
+weights the adapter was trained against, in `export.dtype` (in fp32 the adapter's update survives whole; a
+16-bit merge rounds away updates below half a step of their weight, which the parity check, against the
+unmerged model the evaluate stage scored, then shows);
 `original` merges into the full-precision weights, which the adapter never saw: its parity is reported,
 not gated. Each export is loaded back from its files (the GGUF through transformers' `gguf_file=`) and
 compared with the evaluate stage's record (`loraflow.parity`); a gated check that fails raises
@@ -90,10 +92,12 @@ def merged_model(cfg: PipelineConfig, model_handle: Handle, adapter: Path):
                                                         trust_remote_code=cfg.model.trust_remote_code)
             if torch.cuda.is_available():
                 base = base.to("cuda")
-        else:  # NF4 -> the compute dtype: what the adapter was trained against
+        else:  # NF4 -> the compute dtype: what the adapter was trained against (exact in a wider dtype too)
             base = load_base(model_handle.info["base_dir"], cfg.model, cfg.quantization).dequantize()
-        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    return merged.to(dtype).eval()
+        # merged in the export's dtype: in fp32 the adapter's update survives whole; in bf16 an update below half a
+        # step of its weight rounds away, and the parity check against the unmerged scored model shows it
+        merged = PeftModel.from_pretrained(base.to(dtype), adapter).merge_and_unload()
+    return merged.eval()
 
 
 def _run_export(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, scores: Handle,
@@ -153,7 +157,7 @@ def _run_export(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, tr
             raise ExportParityError(
                 f"export parity failed for {bad['label']} vs the evaluated model on {bad['n']} validation rows: "
                 f"{'; '.join(bad['failures'])}; {bad['worst_line']}: nothing published "
-                f"(report: {final.with_name(final.name + '.rejected.json')})")
+                f"(report: {final.with_name(final.name + '.rejected.json')}){rounding_fix(cfg, bad, adapter)}")
         info["parity"] = parity
         info["seconds"] = round(time.perf_counter() - t0, 1)
         write_json(tmp / "parity.json", parity)
@@ -161,6 +165,18 @@ def _run_export(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, tr
     final.with_name(f"{final.name}.rejected.json").unlink(missing_ok=True)
     log.info("export: %s", ", ".join(f"{c['label']} top-1 {c['top1_agreement']:.3f} greedy {c['greedy_exact_match']:.2f}"
                                      for c in checks))
+
+
+def rounding_fix(cfg: PipelineConfig, check: dict[str, Any], adapter: Path | str) -> str:
+    """What to do when a merged export (or a 16-bit GGUF) misses the gate: the scored model keeps the adapter beside
+    its weights, and no merge reproduces it exactly (a 16-bit merge rounds the smallest updates away; an fp32 export
+    computes in fp32 where the scored model computed in the compute dtype)."""
+    if check["format"] == "gguf" and cfg.export.gguf_type == "q8_0":
+        return ""  # 8-bit blocks: their own, looser gate
+    gate = "export.parity_merged"
+    return (f"; a merge does not reproduce the scored model (the adapter beside its weights) exactly: publish the "
+            f"adapter with its base ({adapter}, loaded with peft: the scored model), or, if this difference is "
+            f"acceptable, loosen {gate} (e.g. --set {gate}.min_greedy_exact_match=0.5)")
 
 
 def _save_tokenizer(tokenizer, folder: Path) -> None:

@@ -10,7 +10,8 @@
   gradient checkpointing only each layer's input is kept, plus one layer recomputed;
 - the logits (fp32), at label positions only with `train.label_only_logits`, with their softmax and gradient;
 - the runtime (Python, torch, the libraries; on a GPU the CUDA context).
-Evaluation holds the weights (dequantized and merged on a CPU) and one generation batch's cache.
+Evaluation holds the weights (on a CPU dequantized to the compute dtype, `eval.dequantize`), the adapter beside
+them (fp32; merged into them only with `eval.merge`) and one generation batch's cache.
 
 It is an estimate. The CPU training runtime constant is calibrated on two measured peaks of the training
 process (2-core CPU, bf16, SmolLM2-135M, 2026-12-01): the demo (5.05 GiB; estimate 4.3) and the SciTLDR
@@ -127,12 +128,17 @@ def evaluation(cfg: PipelineConfig, s: dict[str, Any], length: int, cuda: bool) 
     from loraflow.hardware import resolve_compute_dtype
 
     width = 4 if resolve_compute_dtype(cfg.quantization.compute_dtype) == "float32" else 2
-    params = sum(i * o for _, i, o in s["linear"]) + s["other_params"]
-    merged = not cuda or cfg.quantization.mode == "none"  # on a CPU: dequantized once and merged (loraflow.evaluation)
-    weights = params * width if merged else sum(i * o for _, i, o in s["linear"]) * 0.55 + s["other_params"] * width
+    linear_params = sum(i * o for _, i, o in s["linear"])
+    ev, quantized = cfg.eval, cfg.quantization.mode != "none"
+    # as loraflow.evaluation decides: 4-bit weights expanded once to the compute dtype (on a CPU by default)
+    dequantized = quantized and (not cuda if ev.dequantize == "auto" else bool(ev.dequantize))
+    weights = (linear_params * width if dequantized or not quantized
+               else linear_params * (0.5 + (1 if cfg.quantization.double_quant else 4) / 64)) + s["other_params"] * width
+    merged = ev.merge and (dequantized or not quantized)
+    adapter = 0 if merged else sum(cfg.lora.r * (i + o) for _, i, o in _targets(s["linear"], cfg.lora.target_modules)) * 4
     batch = cfg.eval.batch_size
     kv = 2 * s["layers"] * batch * (length + cfg.eval.max_new_tokens) * s["hidden"] * width
-    return {"weights": weights, "kv cache": kv, "logits": batch * s["vocab"] * 4 * 2,
+    return {"weights": weights, "adapter": adapter, "kv cache": kv, "logits": batch * s["vocab"] * 4 * 2,
             "runtime": RUNTIME_GPU if cuda else RUNTIME_CPU}
 
 

@@ -1,8 +1,9 @@
 """Does an export behave like the model the evaluate stage scored?
 
-The evaluate stage calls `record` on the model it scored (on CPU the dequantized, merged model; on a GPU
-the 4-bit model with its adapter) for the first `export.parity_samples` validation rows and keeps the
-result in its folder (`REFERENCE`). For each row:
+The evaluate stage calls `record` on the trained model, its adapter beside the base and never merged (on CPU
+the NF4 weights dequantized to the compute dtype; on a GPU the 4-bit model), for the first
+`export.parity_samples` validation rows, and keeps the result in its folder (`REFERENCE`). A merged export
+is so measured against the model that was trained, its merge's rounding included. For each row:
 - teacher-forced on the row's prompt + reference answer: at every answer position, the 16 largest
   next-token logits and their token ids;
 - the greedy generation of the prompt (the same `evaluation.generate`, same batches).

@@ -80,3 +80,24 @@ def test_the_rss_sampler_sums_a_process_tree_at_10_hz_or_more(tmp_path):
     peaks = sorted(p["peak_rss_mb"] for p in got["processes"])
     assert len(peaks) == 2 and 250 <= peaks[-1] < 300 and 150 <= peaks[0] < 200, got
     assert got["peak_rss_sum_mb"] >= 400 > max(peaks), got  # more than the largest single process
+
+
+def test_the_report_pairs_sides_by_training_seed_and_keeps_the_seed_spread():
+    """ROUGE-L comparisons pair each loraflow seed with the same seed of the other side; a side that wins with
+    one seed and loses with another gets an interval that spans both."""
+    from benchmarks.report import losses, paired
+
+    refs = [[f"the model summarises paper {i} well"] for i in range(12)]
+    good = [r[0] for r in refs]
+    bad = [f"nothing about {i}" for i in range(12)]
+    d = {"references": refs, "clusters": [str(i // 2) for i in range(12)],
+         "baseline": [{"seed": s, "predictions": good if s != 1 else bad, "losses": [3.0, 2.0]} for s in (0, 1, 2)],
+         "loraflow": [{"seed": s, "predictions": bad if s != 1 else good, "losses": [3.0, 1.5, 1.0]} for s in (2, 1, 0)]}
+    p = paired(d, "loraflow", "baseline")
+    assert p["seeds"] == 3 and p["n"] == 12 and p["n_clusters"] == 6
+    assert p["mean_diff"] < 0 and p["ci95"][0] < p["mean_diff"] < p["ci95"][1] and p["ci95"][1] > 0
+    d["loraflow"] = [{"seed": s, "predictions": good} for s in (0, 1, 2)]  # same seeds, loraflow right every time
+    d["baseline"] = [{"seed": s, "predictions": good if s == 1 else bad} for s in (0, 1, 2)]
+    assert paired(d, "loraflow", "baseline")["ci95"][0] >= 0
+    table = losses({"baseline": [{"losses": [3.0, 2.0]}], "loraflow": [{"losses": [3.0, 1.0]}, {"losses": [2.0, 2.0]}]})
+    assert table[2:] == ["| 1 | 3.000 | – | 2.500 |", "| 2 | 2.000 | – | 1.500 |"]

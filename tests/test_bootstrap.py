@@ -83,3 +83,36 @@ def test_promotion_needs_the_lower_bound_to_clear_the_margin():
     assert decide("rougeL", 0.02, "interval", CHAMPION, clear)[0] is False
     assert decide("rougeL", 0.01, "mean", CHAMPION, noisy)[0] is True  # the old rule, when asked for
     assert decide("rougeL", 0.03, "mean", CHAMPION, noisy)[0] is False
+
+
+def test_the_seeded_bootstrap_widens_with_training_seed_spread():
+    """Rows alike, seeds not: one seed's +3 and another's -3 average to 0, and the interval must say that the
+    training draw decides the sign; a one-level bootstrap over rows of the pooled differences does not."""
+    import numpy as np
+
+    from loraflow.bootstrap import seeded_paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    rows = 64
+    b = [list(rng.uniform(0.2, 0.4, rows)) for _ in range(3)]
+    a = [[x + shift + rng.normal(0, 0.01) for x in seed_rows] for shift, seed_rows in zip((0.03, -0.03, 0.0), b)]
+    two = seeded_paired_bootstrap(a, b, samples=2000, seed=0)
+    assert two["seeds"] == 3 and two["n"] == rows and two["n_clusters"] == rows
+    assert abs(two["mean_diff"]) < 0.005
+    lo, hi = two["ci95"]
+    assert lo < -0.02 and hi > 0.02  # the seed spread is in the interval
+    pooled = paired_bootstrap([x for s in a for x in s], [x for s in b for x in s], samples=2000, seed=0)
+    assert pooled["ci95"][1] - pooled["ci95"][0] < (hi - lo) / 4  # rows alone would claim a false precision
+    # one seed, constant difference: a point interval at the difference
+    same = seeded_paired_bootstrap([[0.5] * 8], [[0.25] * 8], clusters=list("aabbccdd"), samples=200)
+    assert same["ci95"] == [0.25, 0.25] and same["n_clusters"] == 4
+    assert seeded_paired_bootstrap(a, b, samples=500, seed=1) == seeded_paired_bootstrap(a, b, samples=500, seed=1)
+
+
+def test_the_seeded_bootstrap_refuses_unpaired_input():
+    from loraflow.bootstrap import seeded_paired_bootstrap
+
+    with pytest.raises(ValueError, match="same seeds and scored on the same rows"):
+        seeded_paired_bootstrap([[0.1, 0.2]], [[0.1, 0.2], [0.3, 0.4]])
+    with pytest.raises(ValueError, match="one key per row"):
+        seeded_paired_bootstrap([[0.1, 0.2]], [[0.1, 0.2]], clusters=["a"])

@@ -104,3 +104,94 @@ def test_dequantize_auto_means_cpu_only_and_never_without_quantization():
     assert use_dequantized(EvalConfig(dequantize=True), quantized=False) is False
     assert use_dequantized(EvalConfig(dequantize=False), quantized=True) is False
 
+
+
+def _cfg(dtype: str, **eval_fields):
+    from loraflow.config import PipelineConfig
+
+    return PipelineConfig(quantization=QuantizationConfig(mode="nf4", compute_dtype=dtype), eval=EvalConfig(**eval_fields))
+
+
+def training_model(model_dir, adapter, dtype: str):
+    """The model as the train stage computes it (4-bit layers, frozen weights as `train.upcast_frozen: auto`
+    leaves them), with `adapter` loaded, in eval mode (dropout off)."""
+    from peft import PeftModel
+
+    from loraflow.modeling import prepare_for_training
+
+    quant = QuantizationConfig(mode="nf4", compute_dtype=dtype)
+    base = prepare_for_training(load_base(model_dir, ModelConfig(), quant, training=True), quant, False, "auto")
+    return PeftModel.from_pretrained(base, adapter, is_trainable=True).eval()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_evaluate_stage_scores_the_model_that_was_trained(tiny_llama_dir, trained_adapter, dtype):
+    """On CPU the scored model is the dequantized base with the adapter beside it, unmerged: its teacher-forced
+    logits are the training model's to the dtype's rounding."""
+    from loraflow.evaluation import scored_model
+
+    scored, dequantized = scored_model(_cfg(dtype), tiny_llama_dir, trained_adapter)
+    assert dequantized is (not torch.cuda.is_available())
+    lora_layers = [m for m in scored.modules() if hasattr(m, "lora_A") and m.lora_A]
+    assert lora_layers and not any(getattr(m, "merged", False) for m in lora_layers)  # the adapter is beside the weights
+    assert not scored.training
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    reference = training_model(tiny_llama_dir, trained_adapter, dtype)
+    prompts = [tokenizer(prompt_text(i))["input_ids"] for i in range(3)]
+    assert_close_logits(reference, scored, prompts, dtype, steps=6)
+
+
+def test_an_adapter_below_bf16_resolution_still_changes_the_scored_logits(tiny_llama_dir, tmp_path):
+    """An update smaller than half a bf16 step of the weight it lands on is rounded away by a bf16 merge, and
+    the old evaluate stage (dequantize + merge) scored the base model instead; the unmerged scored model keeps it."""
+    from peft import PeftModel
+
+    from loraflow.evaluation import scored_model
+
+    quant = QuantizationConfig(mode="nf4", compute_dtype="bfloat16")
+    model = attach_lora(load_base(tiny_llama_dir, ModelConfig(), quant, training=True),
+                        LoraConfig(r=4, alpha=8, dropout=0.0), quantized=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 2e-5)  # B A alpha/r ~ 5e-6: below half a bf16 step of most weights
+    model.save_pretrained(tmp_path / "adapter")
+
+    scored, _ = scored_model(_cfg("bfloat16"), tiny_llama_dir, tmp_path / "adapter")
+    dequantized = load_base(tiny_llama_dir, ModelConfig(), quant).dequantize().eval()
+    weights = {n: p.clone() for n, p in dequantized.named_parameters()}
+    merged = PeftModel.from_pretrained(dequantized, tmp_path / "adapter").merge_and_unload().eval()
+    changed = sum(int((p != weights[n]).sum()) for n, p in merged.named_parameters())
+    total = sum(p.numel() for n, p in merged.named_parameters() if "proj" in n)
+    ids = load_tokenizer(tiny_llama_dir)(prompt_text(0) + ANSWER)["input_ids"]
+    reference = logits(training_model(tiny_llama_dir, tmp_path / "adapter", "bfloat16"), ids)
+    with scored.disable_adapter():
+        base = logits(scored, ids)
+    effect = float((reference - base).abs().max())
+    assert effect > 0  # the adapter changes what the trained model computes...
+    assert changed <= 0.15 * total, changed / total  # ...yet a bf16 merge keeps under 15% of its updates (NF4's zeros)
+    lost = float((logits(merged, ids) - reference).abs().max())
+    kept = float((logits(scored, ids) - reference).abs().max())
+    assert kept <= 0.25 * effect < lost, (kept, effect, lost)  # the scored model keeps them; the merged one did not
+
+
+def test_merge_into_4bit_weights_is_refused_in_one_line_that_names_the_fix():
+    from loraflow.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"eval.merge=true .* set eval.dequantize=true \(or auto, on CPU\) or eval.merge=false"):
+        load_config(None, ["eval.merge=true", "eval.dequantize=false"])
+    assert load_config(None, ["eval.merge=true"]).eval.merge is True  # auto: merged where dequantized
+    assert load_config(None, ["eval.merge=true", "eval.dequantize=false", "quantization.mode=none"]).eval.merge
+
+
+def test_a_failed_merged_export_names_the_adapter_and_the_gate():
+    from loraflow.config import load_config
+    from loraflow.export import rounding_fix
+
+    cfg = load_config(None, ["quantization.compute_dtype=bfloat16"])
+    line = rounding_fix(cfg, {"format": "merged"}, "runs/x/train/k/adapter")
+    assert "publish the adapter with its base (runs/x/train/k/adapter" in line
+    assert "--set export.parity_merged.min_greedy_exact_match=" in line
+    assert rounding_fix(load_config(None, ["export.gguf_type=bf16"]), {"format": "gguf"}, "a")  # 16-bit GGUF: same gate
+    assert rounding_fix(cfg, {"format": "gguf"}, "a") == ""  # q8_0: its own gate

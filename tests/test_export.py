@@ -53,19 +53,28 @@ def test_merged_and_gguf_exports_pass_parity_and_load_as_a_user_would(evaluated)
     parity = json.loads((folder / "parity.json").read_text())
     assert parity["passed"] is True and parity["format"] == "both" and parity["n"] == 8
     merged, gguf = parity["checks"]
-    # the merged model is the very weights the evaluate stage scored on CPU (dequantized NF4 + adapter)
-    assert merged["top1_agreement"] == 1.0 and merged["max_abs_logit_diff"] == 0.0 and merged["greedy_exact_match"] == 1.0
+    # the merged model is the scored model (dequantized NF4, the adapter beside it) up to the merge's rounding,
+    # measured against the unmerged model, not against itself (on this random model bf16 flips a near-tie or two)
+    assert merged["top1_agreement"] >= 0.98 and merged["greedy_exact_match"] >= 0.75
+    assert merged["max_abs_logit_diff"] > 0.0
     assert gguf["label"] == "gguf q8_0" and gguf["top1_agreement"] >= 0.9 and gguf["tokenizer_match"] == 1.0
     assert gguf["chat_template_match"] is True and gguf["answer_positions"] > 8
     assert set(exported.info["files"]) == {"merged", "gguf"} and exported.info["size_mb"]["gguf"] > 0
     assert not (folder / "merged" / "adapter_config.json").exists()
     assert (folder / "gguf" / "Modelfile").read_text().startswith(f"FROM ./{cfg.run.name}-q8_0.gguf")
 
-    # Loadable with plain transformers, peft unimportable, and it generates what the evaluate stage recorded.
-    reference = json.loads((Path(scores.path) / "parity_reference.json").read_text())["rows"][0]["greedy"]
+    # Loadable with plain transformers, peft unimportable, and its own generation config stops where the evaluate
+    # stage stopped: plain `generate` gives what loraflow's generate with the evaluate stage's stop ids gives.
     import datasets
 
+    from loraflow.config import EvalConfig
+    from loraflow.evaluation import generate
+    from loraflow.export import load_export
+
     row = datasets.load_from_disk(f"{tokenized.path}/dataset")["validation"][0]["prompt_ids"]
+    loaded, loaded_tok = load_export(folder, "merged", exported.info["dtype"])
+    reference = generate(loaded, loaded_tok, [row], EvalConfig(max_new_tokens=cfg.eval.max_new_tokens, batch_size=1),
+                         "reference", list(scores.info["stop_token_ids"]))[0]
     script = (
         "import sys, json, torch; sys.modules['peft'] = None\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -78,7 +87,7 @@ def test_merged_and_gguf_exports_pass_parity_and_load_as_a_user_would(evaluated)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["text"] == reference  # its own generation config stops where the evaluate stage stopped
+    assert result["text"] == reference
     assert set([result["eos"]] if isinstance(result["eos"], int) else result["eos"]) == set(scores.info["stop_token_ids"])
 
 
