@@ -1,4 +1,6 @@
-"""Generation on CPU: the dequantized, merged model computes what the 4-bit model with its adapter computes.
+"""The evaluate stage scores the model that was trained: on CPU the NF4 weights dequantized once, the adapter
+beside them (not merged), computing what the train stage's model computes; a bf16 merge would round away an
+adapter's small updates, and is only an opt-in (`eval.merge`), checked here against the 4-bit model.
 
 Where the two paths are the same computation (fp32: bitsandbytes dequantizes and multiplies, as the
 dequantized model does once) the greedy outputs are identical. Where they are not (bf16: bitsandbytes'

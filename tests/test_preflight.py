@@ -165,6 +165,16 @@ def test_the_memory_estimate_counts_what_each_setting_changes(tiny_llama_dir):
     quantized_bytes = memory.training(full, shapes, 8, 512, 256, False, False)["weights"] - plain["weights"]
     assert quantized_bytes == pytest.approx(linear * (2 - 0.5 - 1 / 64))  # bf16 vs 4 bits + a byte per 64 weights
 
+    # evaluation, as loraflow.evaluation decides: on a CPU the weights dequantized to bf16 and the fp32 adapter beside
+    # them; merged (eval.merge) no adapter; on a GPU the 4-bit weights
+    lora = sum(cfg.lora.r * (i + o) for _, i, o in shapes["linear"]) * 4
+    cpu = memory.evaluation(cfg, shapes, 256, cuda=False)
+    assert cpu["adapter"] == lora and cpu["weights"] == pytest.approx(linear * 2 + shapes["other_params"] * 2)
+    merged = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"merge": True})})
+    assert memory.evaluation(merged, shapes, 256, cuda=False)["adapter"] == 0
+    gpu = memory.evaluation(merged, shapes, 256, cuda=True)  # 4-bit weights: never merged into
+    assert gpu["adapter"] == lora and gpu["weights"] < cpu["weights"]
+
 
 @pytest.mark.parametrize("setting, code, says", [
     ("false", 1, "set train.gradient_checkpointing=auto (or true), which needs"),
