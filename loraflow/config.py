@@ -371,9 +371,12 @@ class ExportConfig(Section):
         8, ge=1, le=256, description="Validation rows of the parity check. The evaluate stage records its model's "
         "logits and greedy outputs on these rows (changing it re-scores).")
     parity_merged: ParityThresholds = Field(
-        default_factory=lambda: ParityThresholds(min_top1_agreement=0.98, min_greedy_exact_match=0.75,
+        default_factory=lambda: ParityThresholds(min_top1_agreement=0.95, min_greedy_exact_match=0.25,
                                                  max_mean_abs_logit_diff=0.25),
-        description="Thresholds for a merged export (and a GGUF in f16/bf16, which stores the same weights).")
+        description="Thresholds for a merged export (and a GGUF in f16/bf16, which stores the same weights), against "
+        "the unmerged scored model. Set from measured merges: the demo's bf16 merge reaches top-1 0.983, greedy 4/8, "
+        "mean |logit diff| 0.09 (a 16-bit merge rounds small updates, and greedy texts part at the first near-tie); "
+        "an adapter altered after scoring gets 0.44, 0/8, 1.44.")
     parity_q8_0: ParityThresholds = Field(
         default_factory=lambda: ParityThresholds(min_top1_agreement=0.9, min_greedy_exact_match=0.25),
         description="Thresholds for a q8_0 GGUF (8-bit blocks: looser).")

@@ -176,7 +176,7 @@ def rounding_fix(cfg: PipelineConfig, check: dict[str, Any], adapter: Path | str
     gate = "export.parity_merged"
     return (f"; a merge does not reproduce the scored model (the adapter beside its weights) exactly: publish the "
             f"adapter with its base ({adapter}, loaded with peft: the scored model), or, if this difference is "
-            f"acceptable, loosen {gate} (e.g. --set {gate}.min_greedy_exact_match=0.5)")
+            f"acceptable, loosen {gate} (e.g. --set {gate}.min_top1_agreement=0.9)")
 
 
 def _save_tokenizer(tokenizer, folder: Path) -> None:

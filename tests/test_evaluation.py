@@ -194,6 +194,6 @@ def test_a_failed_merged_export_names_the_adapter_and_the_gate():
     cfg = load_config(None, ["quantization.compute_dtype=bfloat16"])
     line = rounding_fix(cfg, {"format": "merged"}, "runs/x/train/k/adapter")
     assert "publish the adapter with its base (runs/x/train/k/adapter" in line
-    assert "--set export.parity_merged.min_greedy_exact_match=" in line
+    assert "--set export.parity_merged.min_top1_agreement=" in line
     assert rounding_fix(load_config(None, ["export.gguf_type=bf16"]), {"format": "gguf"}, "a")  # 16-bit GGUF: same gate
     assert rounding_fix(cfg, {"format": "gguf"}, "a") == ""  # q8_0: its own gate
