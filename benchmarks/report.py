@@ -174,10 +174,11 @@ def markdown(report: dict) -> str:
              f"{peaks['bfloat16_gflops']:.1f} GFLOP/s.", ""]
     for name, d in report["datasets"].items():
         stats, t = d["data"], side_table(d, report["model_shape"], _peak(report))
+        seeds = ", ".join(map(str, d["seeds"])) if d.get("seeds") else f"one ({d.get('repeats')} repeats)"
         lines += [f"**{name}**: {stats['n_train']} train / {stats['n_test']} test examples, mean "
                   f"{stats['mean_tokens_train']} tokens (target {stats['mean_target_tokens_train']}); "
                   f"{report['args']['steps']} steps of batch {report['args']['batch_size']}; training seeds "
-                  f"{', '.join(map(str, d.get('seeds', [])))}, one alternating run per side and seed"
+                  f"{seeds}, one alternating run per side and seed"
                   f"{' (the naive baseline: one)' if d.get('baseline-naive') else ''}; median (min–max) over the runs, "
                   "ROUGE-L the mean.", "",
                   "| measure | baseline (fair) | TRL SFTTrainer | loraflow | loraflow / baseline | loraflow / TRL "
