@@ -15,6 +15,16 @@ from __future__ import annotations
 from typing import Sequence
 
 
+def _cluster_ids(clusters: Sequence[str] | None, n: int, what: str, one: str):
+    """(cluster index of each of `n` values, number of clusters); no clusters: each value its own."""
+    import numpy as np
+
+    if clusters is not None and len(clusters) != n:
+        raise ValueError(f"bootstrap: {n} {what} but {len(clusters)} cluster keys: pass one key per {one}")
+    _, group = np.unique(np.asarray(clusters if clusters is not None else range(n), dtype=str), return_inverse=True)
+    return group, int(group.max()) + 1
+
+
 def cluster_bootstrap(values: Sequence[float], clusters: Sequence[str] | None = None, samples: int = 1000,
                       seed: int = 0) -> dict[str, object]:
     """{"mean", "ci95": [lo, hi], "n", "n_clusters", "samples"} of the mean of `values`."""
@@ -23,11 +33,7 @@ def cluster_bootstrap(values: Sequence[float], clusters: Sequence[str] | None = 
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         raise ValueError("bootstrap: no values: score at least one example")
-    if clusters is not None and len(clusters) != x.size:
-        raise ValueError(f"bootstrap: {x.size} values but {len(clusters)} cluster keys: pass one key per value")
-    _, group = np.unique(np.asarray(clusters if clusters is not None else range(x.size), dtype=str),
-                         return_inverse=True)
-    k = int(group.max()) + 1
+    group, k = _cluster_ids(clusters, x.size, "values", "value")
     sums = np.bincount(group, weights=x, minlength=k)
     counts = np.bincount(group, minlength=k).astype(float)
     draws = np.random.default_rng(seed).integers(0, k, size=(samples, k))  # clusters drawn with replacement
@@ -59,12 +65,8 @@ def seeded_paired_bootstrap(a: Sequence[Sequence[float]], b: Sequence[Sequence[f
     if x.ndim != 2 or x.shape != y.shape or x.size == 0:
         raise ValueError(f"bootstrap: scores of shape {x.shape} and {y.shape}: pass [seed][row] lists of one shape, "
                          "both sides trained with the same seeds and scored on the same rows")
-    if clusters is not None and len(clusters) != x.shape[1]:
-        raise ValueError(f"bootstrap: {x.shape[1]} rows but {len(clusters)} cluster keys: pass one key per row")
-    d = x - y  # [seeds, rows]
-    _, group = np.unique(np.asarray(clusters if clusters is not None else range(d.shape[1]), dtype=str),
-                         return_inverse=True)
-    k, n_seeds = int(group.max()) + 1, d.shape[0]
+    group, k = _cluster_ids(clusters, x.shape[1], "rows", "row")
+    d, n_seeds = x - y, x.shape[0]  # [seeds, rows]
     sums = np.stack([np.bincount(group, weights=row, minlength=k) for row in d])  # [seeds, clusters]
     counts = np.bincount(group, minlength=k).astype(float)
     rng = np.random.default_rng(seed)

@@ -291,9 +291,11 @@ class EvalConfig(Section):
     dequantize: Literal["auto", True, False] = Field(
         "auto",
         description="Generate on the 4-bit base's weights expanded once to the compute dtype: the values the 4-bit "
-        "layers dequantize to on every call in training, without the per-token dequantization (~2-3x faster decoding "
-        "on CPU, the base at the compute dtype's size in memory); 'auto' = on CPU only. The adapter stays beside "
-        "these weights unless `merge` is set.",
+        "layers dequantize to on every call in training, so the scored model computes what the trained one did (the "
+        "CPU's packed 4-bit inference kernel rounds differently), with no dequantization per token (with the adapter "
+        "unmerged about the 4-bit path's speed on a 2-core CPU, ~2.4x it merged: docs/benchmarks.md; the base at "
+        "the compute dtype's size in memory); 'auto' = on CPU only. The adapter stays beside these weights unless "
+        "`merge` is set.",
     )
     merge: bool = Field(
         False,
@@ -302,6 +304,15 @@ class EvalConfig(Section):
         "so the score is no longer quite the trained model's. Never applied to 4-bit weights (that would round the "
         "update to NF4). The export's parity reference is always the unmerged model.",
     )
+
+
+    def dequantizes(self, quantized: bool, cuda: bool) -> bool:
+        """Whether evaluation expands 4-bit weights once ('auto' = on a CPU); never without quantization."""
+        return quantized and (not cuda if self.dequantize == "auto" else bool(self.dequantize))
+
+    def merges(self, quantized: bool, cuda: bool) -> bool:
+        """Whether evaluation merges the adapter: with `merge`, into weights in the compute dtype, never into 4 bits."""
+        return self.merge and (not quantized or self.dequantizes(quantized, cuda))
 
 
 class PromotionConfig(Section):

@@ -72,12 +72,10 @@ def generate(model, tokenizer, prompts: list[list[int]], ev: EvalConfig, desc: s
 
 
 def use_dequantized(ev: EvalConfig, quantized: bool) -> bool:
-    """'auto' = on CPU, where 4-bit matmuls dequantize on every call; on a GPU the memory saving wins."""
+    """'auto' = on CPU, where 4-bit matmuls dequantize on every call (`EvalConfig.dequantizes`)."""
     import torch
 
-    if not quantized:
-        return False
-    return not torch.cuda.is_available() if ev.dequantize == "auto" else bool(ev.dequantize)
+    return ev.dequantizes(quantized, torch.cuda.is_available())
 
 
 def scored_model(cfg: PipelineConfig, base_dir: str | Path, adapter_dir: str | Path):
@@ -115,6 +113,7 @@ def evaluate_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handl
 
 def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, final: Path) -> None:
     import datasets
+    import torch
     from transformers import AutoTokenizer
 
     from loraflow import parity
@@ -139,7 +138,7 @@ def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trai
     if cfg.eval.compare_base:
         with model.disable_adapter():
             base_preds = generate(model, tokenizer, prompts, cfg.eval, "generate (base)", stops)
-    merged = cfg.eval.merge and (dequantized or cfg.quantization.mode == "none")  # never into 4-bit weights
+    merged = cfg.eval.merges(cfg.quantization.mode != "none", torch.cuda.is_available())  # never into 4-bit weights
     if merged:
         with MODEL_BUILD:
             model = model.merge_and_unload()

@@ -95,6 +95,15 @@ def _targets(linear: list[tuple[str, int, int]], target_modules: str | list[str]
     return [t for t in linear if t[0].rsplit(".", 1)[-1] in target_modules]
 
 
+def _four_bit_bytes(cfg: PipelineConfig) -> float:
+    """Bytes per 4-bit weight: half a byte + its block constant (one byte per 64 with double quant, else fp32)."""
+    return 0.5 + (1 if cfg.quantization.double_quant else 4) / 64
+
+
+def _lora_params(cfg: PipelineConfig, s: dict[str, Any]) -> int:
+    return sum(cfg.lora.r * (i + o) for _, i, o in _targets(s["linear"], cfg.lora.target_modules))
+
+
 def training(cfg: PipelineConfig, s: dict[str, Any], batch: int, length: int, label_tokens: int, cuda: bool,
              checkpointing: bool) -> dict[str, float]:
     """Bytes per part for training `batch` rows of `length` tokens, `label_tokens` of them labelled."""
@@ -105,9 +114,9 @@ def training(cfg: PipelineConfig, s: dict[str, Any], batch: int, length: int, la
     width = 4 if dtype == "float32" else 2
     quantized = cfg.quantization.mode != "none"
     linear_params = sum(i * o for _, i, o in s["linear"])
-    per_weight = 0.5 + (1 if cfg.quantization.double_quant else 4) / 64 if quantized else width
+    per_weight = _four_bit_bytes(cfg) if quantized else width
     other_width = 4 if quantized and upcasts(cfg.train.upcast_frozen, cfg.quantization.compute_dtype) else width
-    lora = sum(cfg.lora.r * (i + o) for _, i, o in _targets(s["linear"], cfg.lora.target_modules))
+    lora = _lora_params(cfg, s)
     h, inter, layers, tokens = s["hidden"], s["intermediate"], s["layers"], batch * length
     act = other_width  # the residual stream is in the dtype of the embeddings and norms
     per_token = (10 * h + 4 * inter) * act
@@ -129,13 +138,10 @@ def evaluation(cfg: PipelineConfig, s: dict[str, Any], length: int, cuda: bool) 
 
     width = 4 if resolve_compute_dtype(cfg.quantization.compute_dtype) == "float32" else 2
     linear_params = sum(i * o for _, i, o in s["linear"])
-    ev, quantized = cfg.eval, cfg.quantization.mode != "none"
-    # as loraflow.evaluation decides: 4-bit weights expanded once to the compute dtype (on a CPU by default)
-    dequantized = quantized and (not cuda if ev.dequantize == "auto" else bool(ev.dequantize))
-    weights = (linear_params * width if dequantized or not quantized
-               else linear_params * (0.5 + (1 if cfg.quantization.double_quant else 4) / 64)) + s["other_params"] * width
-    merged = ev.merge and (dequantized or not quantized)
-    adapter = 0 if merged else sum(cfg.lora.r * (i + o) for _, i, o in _targets(s["linear"], cfg.lora.target_modules)) * 4
+    quantized = cfg.quantization.mode != "none"
+    four_bit = quantized and not cfg.eval.dequantizes(quantized, cuda)  # as loraflow.evaluation decides
+    weights = linear_params * (_four_bit_bytes(cfg) if four_bit else width) + s["other_params"] * width
+    adapter = 0 if cfg.eval.merges(quantized, cuda) else _lora_params(cfg, s) * 4  # fp32, beside the weights
     batch = cfg.eval.batch_size
     kv = 2 * s["layers"] * batch * (length + cfg.eval.max_new_tokens) * s["hidden"] * width
     return {"weights": weights, "adapter": adapter, "kv cache": kv, "logits": batch * s["vocab"] * 4 * 2,
