@@ -1,7 +1,7 @@
 """loraflow vs a fair plain Trainer script and vs TRL's SFTTrainer, side by side on the same rows, model and
 settings, over several training seeds.
 
-    uv run python -m benchmarks.run                      # SciTLDR and aclsum, seeds 0 1 2 (docs/benchmarks.md: the time)
+    uv run python -m benchmarks.run                      # SciTLDR and aclsum, seeds 0 1 2 3 (docs/benchmarks.md: the time)
     uv run python -m benchmarks.run --datasets aclsum --steps 4 --seeds 0 --test-examples 8   # a quick look
 
 Every side trains on the same train.jsonl (loraflow reads validation.jsonl as its validation split, so it carves
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--eval-batch-size", type=int, default=12)
     p.add_argument("--seed", type=int, default=0, help="the draw of the rows (one for every side and training seed)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3],
                    help="training seeds, paired across sides (data order and LoRA initialisation)")
     p.add_argument("--sides", nargs="+", choices=SIDES, default=SIDES)
     p.add_argument("--naive", action="store_true", help="also run the naive script, once per dataset")
