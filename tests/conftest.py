@@ -1,4 +1,17 @@
-"""Shared fixtures: a real GPT-2 tokenizer, a tiny random Llama, a real temporary Prefect server."""
+"""Shared fixtures: a real GPT-2 tokenizer, a tiny random Llama, a real temporary Prefect server.
+
+The tiers, decided by one rule (what a test needs, not how long it happens to take):
+
+- everyday (`uv run pytest`, no marker): unit tests and in-process tiny-model tests, including flows under
+  Prefect's test harness (the `prefect_harness` fixture) and a training process that ends by itself.
+- slow (`uv run pytest -m slow`): a test that starts a real `prefect server start`, a worker, deployments, an
+  MLflow server, kills a training child on purpose, or trains the real SmolLM2. A test is marked slow only when
+  the everyday tier still covers its code path at the unit or tiny-model level; its docstring names that test.
+- demo (`-m demo`): the real built-in demo config through the CLI; e2e (`-m e2e`): a real server, worker and
+  headless Chromium; gpu (`-m gpu`, through scripts/gpu-check): a CUDA device.
+
+`.ci/run` runs everyday, slow, demo and e2e, and prints each tier's time.
+"""
 
 from __future__ import annotations
 

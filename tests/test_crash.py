@@ -3,28 +3,64 @@
 The flow process holds the stage's lock while the stage runs. SIGKILL it during train, and
 separately during evaluate: the next `loraflow run` of the same config breaks the dead run's lock
 (its pid is gone), resumes training from the checkpoint, completes, and reuses nothing half-written.
+
+Slow tier (the flow and its training child are killed on purpose). Everyday coverage: a lock held by a killed
+process is broken in test_locks.py::test_a_lock_left_by_a_dead_process_on_this_machine_is_broken, a stage that
+fails halfway publishes nothing in test_artifacts.py::test_a_stage_that_fails_halfway_leaves_nothing, and
+training resumes from its checkpoint in test_choices.py::test_raising_the_length_continues_the_shorter_run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from test_retry_cancel import REPO, _alive, _config, _descendants, _env, _wait_for_checkpoint
 
-STEPS = 300  # long enough to be killed mid-training after the SIGTERM check below
+pytestmark = pytest.mark.slow
+STEPS, HOLD = 12, 5  # the gated run holds before step HOLD + 1 (checkpoint-HOLD written) until it is killed
 CLI = [sys.executable, "-c", "import sys; from loraflow.cli import main; sys.exit(main())"]
 
+# Imported by every Python process started with this folder on PYTHONPATH; in the training process only, each
+# training step after HOLD waits while the gate file exists, until a SIGTERM asks the worker to save and stop.
+GATE = """
+import os, sys, time
+if "loraflow.worker" in sys.orig_argv:
+    from loraflow.trainer import CompletionTrainer
 
-def _start(tmp_path: Path, name: str) -> subprocess.Popen:
+    step = CompletionTrainer.training_step
+
+    def held(self, *args, **kwargs):
+        worker = sys.modules["__main__"]
+        while (self.state.global_step >= {hold} and os.path.exists(os.environ["LORAFLOW_TEST_GATE"])
+               and not worker.Preemption.requested):
+            time.sleep(0.05)
+        return step(self, *args, **kwargs)
+
+    CompletionTrainer.training_step = held
+"""
+
+
+def _start(tmp_path: Path, name: str, gated: bool = False) -> subprocess.Popen:
+    """`loraflow run` of the test's config; `gated`: its training holds after checkpoint-HOLD (see GATE)."""
     log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen([*CLI, "run", str(tmp_path / "cfg.yaml")], cwd=REPO, env=_env(tmp_path),
+    env = _env(tmp_path)
+    if gated:
+        hook = tmp_path / "gate-hook"
+        hook.mkdir(exist_ok=True)
+        (hook / "sitecustomize.py").write_text(GATE.format(hold=HOLD))
+        (tmp_path / "gate").touch()
+        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")])),
+               "LORAFLOW_TEST_GATE": str(tmp_path / "gate")}
+    return subprocess.Popen([*CLI, "run", str(tmp_path / "cfg.yaml")], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -52,9 +88,9 @@ def _rerun(tmp_path: Path) -> str:
 def test_flow_killed_in_train_leaves_no_lock_that_blocks_the_rerun(tmp_path, tiny_llama_dir, prefect_harness):
     cfg = _config(tmp_path, tiny_llama_dir, max_steps=STEPS)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    proc = _start(tmp_path, "first")
+    proc = _start(tmp_path, "first", gated=True)
     try:
-        _wait_for_checkpoint(tmp_path / "runs", proc)
+        _wait_for_checkpoint(tmp_path / "runs", proc, step=HOLD)
         assert _locks(tmp_path, "train"), "the running train stage holds its lock"
         # A second run of the config waits for the live first one, and a SIGTERM ends that wait promptly.
         waiter = _start(tmp_path, "waiter")

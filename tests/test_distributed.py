@@ -86,7 +86,12 @@ def test_two_processes_train_one_adapter_with_the_combined_batch(uninterrupted):
     assert (Path(uninterrupted.path) / "manifest.json").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_checkpoints_and_the_rerun_resumes(stages, uninterrupted, tmp_path):
+    """Slow tier: the training children are stopped on purpose. Everyday: two ranks training one adapter in
+    test_two_processes_train_one_adapter_with_the_combined_batch, a rank's failure in
+    test_a_failing_rank_fails_the_stage_with_its_own_error, resuming from a checkpoint in
+    test_choices.py::test_raising_the_length_continues_the_shorter_run."""
     cfg, tokenized, model = stages
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "tokenized": tokenized.model_dump(),

@@ -148,7 +148,11 @@ def shipped_trigger(resource_id: str):
     return DeploymentEventTrigger(**{**trigger, "match": {"prefect.resource.id": resource_id}})
 
 
+@pytest.mark.slow
 def test_new_data_in_a_watched_folder_starts_exactly_one_retraining_run(stack, tiny_llama_dir, tmp_path):
+    """Slow tier: a real server, a worker and a deployment. Everyday: the watcher's rules in
+    test_the_watcher_emits_once_per_settled_change_and_not_for_a_file_half_written, the retraining flow on the tiny
+    model in test_retrain.py::test_retraining_promotes_only_what_beats_the_champion."""
     from prefect import flow
 
     from loraflow.registry import Registry
@@ -202,7 +206,14 @@ def test_new_data_in_a_watched_folder_starts_exactly_one_retraining_run(stack, t
         assert len(events) == 2 and events[1].payload["fingerprint"] == content_fingerprint(str(folder))
         _until(lambda: len(_runs(deployment_id)) == 2, 60, "the second triggered run")
         time.sleep(5)
-        assert len(_runs(deployment_id)) == 2
+        runs = _runs(deployment_id)
+        assert len(runs) == 2
+        # The second run has shown what it must; cancelled, it frees the pool's one slot for the next test's runs.
+        from prefect.states import Cancelling
+
+        (second,) = [r for r in runs if r.id != run.id]
+        _api(lambda c: c.set_flow_run_state(second.id, Cancelling(), force=True))
+        _until(lambda: _api(lambda c: c.read_flow_run(second.id)).state.is_final(), 120, "the second run to end")
     finally:
         os.killpg(watcher.pid, 15)
         out, _ = watcher.communicate(timeout=30)
@@ -240,7 +251,11 @@ def _start(deployment_id, cfg_patch: dict | None = None):
     return _api(lambda c: c.create_flow_run_from_deployment(deployment_id, parameters={"cfg": cfg_patch or {}}))
 
 
+@pytest.mark.slow
 def test_a_promotion_waits_for_a_person_and_follows_the_answer(stack, tiny_llama_dir, tmp_path):
+    """Slow tier: a real server, a worker and a deployment. Everyday: the decision and the approval table in
+    test_retrain.py (test_decision_rule_and_atomic_registry, test_the_approval_table_keeps_every_row_and_shows_a_dash_for_a_missing_score,
+    test_approval_outside_a_deployment_run_is_refused_before_any_stage)."""
     from prefect.flow_runs import resume_flow_run
 
     from loraflow.registry import Registry

@@ -57,8 +57,12 @@ def tracked(cfg, uri: str, **promotion):
     return build_config(data)
 
 
+@pytest.mark.slow
 def test_a_flow_run_is_one_mlflow_run_with_config_curves_scores_and_adapter(tmp_path, tiny_llama_dir, prefect_harness,
                                                                             mlflow_uri):
+    """Slow tier: an MLflow server. Everyday: the same flow untracked in
+    test_flow_e2e.py::test_flow_trains_and_scores_tiny_model, the tracking settings and the params in
+    test_mlflow_settings_that_cannot_work_fail_in_one_line and test_the_config_is_logged_as_dotted_text_params."""
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
 
@@ -114,8 +118,11 @@ def test_a_flow_run_is_one_mlflow_run_with_config_curves_scores_and_adapter(tmp_
     assert rerun.data.metrics["test_finetuned_rougeL"] == pytest.approx(rouge)
 
 
+@pytest.mark.slow
 def test_a_promoted_champion_is_registered_in_mlflow_and_read_back_from_there(tmp_path, tiny_llama_dir,
                                                                              prefect_harness, mlflow_uri):
+    """Slow tier: an MLflow server. Everyday: promotion with the file registry in
+    test_retrain.py::test_retraining_promotes_only_what_beats_the_champion."""
     from mlflow import MlflowClient
 
     from flows.retrain import retrain
@@ -158,3 +165,15 @@ def test_mlflow_settings_that_cannot_work_fail_in_one_line(monkeypatch):
     assert tracking_uri(cfg) == "http://127.0.0.1:5999"
     with pytest.raises(ConfigError, match=r"promotion.registry=mlflow .* add mlflow to train.report_to"):
         build_config({"promotion": {"registry": "mlflow"}})
+
+
+def test_the_config_is_logged_as_dotted_text_params():
+    from loraflow.config import build_config
+    from loraflow.tracking import params
+
+    cfg = build_config({"train": {"learning_rate": 3e-4, "report_to": ["mlflow"]}, "lora": {"target_modules": ["q_proj"]}})
+    logged = params(cfg)
+    assert logged["train.learning_rate"] == "0.0003"
+    assert logged["lora.target_modules"] == '["q_proj"]'  # lists as JSON text
+    assert all(isinstance(v, str) for v in logged.values())
+    assert set(logged) >= {"model.name_or_path", "data.source", "quantization.mode"}

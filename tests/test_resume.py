@@ -1,4 +1,7 @@
-"""Training in a child process: killed (SIGKILL) or preempted (SIGTERM) runs resume where they stopped."""
+"""Training in a child process: killed (SIGKILL) or preempted (SIGTERM) runs resume where they stopped.
+
+The uninterrupted reference trains in this process (`train_adapter`, what the worker runs): the child process is
+what the interrupted runs test, not the reference."""
 
 from __future__ import annotations
 
@@ -64,12 +67,18 @@ def _wait_for_checkpoint(proc, checkpoints: Path, timeout: float = 240) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(stages, tmp_path_factory):
+    from loraflow.training import train_adapter
+
     cfg, tokenized, model = stages
-    return run_train_worker(cfg, tokenized, model, tmp_path_factory.mktemp("straight"))
+    return train_adapter(cfg, tokenized, model, tmp_path_factory.mktemp("straight"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 def test_interrupted_training_resumes_and_matches(stages, uninterrupted, tmp_path, sig):
+    """Slow tier: the training child is killed on purpose. Everyday: resuming from a checkpoint in
+    test_choices.py::test_raising_the_length_continues_the_shorter_run, a failing child in
+    test_failing_worker_fails_with_its_error."""
     cfg, tokenized, model = stages
     proc, checkpoints = _start_worker(cfg, tokenized, model, tmp_path)
     _wait_for_checkpoint(proc, checkpoints)

@@ -3,6 +3,12 @@ earlier stages cached; cancelling a deployed run stops the training child after 
 
 Both run the real thing in separate processes against the test server: the `loraflow` CLI, the
 `prefect flow-run retry|cancel` commands, and a `process` work pool worker.
+
+Slow tier (a worker, deployments, a training child killed on purpose). Everyday coverage of the same paths on
+the tiny model: cached earlier stages and a rerun of only what changed in
+test_flow_e2e.py::test_reruns_recompute_only_what_changed; a training child that ends with its run in
+test_flow_e2e.py::test_a_run_that_fails_before_training_ends_its_early_training_process; resuming from a
+checkpoint in test_choices.py::test_raising_the_length_continues_the_shorter_run.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import time
 from pathlib import Path
 
 import anyio
+import pytest
 import yaml
 
 from loraflow.training import last_checkpoint
@@ -23,6 +30,7 @@ from test_flow_e2e import tiny_config
 from tests_support import write_examples
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
