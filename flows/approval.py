@@ -109,7 +109,10 @@ def answer(registry: Registry, pending: Candidate, cfg: PipelineConfig) -> tuple
     approval = pending.approval.model_copy(update={
         "status": verdict, "approver": reply.approver, "comment": reply.comment,
         "answered_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    return reply.approve, reason, registry.resolve(pending.id, reply.approve, reason, approval)
+    from loraflow.tracking import champion_now
+
+    entry = registry.resolve(pending.id, reply.approve, reason, approval, champion_now(cfg))
+    return entry.promoted, entry.reason, entry
 
 
 def approval_of(state, stages) -> dict[str, Any] | None:

@@ -22,30 +22,34 @@ from prefect.logging import get_run_logger
 from flows.approval import answer, approval_of, ask, check_can_ask
 from flows.finetune import export_summary
 from flows.pipeline import Stages, export_stage, resolve_config, run_stages, stage
+from loraflow import store
 from loraflow.artifacts import Handle
 from loraflow.config import PipelineConfig, default_config
 from loraflow.bootstrap import fmt_interval, paired_bootstrap
 from loraflow.export import wanted
 from loraflow.registry import Candidate, DataEvent, Registry, base_identity, decide
 from loraflow.remote import is_url
-from loraflow.tracking import champion_id, flow_run_tracking, model_name, register_champion
+from loraflow.tracking import champion_id, champion_now, flow_run_tracking, model_name, register_champion
 from tasks.reporting import publish_results
 from tasks.storage import result_storage_slug
 from tasks.stages import evaluate_task
 
 
-def _champion_eval(cfg: PipelineConfig, stages: Stages, champion: Candidate) -> Handle | None:
-    """The champion scored on this run's validation and test rows (a cached evaluate task of its adapter,
-    on the model stage it was trained from)."""
-    train_dir = Path(champion.adapter).parent
-    if not (train_dir / "adapter" / "adapter_config.json").is_file():
-        get_run_logger().warning("champion %s: adapter %s is gone; the challenger is compared with nothing",
-                                 champion.id, champion.adapter)
-        return None
+def _champion_eval(cfg: PipelineConfig, stages: Stages, champion: Candidate) -> Handle | str:
+    """The champion scored on this run's validation and test rows (a cached evaluate task of its adapter, on the
+    model stage it was trained from), or why it cannot be: its stages are neither on this machine nor in the shared
+    store (a URL `run.output_dir` is fetched from, into this worker's mirror)."""
+    train = Handle(stage="train", path=str(Path(champion.adapter).parent), fingerprint=champion.train_fingerprint, info={})
+    train, problem = store.localize(train, cfg)
+    model = stages.model
+    if problem is None and champion.model_handle:
+        model, problem = store.localize(Handle.model_validate(champion.model_handle), cfg)
+    if problem is not None:
+        return (f"refused: champion {champion.id} is unavailable on this worker ({problem}); the challenger was not "
+                "compared and the champion stays: restore its stages (or point run.output_dir at the store that "
+                "holds them) and rerun, or promote by hand")
     quick = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"compare_base": False})})
-    model = Handle.model_validate(champion.model_handle) if champion.model_handle else stages.model
-    handle = Handle(stage="train", path=str(train_dir), fingerprint=champion.train_fingerprint, info={})
-    return stage(evaluate_task, quick, stages.storage, quick, stages.tokenized, model, handle)
+    return stage(evaluate_task, quick, stages.storage, quick, stages.tokenized, model, train)
 
 
 def _row_scores(eval_dir: str, split: str, key: str) -> tuple[list[float], list[str]]:
@@ -173,6 +177,7 @@ def _judge(cfg: PipelineConfig, registry: Registry, stages: Stages,
     test scores). With promotion.require_approval a promotion first waits for a person (`flows.approval`)."""
     from prefect.runtime import flow_run
 
+    logger = get_run_logger()
     p = cfg.promotion
     key = f"{p.metric}_fmeasure"
     champion = _champion(cfg, registry)
@@ -187,10 +192,14 @@ def _judge(cfg: PipelineConfig, registry: Registry, stages: Stages,
         promoted, reason = False, refused
     else:
         champ_eval = _champion_eval(cfg, stages, champion) if champion is not None else None
-        if champ_eval is not None:
-            validation = _paired(stages.scores, champ_eval, "validation", key, cfg)
-            test = _paired(stages.scores, champ_eval, "test", key, cfg)
-        promoted, reason = decide(p.metric, p.margin, p.rule, champion if champ_eval else None, validation)
+        if isinstance(champ_eval, str):  # a champion this worker cannot score is never replaced unseen
+            logger.warning("%s", champ_eval)
+            promoted, reason, champ_eval = False, champ_eval, None
+        else:
+            if champ_eval is not None:
+                validation = _paired(stages.scores, champ_eval, "validation", key, cfg)
+                test = _paired(stages.scores, champ_eval, "test", key, cfg)
+            promoted, reason = decide(p.metric, p.margin, p.rule, champion, validation)
     entry = Candidate(
         flow_run_id=str(flow_run.id) if flow_run.id else None,
         adapter=str(Path(stages.trained.path) / "adapter"),
@@ -206,7 +215,8 @@ def _judge(cfg: PipelineConfig, registry: Registry, stages: Stages,
         promoted, reason, entry = ask(registry, entry, champion, champ_eval.info["finetuned"][key] if champ_eval else None,
                                       stages, cfg)
     else:
-        registry.record(entry)
+        entry = registry.record(entry, champion_now(cfg))  # compare-and-set: the champion it was compared with
+        promoted, reason = entry.promoted, entry.reason
     decision = f"{'promoted' if promoted else 'rejected'} challenger {entry.id}: {reason}"
     if test is not None:
         decision += f"; on test (reported, not decided on): {fmt_interval(test)}"

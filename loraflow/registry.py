@@ -14,7 +14,7 @@ import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 from pydantic import BaseModel, Field
 
@@ -120,24 +120,33 @@ class Registry:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def record(self, candidate: Candidate) -> RegistryState:
-        """Append `candidate` (making it champion if promoted), atomically."""
+    def record(self, candidate: Candidate, champion_now: ChampionNow | None = None) -> Candidate:
+        """Append `candidate`, atomically; a promoted one becomes champion only if the champion is still the one it
+        was compared with (`candidate.champion_id`), else it is recorded as not promoted, saying why (compare-and-set:
+        two concurrent runs, or an answer after a newer promotion). `champion_now`: where the champion is read
+        (default: this registry's pointer; with promotion.registry=mlflow, the alias). Returns what was recorded."""
         with self._locked():
             state = self.read()
+            candidate = _still_champion(candidate, state, champion_now)
             state.candidates.append(candidate)
             if candidate.promoted:
                 state.champion = candidate.id
-            return self._write(state)
+            self._write(state)
+            return candidate
 
-    def resolve(self, candidate_id: str, promoted: bool, reason: str, approval: Approval) -> Candidate:
-        """Answer a pending candidate in place (making it champion if promoted), atomically."""
+    def resolve(self, candidate_id: str, promoted: bool, reason: str, approval: Approval,
+                champion_now: ChampionNow | None = None) -> Candidate:
+        """Answer a pending candidate in place (making it champion if promoted and the champion is still the one it
+        was compared with, as in `record`), atomically."""
         with self._locked():
             state = self.read()
             candidate = state.get(candidate_id)
             if candidate is None:
                 raise KeyError(f"registry {self.file}: no candidate {candidate_id}")
             candidate.promoted, candidate.reason, candidate.approval = promoted, reason, approval
-            if promoted:
+            checked = _still_champion(candidate, state, champion_now)
+            candidate.promoted, candidate.reason = checked.promoted, checked.reason
+            if candidate.promoted:
                 state.champion = candidate.id
             self._write(state)
             return candidate
@@ -154,6 +163,21 @@ class Registry:
             os.fsync(fh.fileno())
         os.replace(tmp, self.file)
         return state
+
+
+ChampionNow = Callable[[RegistryState], "str | None"]
+
+
+def _still_champion(candidate: Candidate, state: RegistryState, champion_now: ChampionNow | None) -> Candidate:
+    """`candidate`, demoted with the reason when the champion changed since it was compared."""
+    if not candidate.promoted:
+        return candidate
+    now = champion_now(state) if champion_now is not None else state.champion
+    if now == candidate.champion_id:
+        return candidate
+    return candidate.model_copy(update={"promoted": False, "reason": (
+        f"not promoted: the champion changed from {candidate.champion_id or 'none'} to {now or 'none'} while this run "
+        f"compared (the rule said: {candidate.reason}); rerun to compare with the current champion")})
 
 
 def _expire(state: RegistryState) -> RegistryState:
@@ -176,9 +200,11 @@ def base_identity(base: dict | None) -> tuple:
 def decide(metric: str, margin: float, rule: str, champion: Candidate | None,
            comparison: dict | None) -> tuple[bool, str]:
     """Promote when there is no champion, or when the paired validation comparison (challenger - champion)
-    clears `margin`: its 95% lower bound (rule 'interval') or its mean (rule 'mean')."""
-    if champion is None or comparison is None:
+    clears `margin` (no comparison with an existing champion: refused): its 95% lower bound (rule 'interval') or its mean (rule 'mean')."""
+    if champion is None:
         return True, "no champion yet"
+    if comparison is None:  # never promote over a champion without comparing with it
+        return False, f"refused: no comparison with champion {champion.id}; the champion stays"
     diff, (lo, hi) = comparison["mean_diff"], comparison["ci95"]
     evidence = lo if rule == "interval" else diff
     promoted = evidence > margin if rule == "interval" else evidence >= margin

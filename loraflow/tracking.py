@@ -260,3 +260,11 @@ def champion_id(cfg: PipelineConfig) -> str | None:
     except MlflowException:  # no such model, or no such alias yet
         return None
     return version.tags.get("loraflow.candidate_id")
+
+
+def champion_now(cfg: PipelineConfig):
+    """Where a promotion checks who the champion is right now (`Registry.record`'s compare-and-set): None for the
+    registry's own pointer, or with promotion.registry=mlflow a reader of the `champion` alias."""
+    if cfg.promotion.registry != "mlflow":
+        return None
+    return lambda _state: champion_id(cfg)

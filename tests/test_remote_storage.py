@@ -130,3 +130,35 @@ def test_retraining_to_a_url_needs_a_registry_folder(s3, tmp_path, tiny_llama_di
                                          r"promotion.registry_dir to a folder every retraining run can see"):
         retrain(cfg)
     assert not s3.exists(f"{BUCKET}/retrain/data")  # refused before any stage ran
+
+
+def test_a_champion_trained_on_another_worker_is_fetched_from_the_store_and_compared(s3, tmp_path, tiny_llama_dir,
+                                                                                     prefect_harness):
+    """Worker B retrains against a champion worker A trained (A's machine, and so its mirror, is not there): the
+    champion's stages come from S3 into B's mirror and the challenger is compared with it. (Before: "compared with
+    nothing", and promoted.)"""
+    import shutil
+
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from flows.retrain import retrain
+    from loraflow.registry import Registry
+
+    cfg = tiny_config(tmp_path, write_examples(tmp_path / "toy.jsonl"), tiny_llama_dir, max_steps=2, save_steps=2)
+    run = {"output_dir": f"s3://{BUCKET}/retrain", "cache_dir": str(tmp_path / "worker-a")}
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update=run), "export": cfg.export.model_copy(update={"enabled": False}),
+                                 "promotion": cfg.promotion.model_copy(update={"registry_dir": str(tmp_path / "registry")})})
+    first = retrain(cfg)
+    assert first["promoted"] and "no champion yet" in first["decision"]
+    champion = Registry(tmp_path / "registry").champion()
+    shutil.rmtree(tmp_path / "worker-a")  # worker A's machine is gone; its stages are in the shared store
+
+    other = cfg.model_copy(update={"run": cfg.run.model_copy(update={"cache_dir": str(tmp_path / "worker-b")}),
+                                   "train": cfg.train.model_copy(update={"learning_rate": 2e-3})})
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "worker-b-prefect"}):
+        second = retrain(other)
+    challenger = Registry(tmp_path / "registry").read().candidates[-1]
+    assert challenger.champion_id == champion.id and challenger.champion_score is not None, second["decision"]
+    assert "validation rougeL vs champion" in challenger.reason and challenger.validation["n"] > 0
+    mirror_b = local_root(other.run.output_dir, other.run.cache_dir)
+    assert verify(mirror_b / "train" / champion.train_fingerprint) is None  # fetched and checked before use

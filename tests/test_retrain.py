@@ -159,3 +159,66 @@ def test_the_approval_table_keeps_every_row_and_shows_a_dash_for_a_missing_score
     rows = table(challenger, champion, None).splitlines()
     assert rows[2] == "| challenger `chall` | 35.00 | – |"  # no test score yet: the row stays, with a dash
     assert rows[3] == "| champion `champ` | – | – |"  # not 0.00: unknown is not zero
+
+
+def test_a_champion_this_worker_cannot_find_is_never_replaced_unseen(tmp_path, tiny_llama_dir, prefect_harness):
+    """The champion's stages are gone from this machine (another worker's cache, or deleted): the challenger is
+    refused with the reason recorded, the champion stays, nothing is exported. (Before: promoted as if there
+    were no champion.)"""
+    from flows.pipeline import resolve_hardware
+    from flows.retrain import _base_of, retrain
+
+    cfg = tiny_config(tmp_path, write_examples(tmp_path / "toy.jsonl"), tiny_llama_dir, max_steps=2, save_steps=2)
+    registry = Registry(tmp_path / "runs" / "registry")
+    gone = Candidate(adapter=str(tmp_path / "elsewhere" / "train" / "k" / "adapter"), train_fingerprint="k",
+                     data_fingerprint="d", test_fingerprint="x", metric="rougeL", score=0.2,
+                     base=_base_of(resolve_hardware(cfg)),
+                     promoted=True, reason="no champion yet")
+    registry.record(gone)
+    result = retrain(cfg)
+    assert not result["promoted"] and result["export"] is None
+    assert f"refused: champion {gone.id} is unavailable on this worker" in result["decision"]
+    state = registry.read()
+    assert state.champion == gone.id and len(state.candidates) == 2
+    assert not state.candidates[-1].promoted and "unavailable on this worker" in state.candidates[-1].reason
+
+
+def _promote_against_no_champion(folder: str, go, i: int) -> None:
+    go.wait()  # both processes compared with "no champion" and now record at once
+    Registry(folder).record(Candidate(adapter=f"a{i}", train_fingerprint=f"t{i}", data_fingerprint="d",
+                                      test_fingerprint="x", metric="rougeL", score=0.3, promoted=True,
+                                      reason="no champion yet"))
+
+
+def test_promotion_is_a_compare_and_set_on_the_champion_it_was_compared_with(tmp_path):
+    """Two processes that both compared against no champion promote at once: one becomes champion, the other is
+    recorded as not promoted, saying the champion changed; an approval answered after a newer promotion is not
+    a promotion either. (Before: both promoted, the last write won.)"""
+    import multiprocessing
+
+    from loraflow.registry import Approval
+
+    ctx = multiprocessing.get_context("spawn")
+    go = ctx.Barrier(2)
+    procs = [ctx.Process(target=_promote_against_no_champion, args=(str(tmp_path / "reg"), go, i)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    registry = Registry(tmp_path / "reg")
+    state = registry.read()
+    winner, loser = sorted(state.candidates, key=lambda c: not c.promoted)
+    assert state.champion == winner.id and winner.promoted and not loser.promoted
+    assert loser.reason.startswith(f"not promoted: the champion changed from none to {winner.id} while this run compared")
+
+    # A challenger compared with `winner` waits for a person; meanwhile another one replaces `winner`.
+    pending = registry.record(Candidate(adapter="p", train_fingerprint="tp", data_fingerprint="d", test_fingerprint="x",
+                                        metric="rougeL", score=0.4, champion_id=winner.id, promoted=False,
+                                        reason="awaiting approval"))
+    newer = registry.record(Candidate(adapter="n", train_fingerprint="tn", data_fingerprint="d", test_fingerprint="x",
+                                      metric="rougeL", score=0.5, champion_id=winner.id, promoted=True, reason="better"))
+    answered = registry.resolve(pending.id, True, "approved by ana", Approval(deadline="2999-01-01T00:00:00+00:00",
+                                                                              timeout_hours=1, status="approved"))
+    assert not answered.promoted and f"changed from {winner.id} to {newer.id}" in answered.reason
+    assert registry.read().champion == newer.id
