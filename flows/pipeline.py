@@ -17,6 +17,7 @@ from loraflow.launch import early_start
 from loraflow.remote import check_writable, is_url
 from tasks.stages import (data_task, evaluate_task, export_task, for_run, model_task, preflight_task, tokenize_task,
                           train_task, workspace)
+from tasks.slots import wait_for_slots
 from tasks.storage import result_storage_slug
 
 
@@ -68,6 +69,8 @@ def stage(task_obj, cfg: PipelineConfig, storage: str | None, *args: Any) -> Han
     logger = get_run_logger()
     refresh = cfg.run.refreshes(task_obj.name)
     task_obj = for_run(task_obj, cfg.run, storage)
+    if task_obj.tags:  # e.g. `gpu`: a slot a dead run still holds is released first, and a wait says what for
+        wait_for_slots(sorted(task_obj.tags), task_obj.name, logger)
     state = task_obj.with_options(refresh_cache=refresh or None)(*args, return_state=True)
     handle: Handle = state.result()
     tracker = tracking.current()  # MLflow's run lists the stages that were cache hits

@@ -16,7 +16,9 @@ import argparse
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from loraflow.config import ConfigError, load_config
 
@@ -30,6 +32,29 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from loraflow.tempserver import LEASE_STORAGE
+
+    # Concurrency leases in files: a slot a killed run holds can be found and released (`tasks.slots`).
+    os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", LEASE_STORAGE)
+
+
+INTERRUPTED = ("interrupted: the run is recorded as crashed and training saved a checkpoint where it could; "
+               "rerun the same command to resume")
+
+
+@contextmanager
+def prefect_api() -> Iterator[None]:
+    """The Prefect API the flows use: PREFECT_API_URL's, or a temporary server of our own that a Ctrl-C in the
+    terminal does not kill before the flow has recorded how it ended (`loraflow.tempserver`)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from loraflow.tempserver import temporary_server
+
+    with temporary_server(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])):
+        yield
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -142,11 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     from loraflow.launch import WorkerFailed
 
     try:
-        result = finetune(cfg)
+        with prefect_api():
+            result = finetune(cfg)
     except (ValueError, FileNotFoundError, PermissionError, WorkerFailed) as err:
         # Our own errors are one line that says what to do; don't bury them under a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
     from loraflow.report import results_table
 
     print(results_table(result["metrics"]))
@@ -207,10 +236,14 @@ def _sweep(config_path: Path | None, args: argparse.Namespace) -> int:
     from flows.sweep import sweep
 
     try:
-        result = sweep(cfg, grid=grid, max_concurrent=args.max_concurrent, metric=args.metric)
+        with prefect_api():
+            result = sweep(cfg, grid=grid, max_concurrent=args.max_concurrent, metric=args.metric)
     except (ValueError, RuntimeError, FileNotFoundError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)  # e.g. every child failed: the first one's error
         return 1
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
     print(f"sweep ranking by fine-tuned {args.metric} F1 (x100):")
     print(ranking_text(ranking_rows(result["ranking"])))
     if result["failed"]:

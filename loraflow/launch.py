@@ -32,6 +32,9 @@ log = logging.getLogger("loraflow")
 _PROGRESS = re.compile(r"\d+%\|.*\|")  # a tqdm redraw: "42%|████      | 10/24 [...]"
 
 
+INTERRUPT_GRACE_SECONDS = 6  # how long a Ctrl-C waits for the training process to save its checkpoint
+
+
 class WorkerFailed(RuntimeError):
     """The training process failed; the message carries its exit code and last output lines."""
 
@@ -193,6 +196,12 @@ def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, outp
         try:
             _forward(proc.stdout, tail, errors, on_progress)
             code = proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C: the child got it too and saves at its step's end; wait only briefly
+            try:
+                proc.wait(timeout=INTERRUPT_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
         finally:
             if proc.poll() is None:  # we were interrupted or cancelled: let it checkpoint, then make sure
                 proc.terminate()

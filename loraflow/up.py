@@ -8,7 +8,7 @@ Everything a user needs to trigger fine-tunes from the UI on one machine, in one
   4. a worker on the pool, with LORAFLOW_PROJECT_DIR pointing at this checkout;
   5. `loraflow watch data/incoming`: new data there emits `loraflow.data.updated`, and the retraining
      deployment's trigger starts a run.
-Ctrl-C stops the watcher, the worker and the server.
+Ctrl-C (or SIGTERM) stops the watcher, the worker and the server.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from loraflow.tempserver import LEASE_STORAGE
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_TAG = "gpu"
@@ -49,21 +51,25 @@ def _prefect(*args: str, env: dict[str, str], check: bool = True) -> subprocess.
 
 def environment(host: str, port: int) -> dict[str, str]:
     env = {**os.environ, "PREFECT_API_URL": f"http://{host}:{port}/api", "LORAFLOW_PROJECT_DIR": str(REPO),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE}
     if env.get("PREFECT_SERVER_API_AUTH_STRING") and not env.get("PREFECT_API_AUTH_STRING"):
         env["PREFECT_API_AUTH_STRING"] = env["PREFECT_SERVER_API_AUTH_STRING"]  # our own clients log in
     return env
 
 
 def start(host: str = "127.0.0.1", port: int = 4200, pool: str = "loraflow", log_dir: Path | None = None,
-          startup_timeout: float = 300, watch: bool = True) -> list[subprocess.Popen]:
-    """Start server + worker (+ the data watcher) and deploy; returns the processes (already running)."""
+          startup_timeout: float = 300, watch: bool = True,
+          started: list[subprocess.Popen] | None = None) -> list[subprocess.Popen]:
+    """Start server + worker (+ the data watcher) and deploy; returns the processes (already running). Each one is
+    also appended to `started` as it starts, so an interrupted start-up can stop what it started."""
+    started = [] if started is None else started
     env = environment(host, port)
     log_dir = Path(log_dir or REPO / "runs" / "prefect-up")
     log_dir.mkdir(parents=True, exist_ok=True)
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
                               env=env, cwd=REPO, stdout=open(log_dir / "server.log", "w"), stderr=subprocess.STDOUT,
                               start_new_session=True)
+    started.append(server)
     deadline = time.time() + startup_timeout
     while not _health(env["PREFECT_API_URL"], env.get("PREFECT_API_AUTH_STRING")):
         if server.poll() is not None or time.time() > deadline:
@@ -79,11 +85,13 @@ def start(host: str = "127.0.0.1", port: int = 4200, pool: str = "loraflow", log
     worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool],
                               env=env, cwd=REPO, stdout=open(log_dir / "worker.log", "w"), stderr=subprocess.STDOUT,
                               start_new_session=True)
+    started.append(worker)
     if not watch:
         return [server, worker]
     watcher = subprocess.Popen([sys.executable, "-m", "loraflow.cli", "watch", WATCHED, "--every", "30s", "--quiet", "10s"],
                                env=env, cwd=REPO, stdout=open(log_dir / "watch.log", "w"), stderr=subprocess.STDOUT,
                                start_new_session=True)
+    started.append(watcher)
     return [server, worker, watcher]
 
 
@@ -98,13 +106,23 @@ def stop(processes: list[subprocess.Popen]) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, systemd, docker stop) stops everything as Ctrl-C does
+
+
 def main(host: str, port: int, pool: str) -> int:
-    processes = start(host, port, pool)
+    signal.signal(signal.SIGTERM, _interrupt)
+    processes: list[subprocess.Popen] = []
+    try:
+        start(host, port, pool, started=processes)
+    except BaseException:  # a failed or interrupted start-up leaves nothing running
+        stop(processes)
+        raise
     print(f"Prefect UI: http://{host}:{port}  (work pool '{pool}', logs in runs/prefect-up/)\n"
           f"Trigger a run:  PREFECT_API_URL=http://{host}:{port}/api prefect deployment run "
           "loraflow-finetune/finetune --params '{\"cfg\": {\"train\": {\"max_steps\": 8}}}'\n"
           f"New .jsonl files in {WATCHED}/ start the retraining deployment (watcher log: runs/prefect-up/watch.log).\n"
-          "Ctrl-C stops the watcher, the worker and the server.", flush=True)
+          "Ctrl-C (or SIGTERM) stops the watcher, the worker and the server.", flush=True)
     try:
         while all(p.poll() is None for p in processes):
             time.sleep(1)

@@ -20,17 +20,22 @@ PREEMPTED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a terminated pro
 
 
 class Preemption:
-    """Set by SIGTERM; the Trainer callback turns it into save-then-stop at the next step boundary."""
+    """Set by SIGTERM, or SIGINT (a Ctrl-C in the terminal reaches the whole process group); the Trainer callback
+    turns it into save-then-stop at the next step boundary. A second SIGINT stops at once."""
 
     requested = False
 
     @classmethod
     def install(cls) -> None:
         def handler(signum, frame):
+            if signum == signal.SIGINT and cls.requested:
+                raise KeyboardInterrupt
             cls.requested = True
-            print("train worker: SIGTERM received, saving a checkpoint after this step", file=sys.stderr, flush=True)
+            name = signal.Signals(signum).name
+            print(f"train worker: {name} received, saving a checkpoint after this step", file=sys.stderr, flush=True)
 
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
 
 
 def preemption_callback():

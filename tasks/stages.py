@@ -23,6 +23,7 @@ from loraflow.config import DataConfig, LoraConfig, ModelConfig, PipelineConfig,
 from loraflow.remote import local_root
 from tasks.caching import cache_key_fn, explain_miss
 from tasks.locks import STALE_SECONDS, AtomicFileLockManager
+from tasks.slots import holding
 from tasks.storage import lock_folder
 
 
@@ -176,7 +177,7 @@ def train_task(cfg: PipelineConfig, tokenized: Handle, model: Handle) -> Handle:
     from loraflow.launch import run_train_worker
     from tasks.reporting import progress_reporter
 
-    with stage_logs("train", workspace(cfg.run)):
+    with stage_logs("train", workspace(cfg.run)), holding():
         trained = run_train_worker(cfg, tokenized, model, workspace(cfg.run), progress_reporter(cfg.train.max_steps))
         return published(trained, cfg.run)
 
@@ -186,7 +187,7 @@ def evaluate_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, trained
     """Generate on the test split and score ROUGE for the fine-tuned and base models."""
     from loraflow.evaluation import evaluate_adapter
 
-    with stage_logs("evaluate", workspace(cfg.run)):
+    with stage_logs("evaluate", workspace(cfg.run)), holding():
         return published(evaluate_adapter(cfg, tokenized, model, trained, workspace(cfg.run)), cfg.run)
 
 
@@ -196,7 +197,7 @@ def export_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, trained: 
     from loraflow.export import export_adapter
     from tasks.reporting import publish_export
 
-    with stage_logs("export", workspace(cfg.run)):
+    with stage_logs("export", workspace(cfg.run)), holding():
         exported = published(export_adapter(cfg, tokenized, model, trained, scores, workspace(cfg.run)), cfg.run)
     publish_export(exported.info, exported.path)
     return exported

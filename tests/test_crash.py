@@ -13,7 +13,6 @@ training resumes from its checkpoint in test_choices.py::test_raising_the_length
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,42 +23,18 @@ import pytest
 import yaml
 
 from test_retry_cancel import REPO, _alive, _config, _descendants, _env, _wait_for_checkpoint
+from tests_support import gated as gated_env
 
 pytestmark = pytest.mark.slow
 STEPS, HOLD = 12, 5  # the gated run holds before step HOLD + 1 (checkpoint-HOLD written) until it is killed
 CLI = [sys.executable, "-c", "import sys; from loraflow.cli import main; sys.exit(main())"]
 
-# Imported by every Python process started with this folder on PYTHONPATH; in the training process only, each
-# training step after HOLD waits while the gate file exists, until a SIGTERM asks the worker to save and stop.
-GATE = """
-import os, sys, time
-if "loraflow.worker" in sys.orig_argv:
-    from loraflow.trainer import CompletionTrainer
-
-    step = CompletionTrainer.training_step
-
-    def held(self, *args, **kwargs):
-        worker = sys.modules["__main__"]
-        while (self.state.global_step >= {hold} and os.path.exists(os.environ["LORAFLOW_TEST_GATE"])
-               and not worker.Preemption.requested):
-            time.sleep(0.05)
-        return step(self, *args, **kwargs)
-
-    CompletionTrainer.training_step = held
-"""
-
-
 def _start(tmp_path: Path, name: str, gated: bool = False) -> subprocess.Popen:
-    """`loraflow run` of the test's config; `gated`: its training holds after checkpoint-HOLD (see GATE)."""
+    """`loraflow run` of the test's config; `gated`: its training holds after checkpoint-HOLD (`tests_support.gated`)."""
     log = open(tmp_path / f"{name}.log", "w")
     env = _env(tmp_path)
     if gated:
-        hook = tmp_path / "gate-hook"
-        hook.mkdir(exist_ok=True)
-        (hook / "sitecustomize.py").write_text(GATE.format(hold=HOLD))
-        (tmp_path / "gate").touch()
-        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")])),
-               "LORAFLOW_TEST_GATE": str(tmp_path / "gate")}
+        env = gated_env(env, tmp_path, HOLD)
     return subprocess.Popen([*CLI, "run", str(tmp_path / "cfg.yaml")], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
 

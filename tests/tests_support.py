@@ -64,3 +64,34 @@ def live_stack(home: Path, watch: bool = True) -> Iterator[dict]:
         stop(processes)
         for k, v in old.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+# Imported by every Python process started with a folder holding it as sitecustomize.py on PYTHONPATH; in the training
+# process only, each training step after `hold` waits while the gate file exists, until the worker is asked to stop.
+_GATE = """
+import os, sys, time
+if "loraflow.worker" in sys.orig_argv:
+    from loraflow.trainer import CompletionTrainer
+
+    step = CompletionTrainer.training_step
+
+    def held(self, *args, **kwargs):
+        worker = sys.modules["__main__"]
+        while (self.state.global_step >= {hold} and os.path.exists(os.environ["LORAFLOW_TEST_GATE"])
+               and not worker.Preemption.requested):
+            time.sleep(0.05)
+        return step(self, *args, **kwargs)
+
+    CompletionTrainer.training_step = held
+"""
+
+
+def gated(env: dict[str, str], folder: Path, hold: int) -> dict[str, str]:
+    """`env` for a `loraflow run` whose training holds after step `hold` (its checkpoint written when save_steps
+    divides it) while `folder/gate` exists; deleting the file, or a stop request, lets it go on."""
+    hook = folder / "gate-hook"
+    hook.mkdir(parents=True, exist_ok=True)
+    (hook / "sitecustomize.py").write_text(_GATE.format(hold=hold))
+    (folder / "gate").touch()
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")])),
+            "LORAFLOW_TEST_GATE": str(folder / "gate")}
