@@ -454,6 +454,17 @@ class PipelineConfig(Section):
     )
 
     @model_validator(mode="after")
+    def _input_column_alias(self) -> "PipelineConfig":
+        """The data stage renames data.input_column to `input`; a template may still name it by its own name
+        ('Answer briefly: {Question Text}' with data.input_column='Question Text' reads as '{input}')."""
+        column = self.data.input_column
+        if self.data.format == "columns" and column != "input" and "{" in self.prompt.template:
+            renamed = _rename_field(self.prompt.template, column, "input")
+            if renamed != self.prompt.template:
+                self.prompt = self.prompt.model_copy(update={"template": renamed})
+        return self
+
+    @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
         problems = []
         if self.prompt.max_target_length >= self.prompt.max_length:
@@ -487,6 +498,30 @@ class PipelineConfig(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def _rename_field(template: str, old: str, new: str) -> str:
+    """`template` with every format field named `old` ({old}, {old!r}, {old:>10}, {old.x}) renamed `new`; the
+    template unchanged when it does not parse (the prompt checks report that)."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError:
+        return template
+    out = []
+    for literal, name, spec, conversion in parsed:
+        out.append(literal.replace("{", "{{").replace("}", "}}"))
+        if name is None:
+            continue
+        base, rest = name, ""
+        for i, ch in enumerate(name):
+            if ch in ".[":
+                base, rest = name[:i], name[i:]
+                break
+        out.append("{" + (new if base == old else base) + rest + (f"!{conversion}" if conversion else "")
+                   + (f":{spec}" if spec else "") + "}")
+    return "".join(out)
 
 
 # --------------------------------------------------------------------------- loading

@@ -131,7 +131,7 @@ def temporary_server(startup_timeout: float = 180) -> Iterator[str]:
     records = _records()
     records.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
-           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE}
     env.pop("PREFECT_API_URL", None)
     log = open(records / f"server-{port}.log", "w")

@@ -262,3 +262,24 @@ def test_a_chat_template_that_rewrites_history_is_reported(tmp_path, tiny_llama_
                         prompt={"system": "Be brief.", "max_length": 128})
     code, out = validate(capsys, str(path))
     assert code == 0 and "warning  prompt: for 78 of 78 rows the chat template renders the conversation before" in out, out
+
+
+def test_a_template_may_name_the_input_column_by_its_own_name(tmp_path, tiny_llama_dir, capsys):
+    """The CSV a newcomer brings: `Question Text` is the input, and the template names it so. (Before: pre-flight
+    said to make it the input, which it already was.)"""
+    import csv
+
+    source = tmp_path / "qa.csv"
+    rows = [json.loads(line) for line in write_examples(tmp_path / "toy.jsonl").read_text().splitlines()]
+    with source.open("w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["Question Text", "Expected Reply"])
+        out.writerows([r["text"], r["summary"]] for r in rows)
+    path = write_config(tmp_path, tiny_llama_dir, source, data={"input_column": "Question Text",
+                                                                "target_column": "Expected Reply"})
+    code, out = validate(capsys, str(path), "--set", "prompt.template=Answer briefly: {Question Text}")
+    assert code == 0, out
+    assert "template reads {input}" in out and out.rstrip().endswith("result: 0 errors, 0 warnings")
+    code, shown = main(["show-config", str(path), "--set", "prompt.template=Answer briefly: {Question Text}"]), \
+        capsys.readouterr().out
+    assert code == 0 and "template: 'Answer briefly: {input}'" in shown  # one prompt, one key, however it is named
