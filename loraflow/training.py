@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -170,6 +171,22 @@ def last_checkpoint(checkpoint_dir: Path) -> str | None:
     return None
 
 
+def resumable_checkpoint(checkpoint_dir: Path, max_steps: int) -> str | None:
+    """The checkpoint to resume from: the last complete one, unless it is at the run's last step (`max_steps` > 0;
+    the run finished but was not committed, e.g. a full disk at commit), where Trainer would train one step past
+    the end: then the one before it (its steps replayed from the saved random state), or none."""
+    resume = last_checkpoint(checkpoint_dir)
+    if resume is None or max_steps <= 0:
+        return resume
+    state = json.loads((Path(resume) / "trainer_state.json").read_text())
+    if state["global_step"] < max_steps:
+        return resume
+    earlier = [p for p in Path(checkpoint_dir).glob("checkpoint-*")
+               if p.name.split("-")[-1].isdigit() and int(p.name.split("-")[-1]) < state["global_step"]
+               and (p / "trainer_state.json").is_file()]
+    return str(max(earlier, key=lambda p: int(p.name.split("-")[-1]))) if earlier else None
+
+
 def validation_rouge(cfg: PipelineConfig, validation, tokenizer) -> Callable[[Any], float]:
     """ROUGE-L F1 of greedy generation on the first `train.eval_generate_samples` validation rows, for
     `eval_rougeL` at each eval step (CompletionTrainer)."""
@@ -254,6 +271,30 @@ def seed_continuation(cfg: PipelineConfig, tokenized: Handle, model_handle: Hand
     shutil.copytree(best[1], target)
     log.info("train: continuing from %s (step %d of the shorter run)", best[1], best[0])
     return target
+
+
+class NonFiniteTraining(ValueError):
+    """The loss or the adapter is NaN or infinite (e.g. fp16 overflow): nothing is published."""
+
+
+def non_finite(losses: list[float | None], model) -> str | None:
+    """What is not finite: a logged loss, or a trainable (adapter) weight; None when all are."""
+    import math
+
+    bad = [x for x in losses if x is not None and not math.isfinite(x)]
+    if bad:
+        return f"the training loss is {bad[0]}"
+    for name, p in model.named_parameters():
+        if p.requires_grad and not bool(p.detach().isfinite().all()):
+            return f"the adapter weight {name} is not finite"
+    return None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
 
 
 def train_adapter(
@@ -373,7 +414,7 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         label_only_logits=cfg.train.label_only_logits,
         rouge_eval=validation_rouge(cfg, data["validation"], tokenizer) if cfg.train.eval_generate_samples else None,
     )
-    resume = last_checkpoint(work / "checkpoints")
+    resume = resumable_checkpoint(work / "checkpoints", args.max_steps)
     if resume:
         log.info("train: resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -423,6 +464,11 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
     }
     if before != after:
         raise RuntimeError("train: base weights changed during LoRA training; this is a bug, please report it")
+    if (problem := non_finite(losses + [result.training_loss], model)) is not None:
+        raise NonFiniteTraining(
+            f"train: {problem} at step {trainer.state.global_step}; nothing was published: lower train.learning_rate "
+            "(or use bf16 rather than fp16), then rerun with --set 'run.refresh=[train]' to start over "
+            f"(the checkpoints are kept in {work / 'checkpoints'})")
     if not trainer.is_world_process_zero():
         return  # rank 0 alone publishes the stage folder
     model.config.use_cache = True
@@ -433,8 +479,8 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         trainer.state.save_to_json(str(tmp / "trainer_state.json"))
         write_json(tmp / "train_metrics.json", metrics)
         for sub in ("checkpoints", "logs"):
-            if (work / sub).exists():
-                shutil.move(str(work / sub), tmp / sub)
+            if (work / sub).exists():  # hard links: if the commit fails (a full disk), the work folder is intact
+                shutil.copytree(work / sub, tmp / sub, copy_function=_link_or_copy)
     shutil.rmtree(work, ignore_errors=True)
     log.info("train: %d steps, loss %s -> %s, adapter in %s", metrics["global_step"],
              metrics["first_logged_loss"], metrics["last_logged_loss"], final / "adapter")

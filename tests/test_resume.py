@@ -120,3 +120,53 @@ def test_a_finished_train_folder_is_reused_without_starting_a_worker(stages, uni
     monkeypatch.setattr(launch.subprocess, "Popen", no_worker)
     again = run_train_worker(cfg, tokenized, model, Path(uninterrupted.path).parents[1])
     assert again == uninterrupted
+
+
+def _short(cfg, steps: int, **train):
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": steps, **train})})
+
+
+def test_checkpoints_survive_a_commit_that_fails_on_a_full_disk(stages, tmp_path, monkeypatch):
+    """The manifest write at commit fails (ENOSPC): the checkpoints stay in the work folder and the rerun resumes.
+    (Before: they were moved into the scratch folder and deleted with it.)"""
+    import errno
+
+    from loraflow import artifacts
+    from loraflow.training import train_adapter
+
+    cfg, tokenized, model = stages
+    cfg = _short(cfg, SAVE + 1)
+    write_text = Path.write_text
+
+    def full_disk(self, data, *args, **kwargs):
+        if self.name == artifacts.MANIFEST:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train_adapter(cfg, tokenized, model, tmp_path)
+    monkeypatch.undo()
+    assert not list((tmp_path / "train").glob("*/manifest.json")) and not list((tmp_path / "train").glob(".*tmp-*"))
+    checkpoints = tmp_path / "train" / f"{train_key(cfg, tokenized, model)}.work" / "checkpoints"
+    assert last_checkpoint(checkpoints) is not None
+    again = train_adapter(cfg, tokenized, model, tmp_path)
+    assert again.info["resumed_from"] is not None and again.info["global_step"] == SAVE + 1
+
+
+def test_a_non_finite_loss_or_adapter_fails_the_stage_and_publishes_nothing(stages, tmp_path):
+    """fp16 overflow on a GPU makes NaNs; here a callback puts one in the adapter, as an overflow would."""
+    from transformers import TrainerCallback
+
+    from loraflow.training import NonFiniteTraining, train_adapter
+
+    class Overflow(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                next(p for p in model.parameters() if p.requires_grad).data.fill_(float("nan"))
+
+    cfg, tokenized, model = stages
+    with pytest.raises(NonFiniteTraining, match=r"^train: the (training loss is nan|adapter weight .* is not finite) at "
+                                                r"step 4; nothing was published: lower train.learning_rate"):
+        train_adapter(_short(cfg, 4, logging_steps=1), tokenized, model, tmp_path, callbacks=[Overflow()])
+    assert not list((tmp_path / "train").glob("*/manifest.json"))
