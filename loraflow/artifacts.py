@@ -143,7 +143,7 @@ def ensure_writable(folder: str | Path, field: str = "run.output_dir") -> Path:
     folder = Path(folder).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
+        probe = folder / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:

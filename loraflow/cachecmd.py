@@ -120,7 +120,7 @@ def protected(cfg: PipelineConfig, output_dir: Path) -> dict[tuple[str, str], st
                            ("model", (champion.model_handle or {}).get("fingerprint"))):
             if key:
                 keep[(stage, key)] = f"the registry's champion {champion.id}"
-    locks = AtomicFileLockManager(lock_folder(cfg.run.result_storage, default_cache_dir(cfg.run.cache_dir)),
+    locks = AtomicFileLockManager(lock_folder(cfg.run.output_dir, cfg.run.result_storage, default_cache_dir(cfg.run.cache_dir)),
                                   cfg.run.lock_stale_seconds)
     for entry in entries(output_dir):
         if locks.is_locked(store.prefect_key(entry.stage, entry.key, cfg.run.output_dir)):

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -117,7 +118,7 @@ class Watcher:
 
     def _write_state(self, value: str) -> None:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}")
+        tmp = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
         tmp.write_text(json.dumps({"source": self.source, "fingerprint": value, "at": time.time()}))
         os.replace(tmp, self.state_file)
         self._last = value

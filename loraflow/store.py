@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,7 +205,7 @@ def _used_now(path: Path, new: dict[str, Any] | None = None) -> None:
         record = new
     record["last_used"] = time.time()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")  # unique per writer (threads too)
     write_json(tmp, record)
     os.replace(tmp, path)
 

@@ -9,7 +9,8 @@ Crash-proof: the lock file names its holder's host, boot id, pid and the pid's s
 holding process touches the file every `HEARTBEAT_SECONDS` while it holds it (a daemon thread, so a
 six-hour training run keeps its lock). A waiter breaks a lock only when its holder is gone: on the same
 machine, when that pid is dead or is now another process; on another machine, when the heartbeat is
-older than `stale_seconds`. Never merely because the lock is old. Breaking is serialized by a guard
+older than `stale_seconds`. Never merely because the lock is old, except a lock file with no holder recorded
+(empty or cut off: a crash or a full disk), which is broken once it is older than `stale_seconds`. Breaking is serialized by a guard
 file (`flock`), and re-checked under it, so two waiters cannot both break and one of them steal the
 lock that the other just took. A waiter whose process is exiting (its main thread has ended after a
 SIGTERM or SIGINT) stops waiting at once.
@@ -91,6 +92,10 @@ def _unhold(path: Path) -> None:
 
 def abandoned(info: dict, heartbeat_age: float, stale_seconds: float) -> str | None:
     """Why the lock `info` (as written by `AtomicFileLockManager`) may be broken, or None while its holder lives."""
+    if "holder" not in info:  # unreadable: nobody can be asked, so its age decides
+        if heartbeat_age > stale_seconds:
+            return f"its file records no holder (empty or unreadable) and is {heartbeat_age:.0f} s old"
+        return None
     expires = info.get("expires")
     if expires is not None and datetime.fromisoformat(expires) < datetime.now(timezone.utc):
         return "its hold timeout passed"
@@ -115,12 +120,19 @@ class AtomicFileLockManager:
         return self.lock_files_directory / f"{key}.lock"
 
     def _load(self, key: str) -> tuple[dict, os.stat_result] | None:
+        """The lock's holder and file status; an unreadable file (empty or cut off by a crash or a full disk) reads
+        as a lock with no holder recorded."""
         path = self._path(key)
         try:
             with open(path) as fh:
-                return json.loads(fh.read()), os.fstat(fh.fileno())
+                text, stat = fh.read(), os.fstat(fh.fileno())
         except FileNotFoundError:
             return None
+        try:
+            info = json.loads(text)
+        except ValueError:
+            info = None
+        return (info if isinstance(info, dict) else {}), stat
 
     def _read(self, key: str) -> dict | None:
         """The lock's holder, or None when the key is free (a lock whose holder is gone is broken)."""
@@ -179,7 +191,7 @@ class AtomicFileLockManager:
             if self._try_create(key, holder, hold_timeout):
                 return True
             info = self._read(key)
-            if info is not None and info["holder"] == holder:
+            if info is not None and info.get("holder") == holder:
                 return True
             if info is not None and not self._wait(deadline):
                 return False
@@ -191,7 +203,7 @@ class AtomicFileLockManager:
         info = self._read(key)
         if info is None:
             raise ValueError(f"No lock for transaction with key {key}")
-        if info["holder"] != holder:
+        if info.get("holder") != holder:
             raise ValueError(f"No lock held by {holder} for transaction with key {key}")
         _unhold(self._path(key))
         self._path(key).unlink(missing_ok=True)
@@ -201,7 +213,7 @@ class AtomicFileLockManager:
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         info = self._read(key)
-        return info is not None and info["holder"] == holder
+        return info is not None and info.get("holder") == holder
 
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -101,7 +101,7 @@ def _retryable(_task: Any, _run: Any, state: Any) -> bool:
 
 def for_run(task_obj: Any, run: RunConfig, storage_slug: str | None) -> Any:
     """`task_obj` with this run's result storage and its locks (see `tasks.storage`)."""
-    lock_dir = lock_folder(run.result_storage, default_cache_dir(run.cache_dir))
+    lock_dir = lock_folder(run.output_dir, run.result_storage, default_cache_dir(run.cache_dir))
     return task_obj.with_options(cache_policy=_policy(task_obj.name, lock_dir, run.lock_stale_seconds),
                                  result_storage=storage_slug)
 

@@ -31,8 +31,12 @@ def result_storage_slug(location: str) -> str:
     return f"{block.get_block_type_slug()}/{name}"
 
 
-def lock_folder(result_storage: str | None, cache_dir: Path) -> Path:
-    """Stage locks sit next to local results (so workers sharing the folder share the locks), else in the cache."""
+def lock_folder(output_dir: str, result_storage: str | None, cache_dir: Path) -> Path:
+    """Stage locks sit beside a local (or mounted) output folder, so every machine writing there shares them; with
+    a URL output_dir, next to local results (workers sharing that folder share the locks), else in this machine's
+    cache."""
+    if not is_url(output_dir):
+        return local_path(output_dir) / ".locks"
     if result_storage and not is_url(result_storage):
         return local_path(result_storage) / ".locks"
     return cache_dir / "locks"

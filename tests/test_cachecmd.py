@@ -83,7 +83,7 @@ def test_gc_removes_the_least_recently_used_and_never_the_champion_or_a_locked_s
 
     # a stage a live run holds the lock of: kept; once released, removed
     (Path(cfg.run.output_dir) / "registry" / "registry.json").unlink()
-    locks = AtomicFileLockManager(Path(os.environ["LORAFLOW_CACHE"]) / "locks")
+    locks = AtomicFileLockManager(Path(cfg.run.output_dir) / ".locks")
     key = store.prefect_key("tokenize", old.fingerprint, cfg.run.output_dir)
     assert locks.acquire_lock(key, holder="a live run")
     try:

@@ -156,3 +156,31 @@ def test_a_hub_source_is_keyed_by_its_commit(tmp_path, monkeypatch):
     assert source_fingerprint(DataConfig(source="acme/papers")).endswith("@" + "d" * 40)
 
 
+
+
+def test_threads_of_one_process_mark_the_same_key_used_at_once(tmp_path):
+    """A sweep runs its child flows in threads of one process: their record writes must not share a temporary
+    file. (Before: named by the pid alone, so one thread's rename took the other's file away.)"""
+    import threading
+
+    from loraflow.artifacts import ensure_writable
+
+    sk = store.StageKey("data", {"x": 1})
+    errors: list[BaseException] = []
+
+    def hammer() -> None:
+        try:
+            for _ in range(300):
+                store.remember(tmp_path, sk)
+                ensure_writable(tmp_path / "out")
+        except BaseException as err:  # noqa: BLE001 - collected for the assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:1]
+    assert store.read_records(tmp_path, "data")[0]["key"] == sk.key
+    assert not [p for p in (tmp_path / ".store" / "data").iterdir() if p.name.startswith(".")]

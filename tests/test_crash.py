@@ -51,7 +51,7 @@ def _kill_flow(proc: subprocess.Popen) -> None:
 
 
 def _locks(tmp_path: Path, stage: str) -> list[Path]:
-    return list((tmp_path / "results" / ".locks").glob(f"loraflow-{stage}-*.lock"))
+    return list((tmp_path / "runs" / ".locks").glob(f"loraflow-{stage}-*.lock"))
 
 
 def _rerun(tmp_path: Path) -> str:

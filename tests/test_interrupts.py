@@ -109,7 +109,7 @@ def test_ctrl_c_during_evaluation_exits_and_publishes_nothing(tmp_path, tiny_lla
     proc = _start(tmp_path, home, "first")
     try:
         deadline = time.time() + 400
-        while not list((tmp_path / "results" / ".locks").glob("loraflow-evaluate-*.lock")):
+        while not list((tmp_path / "runs" / ".locks").glob("loraflow-evaluate-*.lock")):
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.05)
         seconds = _interrupt(proc)

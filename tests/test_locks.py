@@ -139,3 +139,31 @@ def test_the_holder_refreshes_its_heartbeat(tmp_path, monkeypatch):
         time.sleep(0.02)
     a.release_lock("k", "run-a")
     locks._HEARTBEAT.clear()
+
+
+@pytest.mark.parametrize("content", ["", '{"holder": "run-a", "pi'], ids=["empty", "cut off"])
+def test_a_lock_file_with_no_readable_holder_is_broken_once_older_than_the_stale_limit(tmp_path, content):
+    """A crash or a full disk can leave a lock file empty or cut off. (Before: json.loads failed on every later
+    run of the config.)"""
+    import os
+
+    path = tmp_path / "k.lock"
+    path.write_text(content)
+    waiter = AtomicFileLockManager(tmp_path, stale_seconds=60)
+    assert waiter.acquire_lock("k", "run-b", acquire_timeout=0.3) is False  # young: it may still be explained
+    assert waiter.is_locked("k")
+    os.utime(path, (time.time() - 61, time.time() - 61))
+    assert waiter.acquire_lock("k", "run-b", acquire_timeout=5) and waiter.is_lock_holder("k", "run-b")
+
+
+def test_stage_locks_live_beside_a_local_output_folder_whoever_stores_the_results(tmp_path):
+    """Two machines writing one mounted output_dir, each with its own cache and Prefect storage, share the locks.
+    (Before: only with a local run.result_storage; otherwise each machine locked in its own cache.)"""
+    from tasks.storage import lock_folder
+
+    shared = str(tmp_path / "nfs" / "runs")
+    a = lock_folder(shared, None, tmp_path / "machine-a" / "cache")
+    b = lock_folder(shared, None, tmp_path / "machine-b" / "cache")
+    assert a == b == tmp_path / "nfs" / "runs" / ".locks"
+    assert lock_folder("s3://bucket/runs", str(tmp_path / "results"), tmp_path / "c") == tmp_path / "results" / ".locks"
+    assert lock_folder("s3://bucket/runs", None, tmp_path / "c") == tmp_path / "c" / "locks"
