@@ -14,6 +14,7 @@ from prefect import flow
 from prefect.logging import get_run_logger
 
 from flows.pipeline import export_stage, resolve_config, run_stages
+from loraflow import store
 from loraflow.artifacts import Handle
 from loraflow.config import PipelineConfig, default_config
 from loraflow.export import wanted
@@ -21,13 +22,14 @@ from loraflow.remote import is_url, remote_folder
 from loraflow.tracking import flow_run_tracking
 from loraflow.report import results_table
 from tasks.reporting import publish_results
+from tasks.stages import workspace
 
 
 @flow(name="loraflow-finetune")
 def finetune(cfg: PipelineConfig = default_config()) -> dict[str, Any]:
     """QLoRA fine-tune a causal LM and score it with ROUGE against its base model."""
     cfg = resolve_config(cfg)
-    with flow_run_tracking(cfg, "finetune") as tracker:  # MLflow, when train.report_to has it
+    with flow_run_tracking(cfg, "finetune") as tracker, store.reading_run(workspace(cfg.run)):  # MLflow, when train.report_to has it
         stages = run_stages(cfg)
         publish_results(stages.scores.info, stages.scores.path, stages.trained.path)
         adapter = str(Path(stages.trained.path) / "adapter")

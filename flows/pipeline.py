@@ -81,11 +81,13 @@ def stage(task_obj, cfg: PipelineConfig, storage: str | None, *args: Any) -> Han
             store.touch(workspace(cfg.run), handle.stage, handle.fingerprint)
             if tracker is not None:
                 tracker.note(task_obj.name, cached=True)
+            store.reading(handle)
             return handle
         logger.warning("%s: cached result unusable (%s): recomputing", handle.stage, problem)
         handle = task_obj.with_options(refresh_cache=True)(*args)
     if tracker is not None:
         tracker.note(task_obj.name, cached=False)
+    store.reading(handle)  # `loraflow cache gc` keeps what a live run uses
     return handle
 
 

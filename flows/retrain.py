@@ -32,7 +32,7 @@ from loraflow.remote import is_url
 from loraflow.tracking import champion_id, champion_now, flow_run_tracking, model_name, register_champion
 from tasks.reporting import publish_results
 from tasks.storage import result_storage_slug
-from tasks.stages import evaluate_task
+from tasks.stages import evaluate_task, workspace
 
 
 def _champion_eval(cfg: PipelineConfig, stages: Stages, champion: Candidate) -> Handle | str:
@@ -124,7 +124,7 @@ def retrain(cfg: PipelineConfig = default_config(), data_event: DataEvent | None
     registry.expire()  # approvals that timed out are recorded as rejections
     asked = registry.asked_by(str(flow_run.id)) if flow_run.id else None
     champion_scores = None
-    with flow_run_tracking(cfg, "retrain") as tracker:  # MLflow, when train.report_to has it
+    with flow_run_tracking(cfg, "retrain") as tracker, store.reading_run(workspace(cfg.run)):  # MLflow, when train.report_to has it
         if asked is not None:  # resumed after suspending for approval: decide on the challenger it asked about
             stages = Stages(**{k: Handle.model_validate(v) for k, v in asked.approval.stages.items()},
                             storage=result_storage_slug(cfg.run.result_storage) if cfg.run.result_storage else None)

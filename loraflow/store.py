@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from loraflow.artifacts import Handle, fingerprint, stage_dir, verify, write_json
 from loraflow.codehash import code_identity
+from loraflow.procs import gone, identity
 from loraflow.config import DataConfig, LoraConfig, ModelConfig, PipelineConfig, PromptConfig, QuantizationConfig, key_fields
 from loraflow.remote import download, is_url, local_path, local_root, remote_folder, upload
 
@@ -265,6 +268,68 @@ def explain(output_dir: str | Path, sk: StageKey) -> str:
     record, changed = found
     shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
     return f"{shown} changed (nearest earlier key {record['key']})"
+
+
+# -- who reads a folder now --------------------------------------------------------------------------
+
+READER_GRACE_SECONDS = 86400.0  # a reader on another machine (its liveness unknown here) counts for a day
+
+
+def _readers(output_dir: str | Path) -> Path:
+    return Path(output_dir).expanduser() / ".store" / "readers"
+
+
+_READING = threading.local()
+
+
+@contextmanager
+def reading_run(output_dir: str | Path) -> Iterator[None]:
+    """A run's stay: the folders it uses (`reading`) are recorded in `.store/readers/<run>.json` with its process's
+    identity until it ends, so `loraflow cache gc` does not delete them under it. A killed run's record names a
+    process that is gone, and counts for nothing."""
+    path = _readers(output_dir) / f"{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}.json"
+    outer = getattr(_READING, "path", None)
+    _READING.path = path
+    try:
+        yield
+    finally:
+        _READING.path = outer
+        path.unlink(missing_ok=True)
+
+
+def reading(handle: Handle) -> None:
+    """Inside `reading_run`: this run uses `handle`'s folder."""
+    path = getattr(_READING, "path", None)
+    if path is None:
+        return
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = {**identity(), "stages": []}
+    if [handle.stage, handle.fingerprint] not in record["stages"]:
+        record["stages"].append([handle.stage, handle.fingerprint])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    write_json(tmp, record)
+    os.replace(tmp, path)
+
+
+def live_readers(output_dir: str | Path) -> dict[tuple[str, str], str]:
+    """{(stage, key): who} for the folders live runs use; records of runs that are gone are removed."""
+    found: dict[tuple[str, str], str] = {}
+    for path in _readers(output_dir).glob("*.json"):
+        try:
+            record, age = json.loads(path.read_text()), time.time() - path.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        dead = gone(record)
+        if dead or (dead is None and age > READER_GRACE_SECONDS):
+            path.unlink(missing_ok=True)
+            continue
+        who = f"in use by a live run (pid {record.get('pid')} on {record.get('host')})"
+        for stage, key in record.get("stages", []):
+            found[(stage, key)] = who
+    return found
 
 
 # -- mirror: a URL output_dir ----------------------------------------------------------------------

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from loraflow.procs import alive
+
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 _APP = "prefect.server.api.server:create_app"
 _CURRENT: list[str] = []  # the API URL of the temporary server this process runs its flows on, if any
@@ -40,18 +42,6 @@ def _home() -> Path:
 
 def _records() -> Path:
     return _home() / "loraflow-servers"
-
-
-def alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-            return True
-        except OSError:
-            return False
 
 
 def _is_our_server(pid: int) -> bool:

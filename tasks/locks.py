@@ -22,7 +22,6 @@ import fcntl
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -30,6 +29,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import anyio
+
+from loraflow.procs import gone, identity, on_this_machine
 
 POLL_SECONDS = 0.1
 HEARTBEAT_SECONDS = 5.0
@@ -42,27 +43,6 @@ _HEARTBEAT: list[threading.Thread] = []
 
 class LockWaitAbandoned(RuntimeError):
     """The process is exiting (SIGTERM/SIGINT ended its main thread) while a stage waited for a lock."""
-
-
-def _pid_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), None if gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _identity() -> dict[str, object]:
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": pid, "pid_start": _pid_start(pid)}
 
 
 def _beat() -> None:
@@ -99,9 +79,8 @@ def abandoned(info: dict, heartbeat_age: float, stale_seconds: float) -> str | N
     expires = info.get("expires")
     if expires is not None and datetime.fromisoformat(expires) < datetime.now(timezone.utc):
         return "its hold timeout passed"
-    me = _identity()
-    if info.get("host") == me["host"] and info.get("boot_id") == me["boot_id"] and info.get("pid") is not None:
-        if _pid_start(int(info["pid"])) != info.get("pid_start"):
+    if on_this_machine(info):
+        if gone(info):
             return f"its holder (pid {info['pid']} on this machine) is gone"
         return None  # alive here: however old, the lock stands
     if heartbeat_age > stale_seconds:
@@ -166,7 +145,7 @@ class AtomicFileLockManager:
         self.lock_files_directory.mkdir(parents=True, exist_ok=True)
         expires = None if hold_timeout is None else (datetime.now(timezone.utc) + timedelta(seconds=hold_timeout)).isoformat()
         tmp = self.lock_files_directory / f".{key}.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(json.dumps({"holder": holder, "expires": expires, **_identity()}))
+        tmp.write_text(json.dumps({"holder": holder, "expires": expires, **identity()}))
         try:
             os.link(tmp, self._path(key))
         except FileExistsError:

@@ -26,7 +26,8 @@ from uuid import UUID
 import anyio
 
 from loraflow import tempserver
-from loraflow.tempserver import LEASE_STORAGE, alive
+from loraflow.procs import alive
+from loraflow.tempserver import LEASE_STORAGE
 
 
 def _holders_dir() -> Path:

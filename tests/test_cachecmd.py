@@ -101,3 +101,82 @@ def test_gc_with_a_bad_age_fails_in_one_line_naming_the_fix(populated, capsys):
     code, out, err = run(capsys, "cache", "gc", *args(populated))
     assert code == 2 and "exactly one of --older-than" in err
     assert Path(populated["old"].path).is_dir()  # nothing was removed
+
+
+def test_gc_keeps_the_mlflow_champion_pending_approvals_exports_and_what_live_runs_read(populated, capsys, tmp_path):
+    """(Before: only the JSON registry's champion and locked stages were kept.)"""
+    import mlflow  # noqa: F401 - a real MLflow store (sqlite), as a tracking server keeps it
+    from mlflow.tracking import MlflowClient
+
+    from loraflow.artifacts import Handle
+    from loraflow.registry import Approval, Candidate, Registry
+
+    cfg, old, new, data = populated["cfg"], populated["old"], populated["new"], populated["data"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = dict(adapter="/x", data_fingerprint=data.fingerprint, metric="rougeL", score=0.5, reason="test")
+    registry = Registry(Path(cfg.run.output_dir) / "registry")
+    aliased = registry.record(Candidate(train_fingerprint="t-mlflow", test_fingerprint=old.fingerprint, promoted=False,
+                                        **common))
+    pending = registry.record(Candidate(train_fingerprint="t-pending", test_fingerprint=new.fingerprint, promoted=False,
+                                        approval=Approval(deadline="2999-01-01T00:00:00+00:00", timeout_hours=1),
+                                        **common))
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    c.create_registered_model("loraflow-demo")
+    version = c.create_model_version("loraflow-demo", "/x", tags={"loraflow.candidate_id": aliased.id})
+    c.set_registered_model_alias("loraflow-demo", "champion", version.version)
+    # the pending challenger's evaluation and its export: folders whose records name their upstream keys
+    output = Path(cfg.run.output_dir)
+    evaluated = store.StageKey("evaluate", {"upstream train": "t-pending"})
+    exported = store.StageKey("export", {"upstream evaluate": evaluated.key})
+    for sk in (evaluated, exported):
+        (output / sk.stage / sk.key).mkdir(parents=True)
+        store.remember(output, sk)
+    sets = ["--set", "promotion.registry=mlflow", "--set", "train.report_to=[mlflow]",
+            "--set", f"run.mlflow_tracking_uri={uri}", "--set", "promotion.mlflow_model_name=loraflow-demo"]
+    code, out, _ = run(capsys, "cache", "gc", *args(populated, "--keep-last", "0", "--dry-run", *sets))
+    assert code == 0, out
+    assert f"kept tokenize {old.fingerprint}: the MLflow champion {aliased.id}" in out
+    assert f"kept tokenize {new.fingerprint}: awaiting approval ({pending.id})" in out
+    assert f"kept evaluate {evaluated.key}: awaiting approval ({pending.id})" in out
+    assert f"kept export {exported.key}: awaiting approval ({pending.id})" in out
+
+    # A live run reads the data folder: kept while it runs; the record of a run that was killed counts for nothing.
+    (output / "registry" / "registry.json").unlink()
+    with store.reading_run(output):
+        store.reading(Handle(stage="data", path=data.path, fingerprint=data.fingerprint, info={}))
+        code, out, _ = run(capsys, "cache", "gc", *args(populated, "--keep-last", "0", "--dry-run"))
+        assert f"kept data {data.fingerprint}: in use by a live run (pid {os.getpid()}" in out
+    readers = output / ".store" / "readers"
+    (readers / "killed.json").write_text(json.dumps({"host": os.uname().nodename, "boot_id": "", "pid": 2 ** 22,
+                                                     "pid_start": "1", "stages": [["data", data.fingerprint]]}))
+    code, out, _ = run(capsys, "cache", "gc", *args(populated, "--keep-last", "0", "--dry-run"))
+    assert f"would remove data {data.fingerprint}" in out and not list(readers.glob("*.json"))
+
+
+def test_gc_collects_leftovers_no_stage_owns_and_ls_shows_them(populated, capsys):
+    """Scratch folders of dead writers, checkpoints of runs that never finished, checkpoints a refresh set aside.
+    (Before: never collected, and hidden from `cache ls`.)"""
+    import subprocess
+    import sys
+
+    output = Path(populated["cfg"].run.output_dir)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftovers = {output / "tokenize" / f".{populated['new'].fingerprint}.tmp-{dead.pid}-0123abcd": "tmp folder",
+                 output / "train" / "00aa.work": "did not finish",
+                 output / "train" / "00bb.work.set-aside-1700000000": "set aside by a refresh"}
+    live = output / "tokenize" / f".{populated['new'].fingerprint}.tmp-{os.getpid()}-4567cdef"
+    for path in [*leftovers, live]:
+        (path / "checkpoints").mkdir(parents=True)
+        (path / "checkpoints" / "weights.bin").write_bytes(b"x" * 2048)
+        for p in (path / "checkpoints" / "weights.bin", path / "checkpoints", path):
+            os.utime(p, (time.time() - 7200, time.time() - 7200))
+    code, out, _ = run(capsys, "cache", "ls", *args(populated))
+    for path, what in leftovers.items():
+        assert any(path.name in line and "orphan:" in line and what in line for line in out.splitlines()), out
+    assert live.name not in out  # its writer runs
+    code, out, _ = run(capsys, "cache", "gc", *args(populated, "--older-than", "30m", "--dry-run"))
+    assert all(f"would remove {p.parent.name} {p.name} (2.0 KiB" in out for p in leftovers) and all(map(Path.exists, leftovers))
+    code, out, _ = run(capsys, "cache", "gc", *args(populated, "--older-than", "30m"))
+    assert code == 0 and not any(map(Path.exists, leftovers)) and live.exists()
+    assert Path(populated["new"].path).is_dir()  # used just now: not old enough
