@@ -222,3 +222,39 @@ def test_promotion_is_a_compare_and_set_on_the_champion_it_was_compared_with(tmp
                                                                               timeout_hours=1, status="approved"))
     assert not answered.promoted and f"changed from {winner.id} to {newer.id}" in answered.reason
     assert registry.read().champion == newer.id
+
+
+def test_two_concurrent_retrain_runs_promote_one_challenger(tmp_path, tiny_llama_dir, prefect_harness, monkeypatch):
+    """Two retraining runs (two configs, so two challengers) both find no champion and both want to promote; each
+    waits for the other at the registry, as two runs racing on one machine can. One becomes champion; the other is
+    recorded as not promoted, saying the champion changed. (Before: both promoted, the last write won.)"""
+    from flows.retrain import retrain
+
+    go = threading.Barrier(2, timeout=600)
+    record = Registry.record
+
+    def racing(self, candidate, *args, **kwargs):
+        go.wait()
+        return record(self, candidate, *args, **kwargs)
+
+    monkeypatch.setattr(Registry, "record", racing)
+    cfg = tiny_config(tmp_path, write_examples(tmp_path / "toy.jsonl"), tiny_llama_dir, max_steps=2, save_steps=2)
+    cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"enabled": False})})
+    configs = [cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": lr})}) for lr in (1e-2, 2e-3)]
+    results: list = [None, None]
+
+    def run(i: int) -> None:
+        results[i] = retrain(configs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results), results
+    state = Registry(tmp_path / "runs" / "registry").read()
+    promoted = [c for c in state.candidates if c.promoted]
+    assert len(state.candidates) == 2 and len(promoted) == 1 and state.champion == promoted[0].id
+    [loser] = [c for c in state.candidates if not c.promoted]
+    assert loser.reason.startswith(f"not promoted: the champion changed from none to {promoted[0].id}")
+    assert sorted(r["promoted"] for r in results) == [False, True]
