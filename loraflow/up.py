@@ -1,7 +1,8 @@
 """`loraflow up`: a local Prefect server, the loraflow work pool and deployments, and a worker.
 
 Everything a user needs to trigger fine-tunes from the UI on one machine, in one command:
-  1. `prefect server start` on 127.0.0.1 (loopback unless --host says otherwise);
+  1. `prefect server start` on 127.0.0.1 (another --host needs PREFECT_SERVER_API_AUTH_STRING), with CSRF
+     protection on and cross-origin requests allowed only from the UI's own origins;
   2. the `process` work pool with a concurrency limit of 1, and a `gpu` tag concurrency limit of 1
      (the train and evaluate tasks carry that tag), so one GPU never runs two trainings at once;
   3. `prefect deploy --all --prefect-file deployments/prefect.yaml`;
@@ -49,9 +50,31 @@ def _prefect(*args: str, env: dict[str, str], check: bool = True) -> subprocess.
     return done
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def ui_origins(host: str, port: int) -> str:
+    """The origins the UI is served from: the only ones whose pages may call the API from a browser."""
+    hosts = ["127.0.0.1", "localhost"] + ([] if host in (*LOOPBACK, "0.0.0.0", "::") else [host])
+    return ",".join(f"http://{h}:{port}" for h in hosts)
+
+
+def check_host(host: str, env: dict[str, str]) -> None:
+    """A server beyond loopback must refuse requests it cannot authenticate."""
+    if host not in LOOPBACK and not env.get("PREFECT_SERVER_API_AUTH_STRING"):
+        raise ValueError(f"--host {host} serves the API beyond this machine, and without a login anyone who reaches "
+                         "it can run code on it: set PREFECT_SERVER_API_AUTH_STRING=user:password (the UI and every "
+                         "client then log in), or keep the default --host 127.0.0.1 and tunnel (ssh -L 4200:127.0.0.1:4200)")
+
+
 def environment(host: str, port: int) -> dict[str, str]:
+    """The environment of the server, worker, watcher and our own clients. By default no web page can drive the
+    API: CSRF protection is on (Prefect's clients and UI send the token) and cross-origin requests are allowed only
+    from the UI's own origins (override with PREFECT_SERVER_CORS_ALLOWED_ORIGINS)."""
     env = {**os.environ, "PREFECT_API_URL": f"http://{host}:{port}/api", "LORAFLOW_PROJECT_DIR": str(REPO),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE}
+    env.setdefault("PREFECT_SERVER_CSRF_PROTECTION_ENABLED", "true")
+    env.setdefault("PREFECT_SERVER_CORS_ALLOWED_ORIGINS", ui_origins(host, port))
     if env.get("PREFECT_SERVER_API_AUTH_STRING") and not env.get("PREFECT_API_AUTH_STRING"):
         env["PREFECT_API_AUTH_STRING"] = env["PREFECT_SERVER_API_AUTH_STRING"]  # our own clients log in
     return env
@@ -64,6 +87,7 @@ def start(host: str = "127.0.0.1", port: int = 4200, pool: str = "loraflow", log
     also appended to `started` as it starts, so an interrupted start-up can stop what it started."""
     started = [] if started is None else started
     env = environment(host, port)
+    check_host(host, env)
     log_dir = Path(log_dir or REPO / "runs" / "prefect-up")
     log_dir.mkdir(parents=True, exist_ok=True)
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
@@ -111,6 +135,11 @@ def _interrupt(signum, frame) -> None:
 
 
 def main(host: str, port: int, pool: str) -> int:
+    try:
+        check_host(host, os.environ)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _interrupt)
     processes: list[subprocess.Popen] = []
     try:

@@ -350,6 +350,13 @@ def test_the_server_uses_postgres_with_basic_auth(compose):
     assert url.split("://prefect:")[1].split("@")[0] == postgres["POSTGRES_PASSWORD"]
 
 
+def test_no_other_web_page_can_drive_the_stacks_api(compose):
+    """CSRF tokens required, and cross-origin calls only from the UI's own origin (Prefect's defaults: off, and *)."""
+    env = compose["services"]["prefect-server"]["environment"]
+    assert env["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"] == "true"
+    assert env["PREFECT_SERVER_CORS_ALLOWED_ORIGINS"] == "http://127.0.0.1:4200,http://localhost:4200"
+
+
 def test_the_server_port_is_published_on_loopback_only(compose):
     ports = compose["services"]["prefect-server"]["ports"]
     assert [(p["host_ip"], int(p["target"]), str(p["published"])) for p in ports] == [("127.0.0.1", 4200, "4200")]

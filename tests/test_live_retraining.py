@@ -306,3 +306,43 @@ def test_a_promotion_waits_for_a_person_and_follows_the_answer(stack, tiny_llama
     assert not expired.promoted and expired.approval.status == "expired"
     assert expired.reason.startswith("rejected: no answer within 0.005 hours")
     assert registry.champion().id == champion.id
+
+
+@pytest.mark.slow
+def test_no_other_web_page_can_drive_the_api_of_loraflow_up(stack):
+    """Real HTTP against `loraflow up`'s server, as a page on another site would send it from a user's browser: the
+    CORS preflight names no origin but the UI's, and a state-changing request without Prefect's CSRF token is
+    refused. (Before: `access-control-allow-origin: *`, and the POST got 200.) The clients and the UI send the
+    token: every other test in this module, and the browser test (tests/test_e2e_ui.py), run through it."""
+    import urllib.error
+    import urllib.request
+
+    api = f"http://127.0.0.1:{stack['port']}/api"
+
+    def send(method: str, path: str, headers: dict[str, str], body: bytes | None = None) -> tuple[int, dict[str, str]]:
+        request = urllib.request.Request(f"{api}{path}", data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, {k.lower(): v for k, v in response.headers.items()}
+        except urllib.error.HTTPError as err:
+            return err.code, {k.lower(): v for k, v in err.headers.items()}
+
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    _, evil = send("OPTIONS", "/deployments/filter", {"Origin": "http://evil.example", **preflight})
+    assert evil.get("access-control-allow-origin") not in ("*", "http://evil.example"), evil
+    ui = f"http://127.0.0.1:{stack['port']}"
+    code, own = send("OPTIONS", "/deployments/filter", {"Origin": ui, **preflight})
+    assert code == 200 and own.get("access-control-allow-origin") == ui, own
+    code, _ = send("POST", "/deployments/filter", {"Content-Type": "application/json", "Origin": "http://evil.example"}, b"{}")
+    assert code == 403, code  # no CSRF token: refused before it reaches the deployments
+
+
+def test_loraflow_up_refuses_a_public_host_without_a_login(monkeypatch, capsys):
+    """Not slow: refused before anything starts."""
+    from loraflow.cli import main
+
+    monkeypatch.delenv("PREFECT_SERVER_API_AUTH_STRING", raising=False)
+    assert main(["up", "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: --host 0.0.0.0 serves the API beyond this machine")
+    assert "set PREFECT_SERVER_API_AUTH_STRING=user:password" in err
