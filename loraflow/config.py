@@ -396,6 +396,30 @@ class ExportConfig(Section):
         return {"enabled"}
 
 
+def password_in(url: str) -> bool:
+    """Whether a URL carries a password in its user info (scheme://user:password@host/...)."""
+    from urllib.parse import urlsplit
+
+    if "://" not in url:
+        return False
+    try:
+        return urlsplit(url).password is not None
+    except ValueError:
+        return False
+
+
+def redact(url: str) -> str:
+    """`url` without the user info's password: what may be logged, tagged or published."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not password_in(url):
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 class RunConfig(Section):
     name: str = Field("loraflow", description="Run name; used in folder names and Prefect run names.")
     output_dir: str = Field(
@@ -429,6 +453,26 @@ class RunConfig(Section):
         description="Name of a Prefect Secret block holding a Hugging Face token (else HF_TOKEN from the "
         "environment is used). The token is never logged, cached or written to artifacts.",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value) or ".." in value:
+            raise ValueError(f"run.name {value!r} names files and folders, so it must be a slug (letters, digits, "
+                             "'.', '_', '-'; no '/' or '..'), e.g. my-run")
+        return value
+
+    @field_validator("output_dir", "result_storage", "mlflow_tracking_uri")
+    @classmethod
+    def _no_password(cls, value: str | None, info) -> str | None:
+        if value and password_in(value):
+            raise ValueError(f"run.{info.field_name} holds a password (user:password@): a run's settings are shown in "
+                             "the UI, logged and tracked; give the address without it and the login in the worker's "
+                             "environment (MLflow: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD; S3: "
+                             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+        return value
 
     def refreshes(self, stage: str) -> bool:
         """Whether `refresh` asks `stage` to recompute (the one place that reads the setting)."""
@@ -554,6 +598,7 @@ def _format_errors(err: ValidationError) -> str:
             lines.append(str(e["msg"]).removeprefix("Value error, "))
         else:
             got = e.get("input")
+            got = redact(got) if isinstance(got, str) else got  # an error is printed and logged: no password in it
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
             lines.append(f"{where}: {str(e['msg']).removeprefix('Value error, ')}{shown}")
     return "invalid config: " + "; ".join(lines)

@@ -74,6 +74,8 @@ class Tracker:
     def start(cls, cfg: PipelineConfig, flow: str) -> "Tracker":
         from prefect.runtime import flow_run
 
+        from loraflow.config import redact
+
         uri = tracking_uri(cfg)
         c = client(uri)
         name = cfg.run.mlflow_experiment or cfg.run.name
@@ -81,7 +83,7 @@ class Tracker:
             experiment = c.get_experiment_by_name(name)
             experiment_id = experiment.experiment_id if experiment else c.create_experiment(name)
         except Exception as err:  # noqa: BLE001 - unreachable server, refused login: one line that says where
-            raise TrackingError(f"MLflow at {uri}: {type(err).__name__}: {str(err).splitlines()[0][:160]}: check "
+            raise TrackingError(f"MLflow at {redact(uri)}: {type(err).__name__}: {str(err).splitlines()[0][:160]}: check "
                                 "run.mlflow_tracking_uri / MLFLOW_TRACKING_URI and that the server is up") from None
         tags = {"loraflow.flow": flow, "prefect.flow_run_id": str(flow_run.id or ""),
                 "prefect.flow_run_name": str(flow_run.name or ""), "prefect.flow_run_url": str(flow_run.ui_url or "")}
@@ -102,7 +104,11 @@ class Tracker:
 
     @property
     def url(self) -> str:
-        return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        """The run's page, without any password the tracking URI carries (MLFLOW_TRACKING_URI may): it is logged and
+        published as a link artifact."""
+        from loraflow.config import redact
+
+        return f"{redact(self.uri).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
     def _link(self) -> None:
         from prefect.artifacts import create_link_artifact

@@ -98,3 +98,30 @@ def test_a_partial_config_is_laid_over_the_deployment_config():
     assert (merged.train.max_steps, merged.train.learning_rate, merged.data.source) == (2, 1e-2, "x.jsonl")
     assert merged.data.input_column == "text"
     assert over_defaults(partial, None) is partial
+
+
+@pytest.mark.parametrize("override, error", [
+    ("run.mlflow_tracking_uri=http://ana:s3cret@mlflow.internal:5000",
+     "run.mlflow_tracking_uri holds a password (user:password@): a run's settings are shown in the UI"),
+    ("run.output_dir=https://ana:s3cret@files.internal/runs", "run.output_dir holds a password"),
+    ("run.name=../../etc", "run.name '../../etc' names files and folders, so it must be a slug"),
+    ("run.name=a/b", "must be a slug (letters, digits, '.', '_', '-'; no '/' or '..'), e.g. my-run"),
+])
+def test_settings_that_would_leak_a_password_or_escape_a_folder_fail_in_one_line(override, error, capsys):
+    """(Before: accepted, and the password reached MLflow params, the flow log, the UI's run parameters.)"""
+    from loraflow.cli import main
+
+    assert main(["validate", "--config-only", "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and error in err and "s3cret" not in err
+
+
+def test_a_password_in_mlflow_tracking_uri_from_the_environment_never_reaches_the_published_link():
+    from loraflow.config import redact
+    from loraflow.tracking import Tracker
+
+    assert redact("http://ana:s3cret@mlflow.internal:5000/x") == "http://ana:***@mlflow.internal:5000/x"
+    assert redact("s3://bucket/runs") == "s3://bucket/runs"
+    tracker = Tracker.__new__(Tracker)  # no server: only what the link artifact and the log would show
+    tracker.uri, tracker.run_id, tracker.experiment_id = "http://ana:s3cret@mlflow.internal:5000", "r1", "7"
+    assert tracker.url == "http://ana:***@mlflow.internal:5000/#/experiments/7/runs/r1"
