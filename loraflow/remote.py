@@ -11,6 +11,7 @@ AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3-compatible servers, ...).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -75,16 +76,26 @@ def upload(folder: Path, url: str) -> None:
 
 
 def download(url: str, folder: Path) -> str | None:
-    """Fetch a complete remote stage folder into `folder`; None on success, else what is wrong."""
+    """Fetch a complete remote stage folder into `folder`: the files its manifest lists, each of them inside the
+    folder (a listed or stored name with `..` could otherwise write anywhere); None on success, else what is wrong."""
     fs, root = _fs(url)
     if not fs.exists(f"{root}/{MANIFEST}"):
         return f"{url} has no {MANIFEST} (missing or not completely uploaded)"
     tmp = folder.with_name(f".{folder.name}.download-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        for remote in fs.find(root):
-            target = tmp / remote[len(root):].lstrip("/")
+        tmp.mkdir(parents=True)
+        fs.get_file(f"{root}/{MANIFEST}", str(tmp / MANIFEST))
+        try:
+            listed = json.loads((tmp / MANIFEST).read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"download of {url}: its {MANIFEST} is not readable"
+        inside = tmp.resolve()
+        for rel in listed:  # only what the manifest lists, and only inside the folder
+            target = (tmp / rel).resolve()
+            if Path(rel).is_absolute() or ".." in Path(rel).parts or inside not in target.parents:
+                return f"download of {url}: {MANIFEST} lists {rel!r}, a path outside the stage folder: refused"
             target.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(remote, str(target))
+            fs.get_file(f"{root}/{Path(rel).as_posix()}", str(target))
         problem = verify(tmp)
         if problem is not None:
             return f"download of {url}: {problem}"

@@ -82,6 +82,28 @@ def test_stage_folders_go_up_and_come_back_checked(s3, tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_a_download_writes_only_listed_files_and_only_inside_the_folder(s3, tmp_path):
+    """Object keys are any text: an uploaded stage with a key such as `adapter/../../../x`, or a manifest listing
+    `../x`, must not write outside this machine's mirror. (Before: every key under the folder was joined to the
+    local path, unchecked, before the checksums were looked at.)"""
+    import json
+
+    folder = _stage_folder(tmp_path / "a")
+    url = f"s3://{BUCKET}/evil/train/abc123"
+    upload(folder, url)
+    mirror = tmp_path / "mirror" / "train" / "abc123"
+    s3.pipe_file(f"{BUCKET}/evil/train/abc123/adapter/../../../../escaped.txt", b"owned")  # a stored key, not listed
+    assert download(url, mirror) is None and verify(mirror) is None
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["../../escaped.txt"] = {"size": 5, "sha256": "0" * 64}
+    s3.pipe_file(f"{BUCKET}/evil/train/abc123/manifest.json", json.dumps(manifest).encode())
+    problem = download(url, tmp_path / "other" / "train" / "abc123")
+    assert "lists '../../escaped.txt', a path outside the stage folder: refused" in problem
+    assert not list(tmp_path.rglob("escaped.txt")) and not (tmp_path / "other" / "train" / "abc123").exists()
+
+
 def test_unusable_locations_fail_in_one_line_that_names_the_fix(s3):
     with pytest.raises(PermissionError, match=r"^run.output_dir 's3://no-such-bucket/runs' is not writable .*"
                                               r"create the bucket or fix the credentials"):
