@@ -79,6 +79,11 @@ def _local_files(source: str) -> list[Path]:
             raise DataError(f"data.source: unsupported file type '{path.name}': use .jsonl, .json, .csv or .parquet")
         return [path]
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in FORMATS)  # README, LICENSE are skipped
+    root = path.resolve()
+    for f in files:  # a link in the folder may point inside it; one pointing elsewhere could read any file here
+        if f.is_symlink() and root not in f.resolve().parents:
+            raise DataError(f"data.source: '{f.name}' in '{source}' is a link to {f.resolve()}, outside the data "
+                            "folder: copy the file into the folder (links are followed only within it)")
     if not files:
         raise DataError(f"data.source: folder '{source}' holds no .jsonl/.json/.csv/.parquet files: point it at data")
     if len({FORMATS[p.suffix] for p in files}) > 1:

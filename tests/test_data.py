@@ -413,3 +413,20 @@ def test_split_settings_that_cannot_work_fail_in_one_line(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(DataError, match=r"data.cluster_column: no column 'paper' .* available columns are id, doc"):
         prepare_data(cfg(src, cluster_column="paper"), tmp_path)
+
+
+def test_a_data_folder_follows_links_only_within_itself(tmp_path):
+    """A file in the data folder that links elsewhere (e.g. to a key file) is refused; a link within the folder is
+    read. (Before: any link was followed, so a run could read any file the worker can.)"""
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    (folder / "batch-1.jsonl").write_text('{"input": "a", "target": "b"}\n' * 4)
+    (folder / "latest.jsonl").symlink_to(folder / "batch-1.jsonl")
+    source_fingerprint(DataConfig(source=str(folder)))  # inside: fine
+    secret = tmp_path / "elsewhere" / "creds.jsonl"
+    secret.parent.mkdir()
+    secret.write_text('{"input": "aws_secret_access_key", "target": "x"}\n')
+    (folder / "extra.jsonl").symlink_to(secret)
+    with pytest.raises(DataError, match=r"^data.source: 'extra.jsonl' in '.*' is a link to .*creds.jsonl, outside the "
+                                        r"data folder: copy the file into the folder"):
+        source_fingerprint(DataConfig(source=str(folder)))
