@@ -10,7 +10,7 @@ from prefect.logging import get_run_logger
 
 from loraflow import store, tracking
 from loraflow.artifacts import Handle, ensure_writable
-from loraflow.config import PipelineConfig, deep_merge, default_config, over_defaults
+from loraflow.config import PipelineConfig, build_config, check_run_overrides, deep_merge, default_config, over_defaults
 from loraflow.distributed import resolve_processes
 from loraflow.hardware import resolve_quantization, why_dtype
 from loraflow.launch import early_start
@@ -43,7 +43,11 @@ def resolve_config(cfg: PipelineConfig) -> PipelineConfig:
     from prefect.runtime import deployment
 
     if deployment.id:
-        base = deep_merge(default_config().model_dump(mode="json"), _deployment_cfg(deployment.id))
+        own, scheduled = _deployment_cfg(deployment.id)
+        base = deep_merge(default_config().model_dump(mode="json"), own)
+        overrides = cfg.model_dump(mode="json", exclude_unset=True)
+        if overrides and overrides not in scheduled:  # a schedule's parameters are the deployment's own
+            check_run_overrides(overrides, build_config(base))
         cfg = over_defaults(cfg, base)
     if is_url(cfg.run.output_dir):  # fail before any stage, not after training
         check_writable(cfg.run.output_dir)
@@ -54,13 +58,15 @@ def resolve_config(cfg: PipelineConfig) -> PipelineConfig:
     return resolve_hardware(cfg)
 
 
-def _deployment_cfg(deployment_id: str) -> dict[str, Any]:
+def _deployment_cfg(deployment_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The `cfg` the deployment itself was created with (prefect.runtime's `deployment.parameters`
-    is the flow run's, already replaced by the caller's partial value)."""
+    is the flow run's, already replaced by the caller's partial value), and the `cfg`s its schedules pass."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        return (client.read_deployment(deployment_id).parameters or {}).get("cfg") or {}
+        found = client.read_deployment(deployment_id)
+    scheduled = [(s.parameters or {}).get("cfg") for s in (found.schedules or [])]
+    return (found.parameters or {}).get("cfg") or {}, [c for c in scheduled if c]
 
 
 def stage(task_obj, cfg: PipelineConfig, storage: str | None, *args: Any) -> Handle:

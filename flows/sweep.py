@@ -25,8 +25,8 @@ from pydantic import Field
 
 from flows.finetune import finetune
 from flows.pipeline import resolve_config
-from loraflow.config import PipelineConfig, default_config
-from loraflow.sweep import Child, Metric, plan_sweep, rank, ranking_rows, ranking_text
+from loraflow.config import PipelineConfig, check_run_overrides, default_config
+from loraflow.sweep import Child, Metric, nest, plan_sweep, rank, ranking_rows, ranking_text
 
 
 def _run_child(child: Child) -> dict[str, Any]:
@@ -72,8 +72,13 @@ def sweep(
             test scores are reported beside it, never ranked by.
     """
     logger = get_run_logger()
+    from prefect.runtime import deployment
+
     cfg = resolve_config(cfg)
     children = plan_sweep(cfg, grid, runs)  # raises before any child run when a child is invalid
+    if deployment.id:  # a deployment run's grid and runs may set no more than its cfg may
+        for child in children:
+            check_run_overrides(nest(child.overrides), cfg)
     workers = min(max_concurrent, len(children))
     logger.info("sweep: %d runs, %d at a time: %s", len(children), workers, ", ".join(c.name for c in children))
 

@@ -167,6 +167,20 @@ class LoraConfig(Section):
     seed: int = Field(0, description="Seed for the LoRA initialisation.")
 
 
+# The TrainingArguments keywords `loraflow.training.training_arguments` sets: train.extra_args may not override them.
+SET_BY_LORAFLOW = frozenset({
+    "activation_checkpointing", "data_seed", "dataloader_num_workers", "dataloader_pin_memory", "ddp_backend",
+    "ddp_find_unused_parameters", "eval_steps", "eval_strategy", "gradient_accumulation_steps", "greater_is_better",
+    "learning_rate", "load_best_model_at_end", "logging_first_step", "logging_steps", "logging_strategy",
+    "lr_scheduler_type", "max_grad_norm", "max_steps", "metric_for_best_model", "num_train_epochs", "optim",
+    "output_dir", "per_device_eval_batch_size", "per_device_train_batch_size", "prediction_loss_only",
+    "remove_unused_columns", "report_to", "save_steps", "save_strategy", "save_total_limit", "seed",
+    "train_sampling_strategy", "use_cache", "use_cpu", "warmup_steps", "weight_decay", "bf16", "fp16",
+    "gradient_checkpointing", "gradient_checkpointing_kwargs", "logging_dir", "overwrite_output_dir",
+})
+SECRET_LIKE = ("*token*", "*key*", "*password*", "*secret*", "push_to_hub", "hub_*")
+
+
 class TrainConfig(Section):
     per_device_train_batch_size: int = Field(4, ge=1, description="Examples per device per step.")
     per_device_eval_batch_size: int = Field(8, ge=1, description="Examples per device per eval step (run-only).")
@@ -250,8 +264,24 @@ class TrainConfig(Section):
     )
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for the data loader (run-only).")
     extra_args: dict[str, Any] = Field(
-        {}, description="Any other transformers.TrainingArguments keyword, passed through unchanged."
+        {}, description="Any other transformers.TrainingArguments keyword, passed through unchanged; not one loraflow "
+        "sets itself (use its own field) and nothing that carries a secret or publishes (tokens, keys, hub_*)."
     )
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        import fnmatch
+
+        for name in value:
+            if name in SET_BY_LORAFLOW:
+                raise ValueError(f"train.extra_args.{name} is set by loraflow itself: use its own field (see "
+                                 "`loraflow show-config`), or drop it")
+            if any(fnmatch.fnmatch(name.lower(), pattern) for pattern in SECRET_LIKE):
+                raise ValueError(f"train.extra_args.{name} would carry a secret or publish the model, and extra_args are "
+                                 "stored in the run's records and parameters: leave it out (tokens come from the "
+                                 "environment or run.hf_token_secret)")
+        return value
 
     def run_only(self) -> set[str]:
         watch = {"logging_steps", "save_total_limit", "report_to", "dataloader_num_workers", "per_device_eval_batch_size",
@@ -396,6 +426,59 @@ class ExportConfig(Section):
         return {"enabled"}
 
 
+RUN_MAY_SET_DEFAULT = ("data.*", "prompt.*", "model.*", "quantization.*", "lora.*", "train.*", "eval.*", "export.*",
+                       "run.name", "run.refresh")
+# Fields that widen what a run can do (run code, read pickles, publish, write elsewhere): a pattern never covers them.
+PRIVILEGED = frozenset({"model.trust_remote_code", "model.allow_pickle_weights", "train.extra_args", "train.report_to"})
+SOURCES = ("data.source", "model.name_or_path")
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {dotted key: leaf value} (an empty dict is a leaf)."""
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def _under(value: str, roots: list[str]) -> bool:
+    import fnmatch
+
+    for root in roots:
+        if root.startswith(("/", ".", "~")):
+            base = Path(root).expanduser().resolve()
+            target = Path(value).expanduser().resolve()
+            if target == base or base in target.parents:
+                return True
+        elif fnmatch.fnmatchcase(value, root):
+            return True
+    return False
+
+
+def check_run_overrides(overrides: dict[str, Any], deployment: "PipelineConfig") -> None:
+    """Refuse, in one line naming the field, what a deployment run sets beyond what its deployment allows
+    (`run.run_may_set`, `run.source_roots`, read from the deployment's own config, never the run's)."""
+    import fnmatch
+
+    allowed = deployment.run.run_may_set
+    own = flatten(deployment.model_dump(mode="json"))
+    for name, value in sorted(flatten(overrides).items()):
+        if name in own and own[name] == value:
+            continue  # the deployment's own value, passed back (e.g. a trigger's run gets the deployment's cfg)
+        field = next((f for f in (*PRIVILEGED, *SOURCES) if name == f or name.startswith(f + ".")), name)
+        ok = field in allowed if field in PRIVILEGED else any(fnmatch.fnmatchcase(field, p) for p in allowed)
+        if not ok:
+            raise ConfigError(f"cfg.{field}: a run of this deployment may not set it (it may set: {', '.join(allowed)}); "
+                              "change the deployment's config, or add the field to its run.run_may_set")
+        if field in SOURCES and not _under(str(value), deployment.run.source_roots):
+            roots = ", ".join(deployment.run.source_roots) or "none"
+            raise ConfigError(f"cfg.{field}: {value!r} is outside the places this deployment lets a run read from "
+                              f"(run.source_roots: {roots}); use one of them, or add it to the deployment's "
+                              "run.source_roots")
+
+
 def password_in(url: str) -> bool:
     """Whether a URL carries a password in its user info (scheme://user:password@host/...)."""
     from urllib.parse import urlsplit
@@ -453,6 +536,15 @@ class RunConfig(Section):
         description="Name of a Prefect Secret block holding a Hugging Face token (else HF_TOKEN from the "
         "environment is used). The token is never logged, cached or written to artifacts.",
     )
+    run_may_set: list[str] = Field(
+        default_factory=lambda: list(RUN_MAY_SET_DEFAULT),
+        description="Deployment runs: the dotted config fields (fnmatch patterns, e.g. train.*) a run may override; "
+        "everything else comes from the deployment, and only the deployment's own value counts. "
+        f"{', '.join(sorted(PRIVILEGED))} need their exact name here, never a pattern.")
+    source_roots: list[str] = Field(
+        default_factory=list,
+        description="Deployment runs: where a run may point data.source and model.name_or_path: folders (the value "
+        "must resolve inside one) or hub patterns such as HuggingFaceTB/*. Empty: a run cannot change them.")
 
     @field_validator("name")
     @classmethod

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 from loraflow.artifacts import Handle, fingerprint, stage_dir, verify, write_json
 from loraflow.codehash import code_identity
 from loraflow.procs import gone, identity
-from loraflow.config import DataConfig, LoraConfig, ModelConfig, PipelineConfig, PromptConfig, QuantizationConfig, key_fields
+from loraflow.config import DataConfig, LoraConfig, ModelConfig, PipelineConfig, PromptConfig, QuantizationConfig, flatten, key_fields
 from loraflow.remote import download, is_url, local_path, local_root, remote_folder, upload
 
 STAGES = ("data", "tokenize", "model", "train", "evaluate", "export")  # export: optional, after evaluate
@@ -227,16 +227,6 @@ def touch(output_dir: str | Path, stage: str, key: str) -> None:
 def forget(output_dir: str | Path, stage: str, key: str) -> None:
     """Drop what is remembered about a key (`loraflow cache gc` removed its folder)."""
     _record_path(output_dir, stage, key).unlink(missing_ok=True)
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> {dotted key: leaf value}."""
-    if isinstance(obj, dict) and obj:
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): obj}
 
 
 def differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from loraflow import store
 from loraflow.artifacts import Handle, atomic_dir, is_complete, write_json
-from loraflow.config import PipelineConfig, TrainConfig
+from loraflow.config import SET_BY_LORAFLOW, PipelineConfig, TrainConfig
 from loraflow.distributed import ddp_backend, gather_from_ranks, rank, sum_over_ranks
 from loraflow.hardware import resolve_compute_dtype
 
@@ -93,6 +93,8 @@ def training_arguments(train: TrainConfig, checkpoint_dir: Path, has_eval: bool)
         use_cpu=not cuda,  # also what makes accelerate run several CPU processes as DDP (gloo)
         use_cache=False,  # no KV cache while training; generation turns it back on
     )
+    if not kwargs.keys() <= SET_BY_LORAFLOW:  # the list extra_args is checked against must name what is set here
+        raise RuntimeError(f"SET_BY_LORAFLOW misses {sorted(kwargs.keys() - SET_BY_LORAFLOW)}; this is a bug, please report it")
     kwargs.update(train.extra_args)
     return TrainingArguments(**kwargs)
 

@@ -125,3 +125,52 @@ def test_a_password_in_mlflow_tracking_uri_from_the_environment_never_reaches_th
     tracker = Tracker.__new__(Tracker)  # no server: only what the link artifact and the log would show
     tracker.uri, tracker.run_id, tracker.experiment_id = "http://ana:s3cret@mlflow.internal:5000", "r1", "7"
     assert tracker.url == "http://ana:***@mlflow.internal:5000/#/experiments/7/runs/r1"
+
+
+def _deployment(**run) -> PipelineConfig:
+    return build_config({"data": {"source": "/srv/data/incoming"}, "run": {"output_dir": "/srv/runs", **run}})
+
+
+@pytest.mark.parametrize("overrides, error", [
+    ({"model": {"trust_remote_code": True}}, "cfg.model.trust_remote_code: a run of this deployment may not set it"),
+    ({"model": {"allow_pickle_weights": True}}, "cfg.model.allow_pickle_weights: a run of this deployment may not set it"),
+    ({"run": {"output_dir": "/tmp/elsewhere"}}, "cfg.run.output_dir: a run of this deployment may not set it"),
+    ({"promotion": {"margin": -1.0}}, "cfg.promotion.margin: a run of this deployment may not set it"),
+    ({"train": {"extra_args": {"max_grad_norm": 0.5}}}, "cfg.train.extra_args: a run of this deployment may not set it"),
+    ({"run": {"run_may_set": ["*"]}}, "cfg.run.run_may_set: a run of this deployment may not set it"),
+    ({"data": {"source": "/etc"}}, "cfg.data.source: '/etc' is outside the places this deployment lets a run read from "
+                                   "(run.source_roots: none)"),
+])
+def test_a_deployment_run_cannot_widen_its_own_privileges(overrides, error):
+    """(Before: a run's `cfg` could set any field, e.g. trust_remote_code on a model repo of its choosing.)"""
+    from loraflow.config import check_run_overrides
+
+    with pytest.raises(ConfigError) as raised:
+        check_run_overrides(overrides, _deployment())
+    assert str(raised.value).startswith(error) and "\n" not in str(raised.value)
+
+
+def test_what_a_deployment_lets_its_runs_set_is_the_deployments_say():
+    from loraflow.config import check_run_overrides
+
+    check_run_overrides({"train": {"max_steps": 5, "learning_rate": 1e-4}, "lora": {"r": 4}}, _deployment())
+    check_run_overrides({"run": {"output_dir": "/srv/runs"}}, _deployment())  # its own value, passed back
+    roots = _deployment(source_roots=["/srv/data", "HuggingFaceTB/*"])
+    check_run_overrides({"data": {"source": "/srv/data/new"}, "model": {"name_or_path": "HuggingFaceTB/SmolLM2-360M"}}, roots)
+    with pytest.raises(ConfigError, match=r"^cfg.data.source: '/srv/data/../secrets' is outside"):
+        check_run_overrides({"data": {"source": "/srv/data/../secrets"}}, roots)
+    trusting = _deployment(run_may_set=["train.*", "model.trust_remote_code"])
+    check_run_overrides({"model": {"trust_remote_code": True}}, trusting)  # named exactly: allowed
+    with pytest.raises(ConfigError, match=r"^cfg.train.extra_args: a run"):  # a pattern never covers it
+        check_run_overrides({"train": {"extra_args": {"max_grad_norm": 0.5}}}, trusting)
+
+
+@pytest.mark.parametrize("key, error", [
+    ("output_dir", "train.extra_args.output_dir is set by loraflow itself: use its own field"),
+    ("hub_token", "train.extra_args.hub_token would carry a secret or publish the model"),
+    ("push_to_hub", "train.extra_args.push_to_hub would carry a secret or publish the model"),
+])
+def test_extra_args_never_override_loraflow_nor_carry_a_secret(key, error, capsys):
+    assert main(["validate", "--config-only", "--set", f"train.extra_args={{{key}: x}}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and error in err

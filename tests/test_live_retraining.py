@@ -264,8 +264,10 @@ def test_a_promotion_waits_for_a_person_and_follows_the_answer(stack, tiny_llama
     folder.mkdir()
     (folder / "batch-1.jsonl").write_text("".join(_rows(folder / "x", 48, 0)))
     cfg = tiny_config(tmp_path, folder, tiny_llama_dir, max_steps=4, save_steps=4)
+    may_set = [*cfg.run.run_may_set, "promotion.margin", "promotion.rule", "promotion.approval_timeout_hours"]
     cfg = cfg.model_copy(update={"promotion": cfg.promotion.model_copy(update={"require_approval": True}),
-                                 "export": cfg.export.model_copy(update={"enabled": False})})
+                                 "export": cfg.export.model_copy(update={"enabled": False}),
+                                 "run": cfg.run.model_copy(update={"run_may_set": may_set})})  # its runs try rules
     deployment_id = _deploy_retrain(f"approval-{uuid.uuid4().hex[:6]}", cfg)
     registry = Registry(tmp_path / "runs" / "registry")
 
@@ -306,6 +308,20 @@ def test_a_promotion_waits_for_a_person_and_follows_the_answer(stack, tiny_llama
     assert not expired.promoted and expired.approval.status == "expired"
     assert expired.reason.startswith("rejected: no answer within 0.005 hours")
     assert registry.champion().id == champion.id
+
+
+@pytest.mark.slow
+def test_a_deployment_run_that_widens_its_privileges_fails_before_any_stage(stack, tiny_llama_dir, tmp_path):
+    """Through the real server and worker: a run of a deployment asks for trust_remote_code and for another output
+    folder; it fails in one line naming the field, and nothing is written. (Before: it ran with them.) Everyday:
+    test_config.py::test_a_deployment_run_cannot_widen_its_own_privileges."""
+    cfg = tiny_config(tmp_path, write_examples(tmp_path / "toy.jsonl"), tiny_llama_dir, max_steps=2)
+    deployment_id = _deploy_retrain(f"privileges-{uuid.uuid4().hex[:6]}", cfg)
+    run = _start(deployment_id, {"model": {"trust_remote_code": True}, "train": {"max_steps": 3}})
+    _until(lambda: _state(run.id) in ("Failed", "Crashed", "Completed"), 600, "the run to end")
+    state = _api(lambda c: c.read_flow_run(run.id)).state
+    assert state.name == "Failed" and "cfg.model.trust_remote_code: a run of this deployment may not set it" in state.message
+    assert not (tmp_path / "runs" / "data").exists()
 
 
 @pytest.mark.slow
