@@ -43,6 +43,41 @@ INTERRUPTED = ("interrupted: the run is recorded as crashed and training saved a
 
 
 @contextmanager
+def ctrl_c_stops() -> Iterator[None]:
+    """Ctrl-C ends the run even when Python drops the KeyboardInterrupt: one raised inside a finalizer or a weakref
+    callback is printed as "ignored" and lost, and the run went on. Until the block is left, the interrupt is
+    raised again every few seconds."""
+    import signal
+    import threading
+    import time
+
+    state = {"interrupted": False, "left": False}
+
+    def again() -> None:
+        while True:
+            time.sleep(3)
+            if state["left"]:
+                return
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def on_sigint(signum, frame) -> None:
+        if not state["interrupted"]:
+            state["interrupted"] = True
+            threading.Thread(target=again, name="loraflow-ctrl-c", daemon=True).start()
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        state["left"] = True
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
 def prefect_api() -> Iterator[None]:
     """The Prefect API the flows use: PREFECT_API_URL's, or a temporary server of our own that a Ctrl-C in the
     terminal does not kill before the flow has recorded how it ended (`loraflow.tempserver`)."""
@@ -167,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     from loraflow.launch import WorkerFailed
 
     try:
-        with prefect_api():
+        with prefect_api(), ctrl_c_stops():
             result = finetune(cfg)
     except (ValueError, FileNotFoundError, PermissionError, WorkerFailed) as err:
         # Our own errors are one line that says what to do; don't bury them under a traceback.
@@ -236,7 +271,7 @@ def _sweep(config_path: Path | None, args: argparse.Namespace) -> int:
     from flows.sweep import sweep
 
     try:
-        with prefect_api():
+        with prefect_api(), ctrl_c_stops():
             result = sweep(cfg, grid=grid, max_concurrent=args.max_concurrent, metric=args.metric)
     except (ValueError, RuntimeError, FileNotFoundError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)  # e.g. every child failed: the first one's error

@@ -229,3 +229,21 @@ def test_loraflow_up_stops_everything_it_started_on_sigterm(tmp_path, home):
         for pid in _descendants(up.pid):
             os.kill(pid, signal.SIGKILL)
         up.kill()
+
+
+def test_a_ctrl_c_that_python_drops_is_raised_again():
+    """A KeyboardInterrupt raised inside a finalizer or weakref callback is printed as "ignored" and lost (seen once
+    in test_ctrl_c_during_evaluation_exits_and_publishes_nothing: the run went on and completed). Inside
+    `ctrl_c_stops` the interrupt comes again until the run ends."""
+    code = ("import os, signal, time\nfrom loraflow.cli import ctrl_c_stops\nswallowed = 0\n"
+            "try:\n    with ctrl_c_stops():\n        sent = False\n"
+            "        deadline = time.monotonic() + 60\n"
+            "        while time.monotonic() < deadline:\n"
+            "            try:\n                if not sent:\n                    sent = True\n"
+            "                    os.kill(os.getpid(), signal.SIGINT)\n                time.sleep(0.05)\n"
+            "            except KeyboardInterrupt:\n"
+            "                if swallowed == 0:\n                    swallowed += 1\n                    continue\n"
+            "                raise\n"
+            "except KeyboardInterrupt:\n    print('stopped after', swallowed)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "stopped after 1", done.stdout + done.stderr
