@@ -24,7 +24,7 @@ import yaml
 
 from test_retry_cancel import REPO, _alive, _wait_for_checkpoint
 from test_retry_cancel import _config as _base_config
-from tests_support import gated
+from tests_support import gated, gated_evaluation
 
 STEPS, HOLD = 12, 5
 CLI = [sys.executable, "-c", "import sys; from loraflow.cli import main; sys.exit(main())"]
@@ -42,9 +42,11 @@ def _env(home: Path) -> dict[str, str]:
             "PREFECT_LOGGING_LEVEL": "INFO"}
 
 
-def _start(tmp_path: Path, home: Path, name: str, hold: bool = False) -> subprocess.Popen:
-    """`loraflow run` in a process group of its own, as a shell starts a foreground job."""
+def _start(tmp_path: Path, home: Path, name: str, hold: bool = False, hold_evaluation: bool = False) -> subprocess.Popen:
+    """`loraflow run` in a process group of its own, as a shell starts a foreground job; `hold`: its training holds
+    after checkpoint-HOLD, `hold_evaluation`: its evaluation holds at the first generation (`tests_support`)."""
     env = gated(_env(home), tmp_path, HOLD) if hold else _env(home)
+    env = gated_evaluation(env, tmp_path) if hold_evaluation else env
     return subprocess.Popen([*CLI, "run", str(tmp_path / "cfg.yaml")], cwd=REPO, env=env, start_new_session=True,
                             stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT)
 
@@ -105,11 +107,11 @@ def test_ctrl_c_during_training_exits_records_the_run_and_the_rerun_resumes(tmp_
 
 @pytest.mark.slow
 def test_ctrl_c_during_evaluation_exits_and_publishes_nothing(tmp_path, tiny_llama_dir, home):
-    _write_config(tmp_path, tiny_llama_dir, max_new_tokens=48)  # long enough to be caught mid-generation
-    proc = _start(tmp_path, home, "first")
+    _write_config(tmp_path, tiny_llama_dir)
+    proc = _start(tmp_path, home, "first", hold_evaluation=True)
     try:
         deadline = time.time() + 400
-        while not list((tmp_path / "runs" / ".locks").glob("loraflow-evaluate-*.lock")):
+        while not (tmp_path / "eval-gate.reached").exists():
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.05)
         seconds = _interrupt(proc)

@@ -95,3 +95,48 @@ def gated(env: dict[str, str], folder: Path, hold: int) -> dict[str, str]:
     (folder / "gate").touch()
     return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")])),
             "LORAFLOW_TEST_GATE": str(folder / "gate")}
+
+
+# The same for the flow process's evaluate stage: when `loraflow.evaluation` is imported, its `generate` is wrapped so
+# that each call first marks `<gate>.reached`, then waits while the gate file exists.
+_EVAL_GATE = """
+import importlib.abc, importlib.machinery, os, sys, time
+
+
+class _GateEvaluation(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "loraflow.evaluation":  # also asked by find_spec alone (the code hash): every spec is wrapped
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            generate = module.generate
+
+            def held(*args, **kwargs):
+                gate = os.environ["LORAFLOW_TEST_EVAL_GATE"]
+                open(gate + ".reached", "w").close()
+                while os.path.exists(gate):
+                    time.sleep(0.05)
+                return generate(*args, **kwargs)
+
+            module.generate = held
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _GateEvaluation())
+"""
+
+
+def gated_evaluation(env: dict[str, str], folder: Path) -> dict[str, str]:
+    """`env` for a `loraflow run` whose evaluate stage holds at its first generation while `folder/eval-gate` exists
+    (`folder/eval-gate.reached` appears when it does)."""
+    hook = folder / "eval-gate-hook"
+    hook.mkdir(parents=True, exist_ok=True)
+    (hook / "sitecustomize.py").write_text(_EVAL_GATE)
+    (folder / "eval-gate").touch()
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")])),
+            "LORAFLOW_TEST_EVAL_GATE": str(folder / "eval-gate")}
