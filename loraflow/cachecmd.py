@@ -24,6 +24,7 @@ from typing import Any
 from loraflow import store
 from loraflow.artifacts import default_cache_dir, is_complete, verify
 from loraflow.config import ConfigError, PipelineConfig
+from loraflow.procs import alive
 from loraflow.remote import is_url, local_root
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -109,6 +110,15 @@ def why(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _locks(cfg: PipelineConfig):
+    """The stage locks of `cfg`'s store, as its runs take them."""
+    from tasks.locks import AtomicFileLockManager
+    from tasks.storage import lock_folder
+
+    return AtomicFileLockManager(lock_folder(cfg.run.output_dir, cfg.run.result_storage, default_cache_dir(cfg.run.cache_dir)),
+                                 cfg.run.lock_stale_seconds)
+
+
 def _candidates_to_keep(cfg: PipelineConfig) -> list[tuple[object, str]]:
     """(candidate, why) for every candidate whose stages may still be needed: the registry's champion, the MLflow
     alias's (promotion.registry=mlflow), and challengers awaiting a person's approval."""
@@ -135,9 +145,6 @@ def _candidates_to_keep(cfg: PipelineConfig) -> list[tuple[object, str]]:
 def protected(cfg: PipelineConfig, output_dir: Path) -> dict[tuple[str, str], str]:
     """{(stage, key): why} for what gc must keep: the stages of both registries' champions and of challengers awaiting
     approval (with their evaluations and exports), folders live runs use, and stages a live run has locked."""
-    from tasks.locks import AtomicFileLockManager
-    from tasks.storage import lock_folder
-
     keep: dict[tuple[str, str], str] = {}
     for candidate, why in _candidates_to_keep(cfg):
         for stage, key in (("data", candidate.data_fingerprint), ("tokenize", candidate.test_fingerprint),
@@ -155,8 +162,7 @@ def protected(cfg: PipelineConfig, output_dir: Path) -> dict[tuple[str, str], st
                 keep.setdefault((stage, key), why)
     for where, who in store.live_readers(output_dir).items():
         keep.setdefault(where, who)
-    locks = AtomicFileLockManager(lock_folder(cfg.run.output_dir, cfg.run.result_storage, default_cache_dir(cfg.run.cache_dir)),
-                                  cfg.run.lock_stale_seconds)
+    locks = _locks(cfg)
     for entry in entries(output_dir):
         if locks.is_locked(store.prefect_key(entry.stage, entry.key, cfg.run.output_dir)):
             keep[(entry.stage, entry.key)] = "locked by a live run"
@@ -170,11 +176,7 @@ def orphans(cfg: PipelineConfig, output_dir: Path) -> list[Entry]:
     """What no finished stage owns: a writer's scratch (`.KEY.tmp-PID-…`, `.KEY.old-…`, `.KEY.download-…`) whose
     process is gone, checkpoints of a train key that never finished (`KEY.work`, unless a live run holds its lock),
     and checkpoints a refresh set aside (`KEY.work.set-aside-…`)."""
-    from tasks.locks import AtomicFileLockManager
-    from tasks.storage import lock_folder
-
-    locks = AtomicFileLockManager(lock_folder(cfg.run.output_dir, cfg.run.result_storage, default_cache_dir(cfg.run.cache_dir)),
-                                  cfg.run.lock_stale_seconds)
+    locks = _locks(cfg)
     found = []
     for stage in store.STAGES:
         folder = output_dir / stage
@@ -183,8 +185,6 @@ def orphans(cfg: PipelineConfig, output_dir: Path) -> list[Entry]:
                 continue
             leftover = _LEFTOVER.match(path.name)
             if leftover:
-                from loraflow.procs import alive
-
                 if alive(int(leftover["pid"])):
                     continue  # being written right now
                 what = f"orphan: {leftover['kind']} folder of a process that is gone"

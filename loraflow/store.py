@@ -26,8 +26,8 @@ from typing import Any, Iterator
 
 from loraflow.artifacts import Handle, fingerprint, stage_dir, verify, write_json
 from loraflow.codehash import code_identity
-from loraflow.procs import gone, identity
 from loraflow.config import DataConfig, LoraConfig, ModelConfig, PipelineConfig, PromptConfig, QuantizationConfig, flatten, key_fields
+from loraflow.procs import gone, identity
 from loraflow.remote import download, is_url, local_path, local_root, remote_folder, upload
 
 STAGES = ("data", "tokenize", "model", "train", "evaluate", "export")  # export: optional, after evaluate

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from loraflow.procs import alive
+from loraflow.procs import alive, gone, identity
 
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 _APP = "prefect.server.api.server:create_app"
@@ -60,7 +60,7 @@ def stop_orphans() -> list[int]:
         except (OSError, ValueError):
             record.unlink(missing_ok=True)
             continue
-        if alive(info["owner"]):
+        if gone(info["owner"]) is not True:  # its run is alive (or on another machine sharing this home)
             continue
         if alive(info["pid"]) and _is_our_server(info["pid"]):
             os.killpg(info["pid"], signal.SIGTERM)
@@ -130,7 +130,7 @@ def temporary_server(startup_timeout: float = 180) -> Iterator[str]:
                               env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               start_new_session=True)  # a Ctrl-C in the terminal does not reach it
     record = records / f"{server.pid}.json"
-    record.write_text(json.dumps({"pid": server.pid, "owner": os.getpid(), "port": port}))
+    record.write_text(json.dumps({"pid": server.pid, "owner": identity(), "port": port}))
     started = False
     try:
         deadline = time.monotonic() + startup_timeout

@@ -15,8 +15,6 @@ that has expired, and logs what it waits for while the limit stays full.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +24,7 @@ from uuid import UUID
 import anyio
 
 from loraflow import tempserver
-from loraflow.procs import alive
+from loraflow.procs import gone, identity
 from loraflow.tempserver import LEASE_STORAGE
 
 
@@ -48,7 +46,7 @@ def holding() -> Iterator[None]:
     folder = _holders_dir()
     folder.mkdir(parents=True, exist_ok=True)
     record = folder / f"{ctx.task_run.id}.json"
-    record.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "task_run": ctx.task_run.name}))
+    record.write_text(json.dumps({**identity(), "task_run": ctx.task_run.name}))
     try:
         yield
     finally:
@@ -62,7 +60,7 @@ def _dead_holder(task_run_id: UUID) -> str | None:
         info = json.loads(record.read_text())
     except (OSError, ValueError):
         return None
-    if info.get("host") != socket.gethostname() or alive(info["pid"]):
+    if gone(info) is not True:  # alive, or another machine's: its lease expires instead
         return None
     return f"task run {info.get('task_run', task_run_id)} (pid {info['pid']}, gone)"
 

@@ -178,6 +178,7 @@ def test_a_temporary_server_whose_run_was_killed_is_stopped(tmp_path, monkeypatc
     """A run killed with SIGKILL leaves its temporary server running (its own session); the next run stops it,
     and leaves servers whose run is alive, and processes that are not our servers, alone."""
     from loraflow import tempserver
+    from loraflow.procs import identity
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
     sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
@@ -188,7 +189,9 @@ def test_a_temporary_server_whose_run_was_killed_is_stopped(tmp_path, monkeypatc
     dead_owner.wait()
     records = tmp_path / "loraflow-servers"
     records.mkdir()
-    for server, owner in ((orphan, dead_owner.pid), (owned, os.getpid()), (stranger, dead_owner.pid)):
+    me = identity()
+    dead = {**me, "pid": dead_owner.pid, "pid_start": "gone"}
+    for server, owner in ((orphan, dead), (owned, me), (stranger, dead)):
         (records / f"{server.pid}.json").write_text(json.dumps({"pid": server.pid, "owner": owner, "port": 1}))
     try:
         from prefect.settings import PREFECT_HOME, temporary_settings
