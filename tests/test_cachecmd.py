@@ -180,3 +180,14 @@ def test_gc_collects_leftovers_no_stage_owns_and_ls_shows_them(populated, capsys
     code, out, _ = run(capsys, "cache", "gc", *args(populated, "--older-than", "30m"))
     assert code == 0 and not any(map(Path.exists, leftovers)) and live.exists()
     assert Path(populated["new"].path).is_dir()  # used just now: not old enough
+
+
+def test_gc_refuses_in_one_line_when_the_mlflow_champion_cannot_be_read(populated, capsys, monkeypatch):
+    """With promotion.registry=mlflow the champion lives in MLflow: no MLflow, no knowing what to keep."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code, out, err = run(capsys, "cache", "gc", *args(populated, "--keep-last", "0", "--set", "promotion.registry=mlflow",
+                                                       "--set", "train.report_to=[mlflow]"))
+    assert code == 2 and err.strip().count("\n") == 0 and "removed" not in out
+    assert err.startswith("error: cache gc: the MLflow champion cannot be read (TrackingError:")
+    assert err.rstrip().endswith("start the tracking server (promotion.registry=mlflow) before collecting")
+    assert Path(populated["old"].path).is_dir() and Path(populated["new"].path).is_dir()
