@@ -193,8 +193,10 @@ class TrainConfig(Section):
     batching: Literal["length_grouped", "random", "packed"] = Field(
         "length_grouped",
         description="How examples form a batch: length_grouped = similar lengths together, padded to the "
-        "longest (least padding; the fastest here); random = shuffled, padded to the longest; packed = "
-        "padding-free, laid end to end with attention masked between examples.",
+        "longest (least padding; the fastest here): the random order of the same seed, sorted by length within "
+        "windows of up to 50 batches, so a short run sees the examples random batching would; random = "
+        "shuffled, padded to the longest; packed = padding-free, laid end to end with attention masked between "
+        "examples.",
     )
     upcast_frozen: bool | Literal["auto"] = Field(
         "auto", description="Cast the frozen weights that are not 4-bit (embeddings, norms, LM head) to fp32 for "

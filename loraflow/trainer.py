@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from loraflow.collator import IGNORE_INDEX
 
@@ -84,6 +85,35 @@ def accepts_logits_mask(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+class WindowedLengthSampler(LengthGroupedSampler):
+    """Length-grouped batches that are the random order, regrouped (`train.batching: length_grouped`).
+
+    transformers' `LengthGroupedSampler` draws its permutation from the global RNG when iteration
+    starts, so the order hangs on whatever drew random numbers before it; its random sampler
+    (accelerate's seedable one) draws from a generator seeded with `data_seed + epoch`. This one draws
+    its permutation from that same generator, then lets transformers group it: each window of
+    `mega_batch_mult * batch` examples holds the examples random batching puts there with the same seed
+    (only the run's longest example is moved into the first batch), sorted by length. So switching
+    `train.batching` between `random` and `length_grouped` reorders examples within a window and does
+    not change which examples a short run sees, and each epoch's order is a function of the seed and
+    the epoch alone.
+    """
+
+    def __init__(self, batch_size: int, *, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Trainer calls it at every epoch's start
+        self.epoch = epoch
+
+    def __iter__(self):
+        import torch
+
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
 class CompletionTrainer(Trainer):
     """Trainer whose loss computes logits only on label positions (when the model allows it)."""
 
@@ -112,6 +142,13 @@ class CompletionTrainer(Trainer):
         self.positions_seen = 0  # positions the body ran on, padding included (batch * padded length)
         self.attention_square_sum = 0  # sum over rows of padded length**2: the attention matmuls' size
         self.examples_seen = 0  # training examples this process stepped through
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return WindowedLengthSampler(sampler.batch_size, lengths=sampler.lengths, seed=seed)
+        return sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:

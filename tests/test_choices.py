@@ -14,21 +14,21 @@ from loraflow.data import prepare_data
 from loraflow.modeling import build_model
 from loraflow.tokenization import tokenize_data
 from loraflow.training import train_adapter
-from tests_support import ANIMALS, COLORS, write_examples
+from tests_support import write_examples
 
 
 def _folder(root: Path) -> Path:
-    """train/validation: the toy task (repeat the input's colour and animal); test: the *wrong* colour and
-    animal, a loss of its own."""
+    """train/validation: the toy task (repeat the input's colour and animal); test: summaries of number words
+    the training targets never hold, a loss of its own however much or little of the task was learned."""
     folder = root / "data"
     folder.mkdir()
     rows = [json.loads(line) for line in write_examples(root / "toy.jsonl", 96).read_text().splitlines()]
     rng = random.Random(0)
 
+    numbers = ["seven", "forty", "ninety", "twelve", "three", "eleven"]
+
     def wrong(r: dict) -> dict:
-        color = rng.choice([c for c in COLORS if c not in r["summary"].split()])
-        animal = rng.choice([a for a in ANIMALS if a not in r["summary"].split()])
-        return {**r, "summary": f"a {color} {animal}"}
+        return {**r, "summary": " ".join(rng.sample(numbers, 3))}
 
     unrelated = [wrong(r) for r in rows[80:]]
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:64]))
@@ -80,7 +80,7 @@ def test_checkpoints_are_chosen_on_validation_never_on_test(tiny_llama_dir, tmp_
     best = min(evals, key=evals.get)
     assert Path(state["best_model_checkpoint"]).name == f"checkpoint-{best}"
     # The losses the choice read are the validation split's: the kept adapter's validation loss is the
-    # best logged one, and its loss on the test rows (the wrong colour and animal) is another number.
+    # best logged one, and its loss on the test rows (number words) is another number.
     validation = _split_loss(Path(trained.path), tokenized, tiny_llama_dir, "validation")
     test = _split_loss(Path(trained.path), tokenized, tiny_llama_dir, "test")
     assert abs(validation - evals[best]) < 1e-3 * evals[best], (validation, evals)

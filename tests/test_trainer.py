@@ -93,3 +93,51 @@ def test_models_with_scaled_logits_fall_back_to_their_own_loss(lora_model):
     finally:
         lora_model.get_base_model().config.final_logit_softcapping = None
     assert body_and_head(lora_model) is not None
+
+
+def _epoch_orders(tmp_path, batching: str, seed: int, epochs: int = 2) -> list[list[int]]:
+    """The example order loraflow's Trainer draws for each epoch, read from its real train dataloader."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from loraflow.trainer import CompletionTrainer
+
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(5, 300, (256,), generator=g).tolist()
+    rows = Dataset.from_dict({"input_ids": [[1] * n for n in lengths], "idx": list(range(256))})
+    args = TrainingArguments(
+        output_dir=str(tmp_path / batching), per_device_train_batch_size=4, seed=seed, data_seed=seed,
+        train_sampling_strategy="group_by_length" if batching == "length_grouped" else "random",
+        use_cpu=True, report_to="none", remove_unused_columns=False)
+    trainer = CompletionTrainer(model=torch.nn.Linear(2, 2), args=args, train_dataset=rows,
+                                data_collator=lambda batch: {"idx": [r["idx"] for r in batch]},
+                                label_only_logits=False)
+    loader = trainer.get_train_dataloader()
+    orders = []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        torch.rand(epoch + 3)  # other code drawing from the global RNG must not move the order
+        orders.append([i for batch in loader for i in batch["idx"]])
+    return orders, lengths
+
+
+def test_length_grouped_batches_regroup_the_random_order_window_by_window(tmp_path):
+    """`train.batching: length_grouped` reorders within each window of the random order of the same seed:
+    a 16-step run of batch 4 sees the examples random batching would (all but the run's longest, which
+    joins the first batch), and each epoch's order is a function of the seed and epoch alone. With
+    transformers' own sampler the order was drawn from the global RNG: another draw there moved it."""
+    window = 64  # 256 rows, batch 4: transformers' windows are min(256 // (4 * 4), 50) batches
+    for seed in (0, 1):
+        grouped, lengths = _epoch_orders(tmp_path, "length_grouped", seed)
+        shuffled, _ = _epoch_orders(tmp_path, "random", seed)
+        again, _ = _epoch_orders(tmp_path, "length_grouped", seed)
+        assert grouped == again
+        assert grouped[0] != grouped[1], "each epoch draws a new order"
+        longest = max(range(256), key=lambda i: lengths[i])
+        for g_epoch, r_epoch in zip(grouped, shuffled):
+            assert g_epoch[0] == longest or lengths[g_epoch[0]] == lengths[longest]
+            for start in range(0, 256, window):
+                g_win, r_win = g_epoch[start:start + window], r_epoch[start:start + window]
+                assert len(set(g_win) ^ set(r_win)) <= 2  # equal, but for the longest's swap
+                body = [lengths[i] for i in g_win[1:]]
+                assert body == sorted(body, reverse=True)
