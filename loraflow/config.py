@@ -193,8 +193,9 @@ class TrainConfig(Section):
     batching: Literal["length_grouped", "random", "packed"] = Field(
         "length_grouped",
         description="How examples form a batch: length_grouped = similar lengths together, padded to the "
-        "longest (least padding; the fastest here): the random order of the same seed, sorted by length within "
-        "windows of up to 50 batches, so a short run sees the examples random batching would; random = "
+        "longest (least padding; the fastest here): the random order of the same seed, grouped by length within "
+        "windows of up to 50 batches whose batches then run in random order, so a short run sees the examples "
+        "random batching would, with no long-to-short curriculum; random = "
         "shuffled, padded to the longest; packed = padding-free, laid end to end with attention masked between "
         "examples.",
     )

@@ -122,11 +122,12 @@ def _epoch_orders(tmp_path, batching: str, seed: int, epochs: int = 2) -> list[l
 
 
 def test_length_grouped_batches_regroup_the_random_order_window_by_window(tmp_path):
-    """`train.batching: length_grouped` reorders within each window of the random order of the same seed:
-    a 16-step run of batch 4 sees the examples random batching would (all but the run's longest, which
-    joins the first batch), and each epoch's order is a function of the seed and epoch alone. With
-    transformers' own sampler the order was drawn from the global RNG: another draw there moved it."""
-    window = 64  # 256 rows, batch 4: transformers' windows are min(256 // (4 * 4), 50) batches
+    """`train.batching: length_grouped` regroups each window of the random order of the same seed: a
+    16-step run of batch 4 sees the examples random batching would (all but the run's longest, which joins
+    the first batch), each epoch's order is a function of the seed and epoch alone, batches hold neighbours
+    in length (the padding saved), and they run in a random order, not longest to shortest. transformers'
+    own sampler drew the order from the global RNG and sorted each window long to short."""
+    window, size = 64, 4  # 256 rows, batch 4: transformers' windows are min(256 // (4 * 4), 50) batches
     for seed in (0, 1):
         grouped, lengths = _epoch_orders(tmp_path, "length_grouped", seed)
         shuffled, _ = _epoch_orders(tmp_path, "random", seed)
@@ -134,10 +135,15 @@ def test_length_grouped_batches_regroup_the_random_order_window_by_window(tmp_pa
         assert grouped == again
         assert grouped[0] != grouped[1], "each epoch draws a new order"
         longest = max(range(256), key=lambda i: lengths[i])
+
+        def padded(order: list[int]) -> int:
+            return sum(size * max(lengths[i] for i in order[b:b + size]) for b in range(0, len(order), size))
+
         for g_epoch, r_epoch in zip(grouped, shuffled):
-            assert g_epoch[0] == longest or lengths[g_epoch[0]] == lengths[longest]
+            assert lengths[g_epoch[0]] == lengths[longest]
+            assert padded(g_epoch) < 0.7 * padded(r_epoch)
             for start in range(0, 256, window):
                 g_win, r_win = g_epoch[start:start + window], r_epoch[start:start + window]
                 assert len(set(g_win) ^ set(r_win)) <= 2  # equal, but for the longest's swap
-                body = [lengths[i] for i in g_win[1:]]
-                assert body == sorted(body, reverse=True)
+                tops = [max(lengths[i] for i in g_win[b:b + size]) for b in range(size, window, size)]
+                assert tops != sorted(tops, reverse=True), "a window's batches must not run long to short"
