@@ -17,7 +17,7 @@ import logging
 from typing import Any
 
 from transformers import Trainer
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from loraflow.collator import IGNORE_INDEX
 
@@ -111,7 +111,6 @@ class WindowedLengthSampler(LengthGroupedSampler):
 
     def __iter__(self):
         import torch
-        from transformers.trainer_pt_utils import get_length_grouped_indices
 
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         n, size = len(self.lengths), self.batch_size

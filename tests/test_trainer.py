@@ -95,8 +95,9 @@ def test_models_with_scaled_logits_fall_back_to_their_own_loss(lora_model):
     assert body_and_head(lora_model) is not None
 
 
-def _epoch_orders(tmp_path, batching: str, seed: int, epochs: int = 2) -> list[list[int]]:
-    """The example order loraflow's Trainer draws for each epoch, read from its real train dataloader."""
+def _epoch_orders(tmp_path, batching: str, seed: int, epochs: int = 2) -> tuple[list[list[int]], list[int]]:
+    """The example order loraflow's Trainer draws for each epoch, read from its real train dataloader, and the
+    rows' lengths."""
     from datasets import Dataset
     from transformers import TrainingArguments
 
