@@ -1,7 +1,7 @@
 """loraflow's training and generation on a CUDA GPU, side by side with the fair plain-Trainer script and TRL.
 
     python -m benchmarks.gpu --out DIR              # on a GPU, ~3 min (scripts/gpu-check runs it)
-    python -m benchmarks.gpu --dry-run --out DIR    # on a CPU: a tiny model, 3 steps a side (checks the harness)
+    python -m benchmarks.gpu --dry-run --out DIR    # on a CPU: a tiny model, 2 + 2 steps a side (checks the harness)
 
 Models: randomly initialised from configs shaped like SmolLM2-135M and Qwen2.5-0.5B (`SHAPES`: no weights
 travel), saved once and loaded in NF4 by every side. Data: synthetic token ids with the prompt and target
@@ -19,10 +19,14 @@ learning rate, paged 8-bit AdamW and bf16 autocast, on the same examples:
 - the levers, one at a time from loraflow's default: logits at every position; Liger's fused linear
   cross-entropy instead (when liger-kernel is installed); packed rows; random batches.
 
-Per side: examples/s and label tokens/s over the steps after the warm-up (the GPU synchronised at each step's
-end), model FLOP utilisation against the bf16 matmul peak measured in the same run (FLOPs counted from the
-config and the batches' shapes, `benchmarks/flops.py`: padding included, as the GPU executes it), peak GPU
-memory (`max_memory_allocated`, with loraflow's pre-flight estimate beside it) and the loss. Generation:
+Per side: examples/s and label tokens/s over the timed epoch (the GPU synchronised at each step's end). Each
+side trains two epochs of the same `--steps` batches and only the second is timed: the first pays for the
+optimizer state, the allocator and the kernels' first calls, and a whole epoch is the only window in which
+length-grouped batches hold the same examples as random ones (a few warm-up steps would leave a different
+subset untimed on each side). Then model FLOP utilisation against the bf16 matmul peak measured in the same
+run (FLOPs counted from the config and the batches' shapes, `benchmarks/flops.py`: padding included, as the
+GPU executes it), peak GPU memory (`max_memory_allocated`, with loraflow's pre-flight estimate beside it) and
+the loss. Generation:
 examples/s of loraflow's batched `generate` against one `generate` per example, both producing exactly
 `--new-tokens` tokens (the stop id is one the model cannot emit), on the 4-bit model with the adapter.
 The models, data and sides are in `benchmarks/gpu_sides.py`. Writes DIR/gpu-benchmark.json; `--markdown FILE`
@@ -61,11 +65,12 @@ def measure(side: str, model_dir: Path, rows: list[dict], out: Path, a: argparse
         torch.cuda.reset_peak_memory_stats()
     clock = step_clock()
     t0 = time.perf_counter()
-    trainer, counted = side_trainer(side, model_dir, rows, out, a, clock, dtype)
+    trainer, counted = side_trainer(side, model_dir, rows, out, argparse.Namespace(**{**vars(a), "steps": 2 * a.steps}),
+                                    clock, dtype)
     loaded_s = time.perf_counter() - t0
     result = trainer.train()
-    warm = a.warmup
-    steady = counted.batches[warm:a.steps]
+    warm = a.steps  # the untimed first epoch
+    steady = counted.batches[warm:2 * a.steps]
     seconds = clock.ends[-1] - clock.ends[warm - 1]
     shape = model_shape(model_dir)
     label_only = getattr(trainer, "parts", None) is not None
@@ -179,8 +184,8 @@ def run(a: argparse.Namespace) -> dict:
         report["models"][shape] = entry
         # untimed: the first training in a process pays for CUDA's and bitsandbytes' kernel loading, which no
         # side should carry (the sides run in a fixed order)
-        measure("loraflow", model_dir, rows[: 2 * a.batch], work / shape / "warm-up",
-                argparse.Namespace(**{**vars(a), "steps": 2, "warmup": 1}), peak)
+        measure("loraflow", model_dir, rows[: a.batch], work / shape / "warm-up",
+                argparse.Namespace(**{**vars(a), "steps": 1}), peak)
         last = 0.0
         for side in a.sides:
             if time.perf_counter() - started + last > a.budget_s:
@@ -220,8 +225,8 @@ def markdown(report: dict) -> str:
     lines = [f"Run {report['date']} on {m.get('gpu') or m.get('cpu')} (CUDA {m.get('cuda')}), torch "
              f"{report['versions']['torch']}, transformers {report['versions']['transformers']}; bf16 matmul peak "
              f"{report['matmul_peak_tflops']['bfloat16']:.0f} TFLOP/s measured in the run; batch "
-             f"{report['settings']['batch']}, {report['settings']['steps']} steps ({report['settings']['warmup']} "
-             "untimed).", "",
+             f"{report['settings']['batch']}, {report['settings']['steps']} timed steps (the second epoch; the "
+             "first untimed).", "",
              "| model | side | examples/s | vs baseline | label tokens/s | MFU | peak GPU MiB | vs baseline | last loss |",
              "|---|---|---|---|---|---|---|---|---|"]
     for shape, entry in report["models"].items():
@@ -244,11 +249,10 @@ def markdown(report: dict) -> str:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("/tmp/gpu-bench"))
-    p.add_argument("--dry-run", action="store_true", help="CPU, the tiny model, 3 steps a side, short rows")
+    p.add_argument("--dry-run", action="store_true", help="CPU, the tiny model, 2 + 2 steps a side, short rows")
     p.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=["smollm2-135m", "qwen2.5-0.5b"])
     p.add_argument("--sides", nargs="+", choices=SIDES, default=SIDES)
-    p.add_argument("--steps", type=int, default=24)
-    p.add_argument("--warmup", type=int, default=4, help="steps left out of the timing (at least 1)")
+    p.add_argument("--steps", type=int, default=16, help="steps per epoch: two epochs run, the second is timed")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompts", type=int, default=16, help="generation prompts")
     p.add_argument("--new-tokens", type=int, default=32)
@@ -256,10 +260,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--markdown", type=Path, help="print the docs tables of this result file and exit")
     a = p.parse_args(argv)
     a.scale = 1.0
-    if a.warmup < 1 or a.warmup >= a.steps:
-        p.error(f"--warmup {a.warmup}: give 1 to {a.steps - 1} (the timing starts at the end of a warm-up step)")
+    if a.steps < 1:
+        p.error(f"--steps {a.steps}: give 1 or more (steps per epoch; the second epoch is timed)")
     if a.dry_run:
-        a.models, a.steps, a.warmup, a.batch, a.prompts, a.new_tokens, a.scale = ["tiny"], 3, 1, 2, 2, 3, 0.1
+        a.models, a.steps, a.batch, a.prompts, a.new_tokens, a.scale = ["tiny"], 2, 2, 2, 3, 0.1
     return a
 
 
