@@ -11,6 +11,12 @@ The tiers, decided by one rule (what a test needs, not how long it happens to ta
   headless Chromium; gpu (`-m gpu`, through scripts/gpu-check): a CUDA device.
 
 `.ci/run` runs everyday, slow, demo and e2e, and prints each tier's time.
+
+The everyday tier as `uv run pytest` runs it (the test paths and the marker expression of `addopts`, whatever
+else is on the command line) runs its files on two pytest-xdist workers (`-n auto --dist loadfile` in
+pyproject.toml; `pytest_xdist_auto_num_workers` below): a file's tests share one worker, so its module-scoped
+fixtures are built once, and the tier's time is spent as much waiting on child processes and servers as on
+the CPU. Any other selection (a file, `-k`, `-m slow`) runs in one process, as does `-n 0`.
 """
 
 from __future__ import annotations
@@ -40,6 +46,15 @@ def _quiet_absl() -> None:
 
 
 _quiet_absl()
+
+
+@pytest.hookimpl(optionalhook=True)  # the GPU machine runs tests/gpu without pytest-xdist
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: two workers for the everyday tier run whole (two were measured; more are untested), else none."""
+    addopts = config.getini("addopts")
+    everyday = addopts[addopts.index("-m") + 1]
+    whole = config.args_source == pytest.Config.ArgsSource.TESTPATHS and config.option.markexpr == everyday
+    return min(2, len(os.sched_getaffinity(0))) if whole else 0
 
 REPO = Path(__file__).resolve().parents[1]
 SCITLDR = REPO.parent / "shared" / "data" / "scitldr"
