@@ -121,7 +121,7 @@ def generation(model_dir: Path, a: argparse.Namespace) -> dict:
     from peft import get_peft_model
 
     from loraflow.config import EvalConfig, ModelConfig, QuantizationConfig
-    from loraflow.evaluation import generate
+    from loraflow.generation import generate
     from loraflow.hardware import resolve_compute_dtype
 
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]

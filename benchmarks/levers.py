@@ -140,7 +140,7 @@ def eval_levers(model_dir: str, prompts: list[list[int]], tokenizer, max_new_tok
     from peft import PeftModel
 
     from loraflow.config import EvalConfig
-    from loraflow.evaluation import generate
+    from loraflow.generation import generate
 
     torch.manual_seed(1)
     adapter = REPO / "runs" / "bench-levers-adapter"

@@ -72,7 +72,7 @@ def ask(registry: Registry, entry: Candidate, champion: Candidate | None, champi
     from prefect.artifacts import create_markdown_artifact
     from prefect.runtime import flow_run
 
-    from tasks.reporting import artifact_prefix
+    from loraflow.report import artifact_prefix
 
     hours = cfg.promotion.approval_timeout_hours
     other = registry.pending(entry.train_fingerprint)

@@ -11,8 +11,7 @@ from prefect.logging import get_run_logger
 from loraflow import store, tracking
 from loraflow.artifacts import Handle, ensure_writable
 from loraflow.config import PipelineConfig, build_config, check_run_overrides, deep_merge, default_config, over_defaults
-from loraflow.distributed import resolve_processes
-from loraflow.hardware import resolve_quantization, why_dtype
+from loraflow.hardware import resolve, why_dtype
 from loraflow.launch import early_start
 from loraflow.remote import check_writable, is_url
 from tasks.stages import (data_task, evaluate_task, export_task, for_run, model_task, preflight_task, tokenize_task,
@@ -39,7 +38,7 @@ def resolve_config(cfg: PipelineConfig) -> PipelineConfig:
     """Inside a deployment run, `cfg` is read field by field over the deployment's config, itself over
     the built-in default (see `over_defaults`): `--param cfg='{"train": {"max_steps": 5}}'` changes
     one field. The output folder is checked and made absolute, and the machine-dependent 'auto'
-    settings resolved (`resolve_hardware`), before any stage runs."""
+    settings resolved (`loraflow.hardware.resolve`), before any stage runs."""
     from prefect.runtime import deployment
 
     if deployment.id:
@@ -55,7 +54,7 @@ def resolve_config(cfg: PipelineConfig) -> PipelineConfig:
         output_dir = ensure_writable(cfg.run.output_dir)
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(output_dir)})})
     get_run_logger().info("%s", why_dtype(cfg.quantization.compute_dtype))
-    return resolve_hardware(cfg)
+    return resolve(cfg)
 
 
 def _deployment_cfg(deployment_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -112,29 +111,29 @@ def load_hub_token(secret_name: str | None) -> None:
         ) from None
 
 
-def resolve_hardware(cfg: PipelineConfig) -> PipelineConfig:
-    """`cfg` with the machine-dependent 'auto' settings replaced by what they mean here, before any
-    cache key is made: the compute dtype (`loraflow.hardware`) and the number of training processes."""
-    quant = resolve_quantization(cfg.quantization)
-    train = cfg.train.model_copy(update={"num_processes": resolve_processes(cfg.train.num_processes)})
-    return cfg.model_copy(update={"quantization": quant, "train": train})
-
-
 def run_stages(cfg: PipelineConfig) -> Stages:
+    """The stages of `cfg`, each handed its key: every key is computed here, once (`store.chain`)."""
     load_hub_token(cfg.run.hf_token_secret)
     storage = result_storage_slug(cfg.run.result_storage) if cfg.run.result_storage else None
-    preflight_task.with_options(result_storage=storage)(cfg)  # errors fail the run here, before any stage writes
-    with early_start(cfg, workspace(cfg.run)):  # a train that will run starts its process now
-        data = stage(data_task, cfg, storage, cfg.data, cfg.run)
-        tokenized = stage(tokenize_task, cfg, storage, data, cfg.prompt, cfg.model, cfg.run)
-        model = stage(model_task, cfg, storage, cfg.model, cfg.quantization, cfg.lora, cfg.run)
-        trained = stage(train_task, cfg, storage, cfg, tokenized, model)
-    scores = stage(evaluate_task, cfg, storage, cfg, tokenized, model, trained)
+    try:
+        keys = store.chain(cfg)
+    except Exception as err:  # noqa: BLE001 - an input that cannot be read: the pre-flight checks say which, and how
+        keys, unreadable = None, err
+    preflight = store.preflight_key(cfg, keys["evaluate"].key) if keys else None
+    preflight_task.with_options(result_storage=storage)(cfg, preflight)  # errors fail the run here, before any stage writes
+    if keys is None:
+        raise unreadable
+    with early_start(cfg, workspace(cfg.run), keys["train"].key):  # a train that will run starts its process now
+        data = stage(data_task, cfg, storage, cfg.data, cfg.run, keys["data"])
+        tokenized = stage(tokenize_task, cfg, storage, data, cfg.prompt, cfg.model, cfg.run, keys["tokenize"])
+        model = stage(model_task, cfg, storage, cfg.model, cfg.quantization, cfg.lora, cfg.run, keys["model"])
+        trained = stage(train_task, cfg, storage, cfg, tokenized, model, keys["train"])
+    scores = stage(evaluate_task, cfg, storage, cfg, tokenized, model, trained, keys["evaluate"])
     return Stages(data, tokenized, model, trained, scores, storage)
 
 
 def export_stage(cfg: PipelineConfig, stages: Stages) -> Handle:
     """The cached export stage after evaluate (merged / GGUF, parity-checked); kept on `stages`."""
     stages.exported = stage(export_task, cfg, stages.storage, cfg, stages.tokenized, stages.model, stages.trained,
-                            stages.scores)
+                            stages.scores, store.export_key(cfg, stages.scores.fingerprint))
     return stages.exported

@@ -27,9 +27,9 @@ from loraflow.artifacts import Handle
 from loraflow.config import PipelineConfig, default_config
 from loraflow.bootstrap import fmt_interval, paired_bootstrap
 from loraflow.export import wanted
-from loraflow.registry import Candidate, DataEvent, Registry, base_identity, decide
+from loraflow.registry import Candidate, DataEvent, Registry, base_identity, current_champion, decide
 from loraflow.remote import is_url
-from loraflow.tracking import champion_id, champion_now, flow_run_tracking, model_name, register_champion
+from loraflow.tracking import champion_now, flow_run_tracking, model_name, register_champion
 from tasks.reporting import publish_results
 from tasks.storage import result_storage_slug
 from tasks.stages import evaluate_task, workspace
@@ -49,7 +49,8 @@ def _champion_eval(cfg: PipelineConfig, stages: Stages, champion: Candidate) -> 
                 "compared and the champion stays: restore its stages (or point run.output_dir at the store that "
                 "holds them) and rerun, or promote by hand")
     quick = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"compare_base": False})})
-    return stage(evaluate_task, quick, stages.storage, quick, stages.tokenized, model, train)
+    key = store.evaluate_key(quick, stages.tokenized.fingerprint, model.fingerprint, train.fingerprint)
+    return stage(evaluate_task, quick, stages.storage, quick, stages.tokenized, model, train, key)
 
 
 def _row_scores(eval_dir: str, split: str, key: str) -> tuple[list[float], list[str]]:
@@ -93,7 +94,7 @@ def _note_trigger(cfg: PipelineConfig, data_event: DataEvent | None) -> None:
     """Log which data event started this run, and whether the data is still what the event announced."""
     if data_event is None:
         return
-    from loraflow.data import is_local
+    from loraflow.sources import is_local
     from loraflow.events import content_fingerprint
 
     logger = get_run_logger()
@@ -144,7 +145,7 @@ def retrain(cfg: PipelineConfig = default_config(), data_event: DataEvent | None
             if promoted and cfg.promotion.registry == "mlflow":
                 version = register_champion(cfg, tracker, state.get(state.champion))
                 logger.info("MLflow: %s version %s is the champion", model_name(cfg), version)
-        champion = _champion(cfg, registry)  # one source: the registry's pointer, or with registry=mlflow the alias
+        champion = current_champion(cfg, registry)  # one source: the registry's pointer, or with registry=mlflow the alias
         is_champion = champion is not None and champion.train_fingerprint == stages.trained.fingerprint
         # the champion's export (a rerun after a failed export retries it; a cached one is a hit)
         export = export_stage(cfg, stages) if wanted(cfg.export, "retrain", is_champion) else None
@@ -163,14 +164,6 @@ def retrain(cfg: PipelineConfig = default_config(), data_event: DataEvent | None
     }
 
 
-def _champion(cfg: PipelineConfig, registry: Registry) -> Candidate | None:
-    """The champion: the registry's pointer, or with promotion.registry=mlflow the MLflow alias `champion`."""
-    if cfg.promotion.registry == "mlflow":
-        candidate_id = champion_id(cfg)
-        return registry.read().get(candidate_id) if candidate_id else None
-    return registry.champion()
-
-
 def _judge(cfg: PipelineConfig, registry: Registry, stages: Stages,
            data_event: DataEvent | None) -> tuple[str, bool, dict[str, Any] | None]:
     """Compare this run's adapter with the champion and record the decision: (decision, promoted, champion's
@@ -180,7 +173,7 @@ def _judge(cfg: PipelineConfig, registry: Registry, stages: Stages,
     logger = get_run_logger()
     p = cfg.promotion
     key = f"{p.metric}_fmeasure"
-    champion = _champion(cfg, registry)
+    champion = current_champion(cfg, registry)
     if champion is not None and champion.train_fingerprint == stages.trained.fingerprint:
         return (f"unchanged: data fingerprint {stages.data.fingerprint} and config are those champion {champion.id} "
                 "was trained on; every stage was cached, nothing to promote"), False, None

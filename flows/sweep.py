@@ -106,7 +106,7 @@ def sweep(
 def _publish(rows: list[dict[str, Any]], metric: str) -> None:
     from prefect.artifacts import create_table_artifact
 
-    from tasks.reporting import artifact_prefix
+    from loraflow.report import artifact_prefix
 
     create_table_artifact(rows, key=f"{artifact_prefix()}-ranking",
                           description=f"Sweep runs ranked by the fine-tuned model's validation {metric} F1 (ROUGE x100, with its "

@@ -95,11 +95,11 @@ def entries(output_dir: Path) -> list[Entry]:
 
 def why(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
     """(stage, key, 'hit' or why it would run) for each stage of `cfg`, computed without running anything."""
-    from flows.pipeline import resolve_hardware
+    from loraflow.hardware import resolve
 
     output_dir = root(cfg)
     rows = []
-    for stage, sk in store.chain(resolve_hardware(cfg)).items():
+    for stage, sk in store.chain(resolve(cfg)).items():
         problem = verify(store.folder(output_dir, stage, sk.key))
         if problem is None and not cfg.run.refreshes(stage):
             rows.append((stage, sk.key, "hit"))
@@ -122,22 +122,23 @@ def _locks(cfg: PipelineConfig):
 def _candidates_to_keep(cfg: PipelineConfig) -> list[tuple[object, str]]:
     """(candidate, why) for every candidate whose stages may still be needed: the registry's champion, the MLflow
     alias's (promotion.registry=mlflow), and challengers awaiting a person's approval."""
-    from loraflow.registry import Registry
+    from loraflow.registry import Registry, current_champion
 
     folder = cfg.promotion.registry_dir or (None if is_url(cfg.run.output_dir) else Path(cfg.run.output_dir) / "registry")
     if folder is None:
         return []
-    state = Registry(folder).read()
+    registry = Registry(folder)
+    state = registry.read()
+    # the champion (`registry.current_champion`: with promotion.registry=mlflow, the alias's), and the JSON pointer's too,
+    # which a switch back to the JSON registry would read
     keep = [(state.get(state.champion), f"the registry's champion {state.champion}")]
     if cfg.promotion.registry == "mlflow":
-        from loraflow.tracking import champion_id
-
         try:
-            alias = champion_id(cfg)
+            current = current_champion(cfg, registry)
         except Exception as err:  # noqa: BLE001 - no MLflow, no way to know what it protects
             raise ConfigError(f"cache gc: the MLflow champion cannot be read ({type(err).__name__}: {err}); start the "
                               "tracking server (promotion.registry=mlflow) before collecting") from None
-        keep.append((state.get(alias), f"the MLflow champion {alias}"))
+        keep.append((current, f"the MLflow champion {current.id if current else None}"))
     keep += [(c, f"awaiting approval ({c.id})") for c in state.candidates if c.awaiting()]
     return [(c, why) for c, why in keep if c is not None]
 

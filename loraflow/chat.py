@@ -81,7 +81,7 @@ def _render(tokenizer, messages: list[dict[str, str]], generation: bool = False)
         raise
 
 
-def _with_system(messages: list[dict[str, str]], prompt: PromptConfig) -> list[dict[str, str]]:
+def with_system(messages: list[dict[str, str]], prompt: PromptConfig) -> list[dict[str, str]]:
     if prompt.system and not any(m["role"] == "system" for m in messages):
         return [{"role": "system", "content": prompt.system}, *messages]
     return messages
@@ -163,7 +163,7 @@ def encode_conversations(rows: dict[str, list], prompt: PromptConfig, tokenizer,
     budget = prompt.max_length - prompt.max_target_length
     out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_ids": [], "truncated": [], "prompt_truncated": []}
     for raw in rows["messages"]:
-        messages = _with_system(json.loads(raw), prompt)
+        messages = with_system(json.loads(raw), prompt)
         ids, labels, cut = _encode_one(messages, prompt, tokenizer, prefix, stop, eos_appended)
         prompt_ids, prompt_cut = _generation_prompt(messages, tokenizer, prefix, budget)
         out["input_ids"].append(ids)

@@ -18,15 +18,16 @@ STAGE_LIBRARIES: dict[str, tuple[str, ...]] = {"export": ("gguf",)}  # libraries
 
 # The modules whose source shapes each stage's result (the one list: tasks.stages builds its keys from it).
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "data": ("loraflow.data", "loraflow.aclsum", "loraflow.splits", "loraflow.chat"),
+    "data": ("loraflow.data", "loraflow.aclsum", "loraflow.splits", "loraflow.chat", "loraflow.sources"),
     "tokenize": ("loraflow.prompts", "loraflow.tokenization", "loraflow.sources", "loraflow.chat"),  # sources: GGUF -> tokenizer
     "model": ("loraflow.modeling", "loraflow.sources", "loraflow.hardware"),
     "train": ("loraflow.training", "loraflow.trainer", "loraflow.collator", "loraflow.modeling", "loraflow.launch",
-              "loraflow.worker"),
+              "loraflow.worker", "loraflow.generation", "loraflow.tokenization"),
     "preflight": ("loraflow.preflight", "loraflow.memory"),  # and, through the evaluate key, every stage's
     "evaluate": ("loraflow.evaluation", "loraflow.rouge", "loraflow.modeling", "loraflow.scoring", "loraflow.bootstrap",
-                 "loraflow.prompts", "loraflow.parity"),
-    "export": ("loraflow.export", "loraflow.gguf_export", "loraflow.parity", "loraflow.modeling"),
+                 "loraflow.prompts", "loraflow.parity", "loraflow.generation", "loraflow.tokenization"),
+    "export": ("loraflow.export", "loraflow.gguf_export", "loraflow.parity", "loraflow.modeling", "loraflow.generation",
+               "loraflow.tokenization"),
 }
 
 

@@ -14,7 +14,7 @@ Output folder `<output_dir>/data/<key>/`:
     splits.json     where each split came from, e.g. {"train": "train", "validation": "train (hash < 0.1)"}
     manifest.json   file checksums (artifacts.atomic_dir) + the data config
 
-The key (`store.data_key`: data config, source content, code, libraries): editing a local file in place,
+The key (`store.data_key`: data config, source content (`sources.source_fingerprint`), code, libraries): editing a local file in place,
 upgrading the aclsum package, a hub branch that moved, editing this stage's code or upgrading a
 library that shapes its numbers gives a new folder.
 """
@@ -30,23 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from loraflow import store
-from loraflow.artifacts import Handle, atomic_dir, content_digest, fingerprint, is_complete, write_json
+from loraflow.artifacts import Handle, atomic_dir, is_complete, write_json
 from loraflow.config import DataConfig, section_dict
+from loraflow.sources import FORMATS, DataError, is_local, local_files
 from loraflow.splits import carve, smallest_hash_first
 
 log = logging.getLogger("loraflow")
-FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}  # suffix -> datasets builder
 # Folder files named train*/test*/validation*/dev* are splits ("train-00000-of-00002.parquet" too);
 # the prefix must not run on into a letter, so "trainer.jsonl" or "testimonials.csv" are not splits.
 _SPLIT_FILE = re.compile(r"^(training|train|testing|test|validation|valid|val|dev)(?![a-z])", re.IGNORECASE)
 _CANONICAL = {"training": "train", "testing": "test", "valid": "validation", "val": "validation", "dev": "validation"}
 OWN_COLUMNS = ("input", "target", "references", "cluster", "messages")
-
-
-class DataError(ValueError):
-    """A data problem the user can fix; the message names it and the fix."""
-
-    transient = False  # True when a retry may succeed (a network failure): only then does the task retry
 
 
 def _is_network_error(err: BaseException | None) -> bool:
@@ -63,49 +57,6 @@ def _is_network_error(err: BaseException | None) -> bool:
 
 def _canonical(split: str) -> str:
     return _CANONICAL.get(split.lower(), split.lower())
-
-
-def is_local(source: str) -> bool:
-    """A path (existing, or written like one), as opposed to a hub dataset id."""
-    return source.startswith((".", "/", "~")) or Path(source).expanduser().exists() or Path(source).suffix in FORMATS
-
-
-def _local_files(source: str) -> list[Path]:
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise DataError(f"data.source: '{source}' does not exist: check the path (relative paths start at {Path.cwd()})")
-    if path.is_file():
-        if path.suffix not in FORMATS:
-            raise DataError(f"data.source: unsupported file type '{path.name}': use .jsonl, .json, .csv or .parquet")
-        return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in FORMATS)  # README, LICENSE are skipped
-    root = path.resolve()
-    for f in files:  # a link in the folder may point inside it; one pointing elsewhere could read any file here
-        if f.is_symlink() and root not in f.resolve().parents:
-            raise DataError(f"data.source: '{f.name}' in '{source}' is a link to {f.resolve()}, outside the data "
-                            "folder: copy the file into the folder (links are followed only within it)")
-    if not files:
-        raise DataError(f"data.source: folder '{source}' holds no .jsonl/.json/.csv/.parquet files: point it at data")
-    if len({FORMATS[p.suffix] for p in files}) > 1:
-        raise DataError(f"data.source: folder '{source}' mixes file formats: keep one format (jsonl, csv or parquet)")
-    return files
-
-
-def source_fingerprint(cfg: DataConfig) -> str:
-    """Content identity of the source: file bytes for local data, package files for aclsum, id@revision for hub."""
-    if cfg.source == "aclsum":
-        from loraflow.aclsum import AclsumError, split_files, version
-
-        try:
-            return fingerprint("aclsum", version(), {k: content_digest(p) for k, p in split_files().items()})
-        except AclsumError as err:
-            raise DataError(str(err)) from None
-    if is_local(cfg.source):
-        return fingerprint([(p.name, content_digest(p)) for p in _local_files(cfg.source)])
-    from loraflow.sources import hub_commit
-
-    # The commit the revision (or the branch head) stands for: a moved branch is a new key.
-    return f"{cfg.source}:{cfg.hub_config}@{hub_commit(cfg.source, cfg.revision, 'dataset')}"
 
 
 def _check_file(path: Path) -> None:
@@ -144,7 +95,7 @@ def _check_file(path: Path) -> None:
 
 def _local_splits(cfg: DataConfig) -> dict[str, list[str]]:
     """data_files for datasets.load_dataset: {split: [file, ...]}; one "pool" when files are not named by split."""
-    files = _local_files(cfg.source)
+    files = local_files(cfg.source)
     for f in files:
         _check_file(f)
     if len(files) == 1 and Path(cfg.source).expanduser().is_file():
@@ -399,10 +350,10 @@ def build_splits(cfg: DataConfig, cache_dir: str | Path | None = None) -> tuple[
     return out, dropped, origin
 
 
-def prepare_data(cfg: DataConfig, output_dir: str | Path, refresh: bool = False) -> Handle:
+def prepare_data(cfg: DataConfig, output_dir: str | Path, refresh: bool = False, key: store.StageKey | None = None) -> Handle:
     """Load, map, validate and split the source into `<output_dir>/data/<key>/dataset`; reuse it if complete
-    (unless `refresh`: then recompute and replace it)."""
-    sk = store.data_key(cfg)
+    (unless `refresh`: then recompute and replace it). `key`: the run's (`store.chain`), else computed here."""
+    sk = key or store.data_key(cfg)
     key, final = sk.key, store.folder(output_dir, "data", sk.key)
     if is_complete(final) and not refresh:
         log.info("data: reusing %s", final)

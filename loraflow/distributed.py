@@ -4,38 +4,16 @@
 loraflow.worker`; every rank runs the same `train_adapter` code as a single process would, Trainer
 (through accelerate) joins the process group from torchrun's environment (RANK, WORLD_SIZE, ...),
 and rank 0 alone writes checkpoints, the adapter and the stage's artifacts. Nothing here imports
-torch at module level: `resolve_processes` runs in the flow process, before the train stage's key.
+torch at module level. `train.num_processes: auto` is resolved by `loraflow.hardware.resolve_processes`.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 from typing import Any
 
 ERROR_MARK = "loraflow-error "  # a rank's failure, one line: the launcher reports the first one
-
-
-def visible_gpu_count() -> int:
-    """GPUs this process may use, without importing torch: CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        ids = [d for d in visible.split(",") if d.strip()]
-        return 0 if not ids or ids[0].strip() == "-1" else len(ids)
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in listed.splitlines() if line.startswith("GPU "))
-
-
-def resolve_processes(value: int | str) -> int:
-    """'auto' = one process per visible GPU (1 without a GPU); a number is kept as given."""
-    return max(1, visible_gpu_count()) if value == "auto" else int(value)
 
 
 def worker_command(num_processes: int, request: str) -> list[str]:

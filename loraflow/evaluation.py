@@ -6,8 +6,8 @@ and base, each with a 95% cluster-bootstrap interval and a paired interval for t
 (`loraflow.scoring`). Nothing but this stage reads the test split, and nothing chooses on it.
 Generation stops on every end-of-turn id (`prompts.stop_token_ids`), not a single eos id.
 
-Generation is batched with left padding (so every prompt ends where generation starts), prompts
-sorted by length (less padding per batch), the KV cache on and `torch.inference_mode`.
+Generation (`loraflow.generation`) is batched with left padding (so every prompt ends where generation
+starts), prompts sorted by length (less padding per batch), the KV cache on and `torch.inference_mode`.
 
 The scored model is the trained one: the base it was trained against with the adapter *beside* it, as
 in training (`scored_model`). On CPU (`eval.dequantize: auto`) the NF4 weights are expanded once to the
@@ -29,46 +29,10 @@ from typing import Any
 from loraflow import store
 from loraflow.artifacts import Handle, atomic_dir, is_complete, write_json
 from loraflow.config import EvalConfig, PipelineConfig
+from loraflow.generation import generate
 from loraflow.hardware import resolve_quantization
 
 log = logging.getLogger("loraflow")
-
-
-def generate(model, tokenizer, prompts: list[list[int]], ev: EvalConfig, desc: str,
-             stop_ids: list[int] | None = None) -> list[str]:
-    """Decode completions for token-id prompts, returned in the input order; stop on any of `stop_ids`
-    (default: the tokenizer's eos)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from loraflow.collator import left_pad
-
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    gen_kwargs: dict[str, Any] = dict(
-        max_new_tokens=ev.max_new_tokens,
-        do_sample=ev.do_sample,
-        num_beams=ev.num_beams,
-        repetition_penalty=ev.repetition_penalty,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=stop_ids or tokenizer.eos_token_id,
-        use_cache=True,
-    )
-    if ev.do_sample:
-        gen_kwargs.update(temperature=ev.temperature, top_p=ev.top_p)
-    else:  # silence "generation flags are not valid" warnings from the model's sampling defaults
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-    batches = [order[i : i + ev.batch_size] for i in range(0, len(order), ev.batch_size)]
-    with torch.inference_mode():
-        for idx in tqdm(batches, desc=desc, unit="batch"):
-            input_ids, attention_mask = left_pad([prompts[i] for i in idx], tokenizer.pad_token_id)
-            new = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **gen_kwargs
-            )[:, input_ids.shape[1] :]
-            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                out[i] = text.strip()
-    return out
 
 
 def use_dequantized(ev: EvalConfig, quantized: bool) -> bool:
@@ -97,10 +61,12 @@ def scored_model(cfg: PipelineConfig, base_dir: str | Path, adapter_dir: str | P
     return model, dequantized
 
 
-def evaluate_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, output_dir: str | Path) -> Handle:
-    """Score the fine-tuned adapter (and the base model) with ROUGE; writes predictions.jsonl + metrics.json."""
+def evaluate_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, output_dir: str | Path,
+                     key: store.StageKey | None = None) -> Handle:
+    """Score the fine-tuned adapter (and the base model) with ROUGE; writes predictions.jsonl + metrics.json.
+    `key`: the run's (`store.chain`), else computed here."""
     cfg = cfg.model_copy(update={"quantization": resolve_quantization(cfg.quantization)})  # 'auto' -> this machine's
-    sk = store.evaluate_key(cfg, tokenized.fingerprint, model_handle.fingerprint, trained.fingerprint)
+    sk = key or store.evaluate_key(cfg, tokenized.fingerprint, model_handle.fingerprint, trained.fingerprint)
     key, final = sk.key, store.folder(output_dir, "evaluate", sk.key)
     if cfg.run.refreshes("evaluate") or not is_complete(final):
         _run_eval(cfg, tokenized, model_handle, trained, final)
@@ -114,7 +80,6 @@ def evaluate_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handl
 def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, final: Path) -> None:
     import datasets
     import torch
-    from transformers import AutoTokenizer
 
     from loraflow import parity
     from loraflow.buildlock import MODEL_BUILD
@@ -126,9 +91,9 @@ def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trai
     if cfg.eval.max_validation_samples is not None:
         validation = validation.select(range(min(cfg.eval.max_validation_samples, len(validation))))
     prompts = test["prompt_ids"]
-    tokenizer = AutoTokenizer.from_pretrained(Path(trained.path) / "adapter")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    from loraflow.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(trained.path) / "adapter")
     model, dequantized = scored_model(cfg, model_handle.info["base_dir"], Path(trained.path) / "adapter")
     stops = stop_token_ids(tokenizer, cfg.prompt, model.generation_config)
     # what an export must reproduce (`loraflow.parity`): the trained model, recorded before any merge

@@ -2,7 +2,7 @@
 
 The event's resource is the source: `prefect.resource.id` is `loraflow.data.<name>` (the name a deployment
 trigger matches; by default the folder or file name), `loraflow.source` its absolute path; the payload
-carries the content fingerprint the data stage keys on (`loraflow.data.source_fingerprint`), so the run a
+carries the content fingerprint the data stage keys on (`loraflow.sources.source_fingerprint`), so the run a
 trigger starts can say which content it was started for. `deployments/prefect.yaml` gives the retraining
 deployment a trigger on it (its parameters are taken from the event).
 
@@ -49,7 +49,7 @@ def resource(source: str, name: str | None = None) -> dict[str, str]:
 def content_fingerprint(source: str) -> str:
     """What the data stage keys the source's content on (the same files, the same hash)."""
     from loraflow.config import DataConfig
-    from loraflow.data import source_fingerprint
+    from loraflow.sources import source_fingerprint
 
     return source_fingerprint(DataConfig(source=str(Path(source).expanduser().resolve())))
 
@@ -76,10 +76,10 @@ def emit_data_updated(source: str, name: str | None = None, fingerprint_: str | 
 
 def snapshot(source: str) -> tuple:
     """The cheap state a change shows in: (name, size, mtime) of every data file; () when there is none yet."""
-    from loraflow.data import DataError, _local_files
+    from loraflow.sources import DataError, local_files
 
     try:
-        files = _local_files(str(Path(source).expanduser()))
+        files = local_files(str(Path(source).expanduser()))
     except DataError:
         return ()
     out = []

@@ -30,7 +30,7 @@ from typing import Any
 from loraflow import store
 from loraflow.artifacts import Handle, atomic_dir, is_complete, write_json
 from loraflow.config import ExportConfig, ParityThresholds, PipelineConfig
-from loraflow.hardware import resolve_compute_dtype, resolve_quantization
+from loraflow.hardware import export_dtype, resolve_compute_dtype, resolve_quantization
 
 log = logging.getLogger("loraflow")
 
@@ -46,11 +46,6 @@ def wanted(export: ExportConfig, flow: str, promoted: bool = False) -> bool:
     return bool(export.enabled) and (flow != "retrain" or promoted)
 
 
-def export_dtype(cfg: PipelineConfig) -> str:
-    """export.dtype with 'auto' resolved: the compute dtype the model was trained and scored in."""
-    return resolve_compute_dtype(cfg.quantization.compute_dtype) if cfg.export.dtype == "auto" else cfg.export.dtype
-
-
 def formats(export: ExportConfig) -> list[str]:
     return ["merged", "gguf"] if export.format == "both" else [export.format]
 
@@ -63,10 +58,11 @@ def thresholds(export: ExportConfig, fmt: str) -> ParityThresholds | None:
 
 
 def export_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, scores: Handle,
-                   output_dir: str | Path) -> Handle:
-    """Merge, write, check parity and publish the export of `trained` (see the module docstring)."""
+                   output_dir: str | Path, key: store.StageKey | None = None) -> Handle:
+    """Merge, write, check parity and publish the export of `trained` (see the module docstring). `key`: the
+    run's (`flows.pipeline.export_stage`), else computed here."""
     cfg = cfg.model_copy(update={"quantization": resolve_quantization(cfg.quantization)})
-    sk = store.export_key(cfg, scores.fingerprint)
+    sk = key or store.export_key(cfg, scores.fingerprint)
     key, final = sk.key, store.folder(output_dir, "export", sk.key)
     if cfg.run.refreshes("export") or not is_complete(final):
         _run_export(cfg, tokenized, model_handle, trained, scores, final)
@@ -85,7 +81,7 @@ def merged_model(cfg: PipelineConfig, model_handle: Handle, adapter: Path):
     from loraflow.buildlock import MODEL_BUILD
     from loraflow.modeling import load_base
 
-    dtype = getattr(torch, export_dtype(cfg))
+    dtype = getattr(torch, export_dtype(cfg.export.dtype, cfg.quantization.compute_dtype))
     with MODEL_BUILD:
         if cfg.export.base == "original" or cfg.quantization.mode == "none":
             base = AutoModelForCausalLM.from_pretrained(model_handle.info["base_dir"], dtype=dtype,
@@ -103,9 +99,9 @@ def merged_model(cfg: PipelineConfig, model_handle: Handle, adapter: Path):
 def _run_export(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, scores: Handle,
                 final: Path) -> None:
     import datasets
-    from transformers import AutoTokenizer
 
     from loraflow.parity import REFERENCE, parity_rows
+    from loraflow.tokenization import load_tokenizer
 
     t0 = time.perf_counter()
     ref_path = Path(scores.path) / REFERENCE
@@ -116,9 +112,7 @@ def _run_export(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, tr
     validation = datasets.load_from_disk(str(Path(tokenized.path) / "dataset"))["validation"]
     rows = parity_rows(validation, reference["n"])
     adapter = Path(trained.path) / "adapter"
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(adapter)
     stops = list(scores.info["stop_token_ids"])
     fmts = formats(cfg.export)
     if "gguf" in fmts:  # refuse before merging anything
@@ -128,7 +122,7 @@ def _run_export(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, tr
 
         check_supported(AutoConfig.from_pretrained(model_handle.info["base_dir"]), adapter)
     merged = merged_model(cfg, model_handle, adapter)
-    info: dict[str, Any] = {"format": cfg.export.format, "base": cfg.export.base, "dtype": export_dtype(cfg),
+    info: dict[str, Any] = {"format": cfg.export.format, "base": cfg.export.base, "dtype": export_dtype(cfg.export.dtype, cfg.quantization.compute_dtype),
                             "gguf_type": cfg.export.gguf_type if "gguf" in fmts else None, "files": {}, "size_mb": {}}
     checks = []
     with atomic_dir(final, {"stage": "export"}) as tmp, tempfile.TemporaryDirectory() as scratch:
@@ -219,7 +213,7 @@ def _check(cfg: PipelineConfig, fmt: str, tmp: Path, file: str, tokenizer, rows,
 
     label = "merged" if fmt == "merged" else f"gguf {cfg.export.gguf_type}"
     # compared in the dtype the reference was computed in (a GGUF loads as fp32 otherwise)
-    model, loaded_tok = load_export(tmp, file, export_dtype(cfg) if fmt == "merged" else
+    model, loaded_tok = load_export(tmp, file, export_dtype(cfg.export.dtype, cfg.quantization.compute_dtype) if fmt == "merged" else
                                     resolve_compute_dtype(cfg.quantization.compute_dtype))
     result = compare(model, tokenizer, rows, reference, cfg.eval, stops)
     result.update(tokenizer_agreement(tokenizer, loaded_tok, rows))

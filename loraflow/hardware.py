@@ -17,8 +17,10 @@ import platform
 import shutil
 import subprocess
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from loraflow.distributed import visible_gpu_count
+if TYPE_CHECKING:
+    from loraflow.config import PipelineConfig
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 REPORTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -142,3 +144,38 @@ def machine() -> dict[str, object]:
         "compute_dtype_auto": resolve_compute_dtype("auto"),
     }
     return info
+
+
+def visible_gpu_count() -> int:
+    """GPUs this process may use, without importing torch: CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [d for d in visible.split(",") if d.strip()]
+        return 0 if not ids or ids[0].strip() == "-1" else len(ids)
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in listed.splitlines() if line.startswith("GPU "))
+
+
+def resolve_processes(value: int | str) -> int:
+    """'auto' = one process per visible GPU (1 without a GPU); a number is kept as given."""
+    return max(1, visible_gpu_count()) if value == "auto" else int(value)
+
+
+def export_dtype(export: str, compute: str) -> str:
+    """`export.dtype` with 'auto' resolved: the compute dtype (`quantization.compute_dtype`) the model was
+    trained and scored in."""
+    return resolve_compute_dtype(compute) if export == "auto" else export
+
+
+def resolve(cfg: PipelineConfig) -> PipelineConfig:
+    """`cfg` with the machine-dependent 'auto' settings replaced by what they mean here, in one place, before any
+    cache key is made: the compute dtype (`resolve_quantization`) and the number of training processes
+    (`resolve_processes`). `gradient_checkpointing: auto` is decided when training starts (`loraflow.training`),
+    from the memory free then."""
+    train = cfg.train.model_copy(update={"num_processes": resolve_processes(cfg.train.num_processes)})
+    return cfg.model_copy(update={"quantization": resolve_quantization(cfg.quantization), "train": train})

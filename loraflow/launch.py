@@ -21,12 +21,16 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from loraflow.artifacts import Handle
 from loraflow.config import PipelineConfig
-from loraflow.distributed import ERROR_MARK, resolve_processes, worker_command
+from loraflow.distributed import ERROR_MARK, worker_command
+from loraflow.hardware import resolve_processes
 from loraflow.worker import PROGRESS_MARK, WAIT_FLAG
+
+if TYPE_CHECKING:
+    from loraflow.store import StageKey
 
 log = logging.getLogger("loraflow")
 _PROGRESS = re.compile(r"\d+%\|.*\|")  # a tqdm redraw: "42%|████      | 10/24 [...]"
@@ -84,25 +88,24 @@ def _spawn(command: list[str], **kw) -> subprocess.Popen:
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent, **kw)
 
 
-def _early_key(cfg: PipelineConfig, output_dir: str | Path) -> str | None:
-    """The train key when the train stage will run in one local process, else None."""
+def _early_key(cfg: PipelineConfig, output_dir: str | Path, train_key: str) -> str | None:
+    """`train_key` when the train stage will run in one local process, else None."""
     from loraflow import store
     from loraflow.artifacts import is_complete
     from loraflow.remote import is_url
 
     if not cfg.train.early_start or is_url(cfg.run.output_dir) or resolve_processes(cfg.train.num_processes) != 1:
         return None
-    key = store.chain(cfg)["train"].key
-    return key if cfg.run.refreshes("train") or not is_complete(store.folder(output_dir, "train", key)) else None
+    return train_key if cfg.run.refreshes("train") or not is_complete(store.folder(output_dir, "train", train_key)) else None
 
 
 @contextmanager
-def early_start(cfg: PipelineConfig, output_dir: str | Path) -> Iterator[None]:
-    """Start the training process now if the train stage will run, so its imports (torch, transformers,
-    peft: ~10-20 s on a small CPU) overlap the stages before it; `run_train_worker` hands it the request.
-    A process nobody claimed is ended when the block exits (the run failed or stopped before training)."""
+def early_start(cfg: PipelineConfig, output_dir: str | Path, train_key: str) -> Iterator[None]:
+    """Start the training process now if the train stage (key `train_key`) will run, so its imports (torch,
+    transformers, peft: ~10-20 s on a small CPU) overlap the stages before it; `run_train_worker` hands it the
+    request. A process nobody claimed is ended when the block exits (the run failed or stopped before training)."""
     try:
-        key = _early_key(cfg, output_dir)
+        key = _early_key(cfg, output_dir, train_key)
     except Exception as err:  # noqa: BLE001 - the stage that needs the input reports it properly
         log.debug("train: not started early (%s)", err)
         key = None
@@ -154,25 +157,37 @@ def _claim(key: str, request: Path) -> subprocess.Popen | None:
     return proc
 
 
+def worker_request(cfg: PipelineConfig, tokenized: Handle, model: Handle, output_dir: str | Path, result: Path,
+                   key: StageKey, continuation: str, tracking: dict | None = None) -> dict:
+    """What `python -m loraflow.worker REQUEST` reads: the run's config, its inputs, its train key and continuation
+    key (the worker computes neither), where to write, and the MLflow run to log to."""
+    return {"cfg": cfg.model_dump(mode="json"), "tokenized": tokenized.model_dump(), "model": model.model_dump(),
+            "output_dir": str(output_dir), "result": str(result), "tracking": tracking,
+            "key": {"stage": key.stage, "parts": key.parts}, "continuation_key": continuation}
+
+
 def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, output_dir: str | Path,
-                     on_progress: Callable[[dict], None] | None = None) -> Handle:
+                     on_progress: Callable[[dict], None] | None = None, key: StageKey | None = None) -> Handle:
     """Train in `python -m loraflow.worker` (through torchrun with train.num_processes > 1); returns
     the train handle or raises WorkerFailed naming the first rank's error.
 
-    `on_progress` gets {"step", "max_steps", "loss"} at every logging step."""
+    `on_progress` gets {"step", "max_steps", "loss"} at every logging step. `key`: the run's train key
+    (`store.chain`), else computed here; the training process receives it, and the continuation key
+    computed here, in its request."""
     processes = resolve_processes(cfg.train.num_processes)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_processes": processes})})
     from loraflow import store
     from loraflow.tracking import handoff
-    from loraflow.training import finished_train, train_key
+    from loraflow.training import continuation_key, finished_train
 
-    done = finished_train(cfg, tokenized, model, output_dir)
+    sk = key or store.train_key(cfg, tokenized.fingerprint, model.fingerprint)
+    done = finished_train(cfg, tokenized, model, output_dir, sk.key)
     if done is not None:  # e.g. Prefect's records were cleared: no worker
         log.info("train: reusing %s", done.path)
         return done
-    key = train_key(cfg, tokenized, model)
+    continuation = continuation_key(cfg, tokenized, model)
     if cfg.run.refreshes("train"):  # from scratch: the old checkpoints are set aside, not resumed from
-        work = store.work_dir(output_dir, key)
+        work = store.work_dir(output_dir, sk.key)
         if work.exists():
             aside = work.with_name(f"{work.name}.set-aside-{int(time.time())}")
             work.rename(aside)
@@ -180,17 +195,15 @@ def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, outp
     else:
         from loraflow.training import seed_continuation
 
-        seed_continuation(cfg, tokenized, model, output_dir)
+        seed_continuation(cfg, tokenized, model, output_dir, sk.key, continuation)
     with tempfile.TemporaryDirectory(prefix="loraflow-train-") as tmp:
         request = Path(tmp) / "request.json"
         result = Path(tmp) / "result.json"
-        request.write_text(json.dumps({
-            "cfg": cfg.model_dump(mode="json"), "tokenized": tokenized.model_dump(), "model": model.model_dump(),
-            "output_dir": str(output_dir), "result": str(result), "tracking": handoff(),
-        }))
+        request.write_text(json.dumps(worker_request(cfg, tokenized, model, output_dir, result, sk, continuation,
+                                                     handoff())))
         if processes > 1:
             log.info("train: %d processes (DDP) through torchrun", processes)
-        proc = _claim(key, request) or _spawn(worker_command(processes, str(request)))
+        proc = _claim(sk.key, request) or _spawn(worker_command(processes, str(request)))
         tail: deque[str] = deque(maxlen=20)
         errors: list[dict] = []  # {"at": time, "error": "rank N: Type: message"} from each failing rank
         try:

@@ -149,6 +149,6 @@ def evaluation(cfg: PipelineConfig, s: dict[str, Any], length: int, cuda: bool) 
 
 
 def cuda_visible() -> bool:
-    from loraflow.distributed import visible_gpu_count
+    from loraflow.hardware import visible_gpu_count
 
     return visible_gpu_count() > 0 and os.environ.get("CUDA_VISIBLE_DEVICES") != ""

@@ -146,11 +146,13 @@ def build_model(
     output_dir: str | Path,
     cache_dir: str | None = None,
     refresh: bool = False,
+    key: store.StageKey | None = None,
 ) -> Handle:
-    """Resolve the base model, load it quantized with LoRA, save the initial adapter and report sizes."""
+    """Resolve the base model, load it quantized with LoRA, save the initial adapter and report sizes. `key`: the
+    run's (`store.chain`), else computed here."""
     model_dir = resolve_model_dir(model.name_or_path, model.revision, cache_dir, model.allow_pickle_weights)
     quant = resolve_quantization(quant)
-    sk = store.model_key(model, quant, lora)
+    sk = key or store.model_key(model, quant, lora)
     key, final = sk.key, store.folder(output_dir, "model", sk.key)
     if refresh or not is_complete(final):
         base = load_base(model_dir, model, quant)

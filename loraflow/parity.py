@@ -6,7 +6,7 @@ the NF4 weights dequantized to the compute dtype; on a GPU the 4-bit model), for
 is so measured against the model that was trained, its merge's rounding included. For each row:
 - teacher-forced on the row's prompt + reference answer: at every answer position, the 16 largest
   next-token logits and their token ids;
-- the greedy generation of the prompt (the same `evaluation.generate`, same batches).
+- the greedy generation of the prompt (the same `generation.generate`, same batches).
 
 The export stage loads the export the way a user would and calls `compare`: the same forward passes and
 generations, scored against the record as top-1 agreement over answer positions (the reference's top token is among the export's
@@ -50,7 +50,7 @@ def _answer_logits(model, row: dict[str, Any]):
 
 def record(model, tokenizer, rows: list[dict[str, Any]], ev: EvalConfig, stops: list[int]) -> dict[str, Any]:
     """The reference: per row, the top-16 logits at each answer position and the greedy generation."""
-    from loraflow.evaluation import generate
+    from loraflow.generation import generate
 
     greedy = generate(model, tokenizer, [r["prompt_ids"] for r in rows], _greedy(ev), "parity reference", stops)
     out = []
@@ -65,7 +65,7 @@ def compare(model, tokenizer, rows: list[dict[str, Any]], reference: dict[str, A
     """The export's numbers against `reference` (see the module docstring), with the worst row."""
     import torch
 
-    from loraflow.evaluation import generate
+    from loraflow.generation import generate
 
     ref_rows = reference["rows"][: len(rows)]
     greedy = generate(model, tokenizer, [r["prompt_ids"] for r in rows], _greedy(ev), "parity", stops)

@@ -264,12 +264,12 @@ def _prompt_and_full(cfg: PipelineConfig, rows: list[dict[str, Any]], tokenizer,
     """(the generation prompt, the conversation with its answer) as the chat template renders them, per row."""
     import json
 
-    from loraflow.chat import _with_system
+    from loraflow.chat import with_system
 
     prompt, pairs = cfg.prompt, []
     for row in rows:
         if cfg.data.format == "messages":
-            messages = _with_system(json.loads(row["messages"]), prompt)
+            messages = with_system(json.loads(row["messages"]), prompt)
             before = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
         else:
             before = render_prompt(row, prompt, tokenizer)

@@ -213,3 +213,14 @@ def decide(metric: str, margin: float, rule: str, champion: Candidate | None,
     return promoted, (f"validation {metric} vs champion {100 * diff:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] "
                       f"(paired, n={comparison['n']} in {comparison['n_clusters']} clusters): {what} "
                       f"{verdict} the required margin {100 * margin:+.2f}")
+
+
+def current_champion(cfg, registry: Registry) -> Candidate | None:
+    """The champion, the one answer retraining, `loraflow cache gc` and the export read: with
+    `promotion.registry: mlflow` the candidate the MLflow alias `champion` points at, else the registry's pointer."""
+    if cfg.promotion.registry == "mlflow":
+        from loraflow.tracking import champion_id
+
+        candidate_id = champion_id(cfg)
+        return registry.read().get(candidate_id) if candidate_id else None
+    return registry.champion()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+from loraflow.rouge import KEYS
 
 
 def _ci(stats: dict[str, Any] | None) -> str:
@@ -54,3 +55,11 @@ def export_table(export: dict[str, Any]) -> str:
                      f"{export['size_mb'][c['format']]:>8}  {'gated' if c['gated'] else 'reported only'}")
     lines += [f"{fmt}: {path}" for fmt, path in export["files"].items()]
     return "\n".join(lines)
+
+
+def artifact_prefix() -> str:
+    """The Prefect artifact keys' prefix: the deployment's name, else the flow's (lowercase, dashes)."""
+    from prefect.runtime import deployment, flow_run
+
+    name = deployment.name or flow_run.flow_name or "loraflow"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "loraflow"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "rouge"
+KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")  # the ROUGE types scored and reported
 
 # One metric object per process; compute() buffers inputs on the object, so calls take turns.
 _compute_lock = threading.Lock()

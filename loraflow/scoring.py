@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from loraflow.bootstrap import cluster_bootstrap, compare
 from loraflow.config import EvalConfig
-from loraflow.report import KEYS
+from loraflow.rouge import KEYS
 
 F1_KEYS = tuple(f"{k}_fmeasure" for k in KEYS)
 

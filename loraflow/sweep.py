@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from loraflow.config import ConfigError, PipelineConfig, build_config, deep_merge, field_annotation, parse_value
-from loraflow.report import KEYS
+from loraflow.rouge import KEYS
 
 Metric = Literal["rouge1", "rouge2", "rougeL", "rougeLsum"]
 

@@ -145,16 +145,17 @@ def encode_example(row: dict[str, Any], prompt: PromptConfig, tokenizer) -> dict
 
 
 def tokenize_data(data: Handle, prompt: PromptConfig, tokenizer: str | Path | ModelConfig, output_dir: str | Path,
-                  refresh: bool = False, cache_dir: str | None = None) -> Handle:
+                  refresh: bool = False, cache_dir: str | None = None, key: store.StageKey | None = None) -> Handle:
     """Tokenize the data stage's splits with `tokenizer` (a model folder, or the model config: resolved only
-    when the stage computes); reuses a complete folder with the same key unless `refresh`."""
+    when the stage computes); reuses a complete folder with the same key unless `refresh`. `key`: the run's
+    (`store.chain`), else computed here."""
     if prompt.max_target_length >= prompt.max_length:
         raise PromptError(
             f"prompt.max_target_length ({prompt.max_target_length}) leaves no room for the prompt in "
             f"prompt.max_length ({prompt.max_length}): raise max_length or lower max_target_length"
         )
     model = tokenizer if isinstance(tokenizer, ModelConfig) else ModelConfig(name_or_path=str(Path(tokenizer).resolve()))
-    sk = store.tokenize_key(data.fingerprint, prompt, source_identity(model.name_or_path, model.revision))
+    sk = key or store.tokenize_key(data.fingerprint, prompt, source_identity(model.name_or_path, model.revision))
     key, final = sk.key, store.folder(output_dir, "tokenize", sk.key)
     if is_complete(final) and not refresh:
         log.info("tokenize: reusing %s", final)

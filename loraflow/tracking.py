@@ -113,7 +113,7 @@ class Tracker:
     def _link(self) -> None:
         from prefect.artifacts import create_link_artifact
 
-        from tasks.reporting import artifact_prefix
+        from loraflow.report import artifact_prefix
 
         if self.uri.startswith(("http://", "https://")):
             create_link_artifact(self.url, link_text=f"MLflow run {self.run_id}", key=f"{artifact_prefix()}-mlflow",

@@ -197,7 +197,7 @@ def validation_rouge(cfg: PipelineConfig, validation, tokenizer) -> Callable[[An
 
     def score(model) -> float:
         from loraflow import rouge
-        from loraflow.evaluation import generate
+        from loraflow.generation import generate
 
         predictions = generate(model, tokenizer, prompts, cfg.eval, "eval generate", stop_ids(cfg, tokenizer, model))
         return rouge.score(predictions, references, use_stemmer=cfg.eval.use_stemmer)["rougeL_fmeasure"]
@@ -241,7 +241,8 @@ def _shorter(info: dict[str, Any], train: TrainConfig) -> bool:
     return length.get("max_steps", 0) <= 0 and length.get("num_train_epochs", float("inf")) < train.num_train_epochs
 
 
-def seed_continuation(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, output_dir: str | Path) -> Path | None:
+def seed_continuation(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, output_dir: str | Path,
+                      key: str | None = None, continuation: str | None = None) -> Path | None:
     """Continue, not restart, when only the run's length grew (`max_steps`, or `num_train_epochs` when both
     runs count epochs): copy the final checkpoint of the longest shorter finished run with the same
     continuation key into this run's work folder, so training resumes from its last step (weights,
@@ -250,12 +251,13 @@ def seed_continuation(cfg: PipelineConfig, tokenized: Handle, model_handle: Hand
     The schedule is this run's: Trainer rebuilds it for the new total and resumes at the step reached.
     `constant` / `constant_with_warmup` then continue exactly as an uninterrupted run would; a decaying
     schedule (`cosine`, `linear`) jumps from the shorter run's final learning rate to the longer
-    schedule's value at that step (it is not a new warm-up)."""
-    key = train_key(cfg, tokenized, model_handle)
+    schedule's value at that step (it is not a new warm-up). `key`, `continuation`: the run's train key and
+    continuation key (`loraflow.launch`), else computed here."""
+    key = key or train_key(cfg, tokenized, model_handle)
     work = store.work_dir(output_dir, key)
     if last_checkpoint(work / "checkpoints") is not None:
         return None
-    wanted, best = continuation_key(cfg, tokenized, model_handle), None
+    wanted, best = continuation or continuation_key(cfg, tokenized, model_handle), None
     for metrics_file in store.folder(output_dir, "train", key).parent.glob("*/train_metrics.json"):
         try:
             info = json.loads(metrics_file.read_text())
@@ -307,6 +309,8 @@ def train_adapter(
     callbacks: list | None = None,
     stop_requested: Callable[[], bool] | None = None,
     process: dict[str, Any] | None = None,
+    key: store.StageKey | None = None,
+    continuation: str | None = None,
 ) -> Handle | None:
     """Fine-tune the LoRA adapter; returns a handle to the folder holding adapter/, logs/ and metrics
     (None on the other ranks of a multi-process run). `process` is recorded in the metrics as it is
@@ -314,14 +318,18 @@ def train_adapter(
 
     `stop_requested` (checked after training) turns an early stop into `Preempted`, leaving the
     checkpoint in the work folder for the rerun instead of publishing a half-trained adapter.
+
+    `key`, `continuation`: the train key and the continuation key the launcher computed (`loraflow.launch`,
+    from the run's keys), else computed here.
     """
-    done = finished_train(cfg, tokenized, model_handle, output_dir)
+    sk = key or store.train_key(cfg, tokenized.fingerprint, model_handle.fingerprint)
+    done = finished_train(cfg, tokenized, model_handle, output_dir, sk.key)
     if done is not None:
         return done
-    sk = store.train_key(cfg, tokenized.fingerprint, model_handle.fingerprint)
     final = store.folder(output_dir, "train", sk.key)
     work = store.work_dir(output_dir, sk.key)  # survives crashes: holds the checkpoints to resume from
-    _run_training(cfg, tokenized, model_handle, final, work, callbacks or [], stop_requested, process or {})
+    _run_training(cfg, tokenized, model_handle, final, work, callbacks or [], stop_requested, process or {},
+                  continuation or continuation_key(cfg, tokenized, model_handle))
     if rank() != 0:
         return None  # under DDP, rank 0 writes the stage folder and returns the handle
     store.remember(output_dir, sk)
@@ -361,10 +369,12 @@ def longest_batch_estimate(cfg: PipelineConfig, base_dir: str, stats_file: Path,
                                            checkpointing), budget, where)
 
 
-def finished_train(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, output_dir: str | Path) -> Handle | None:
+def finished_train(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, output_dir: str | Path,
+                   key: str | None = None) -> Handle | None:
     """The train stage's handle when its folder is complete and no refresh is asked for (marked as used),
-    else None: the one check both the training process and its launcher make."""
-    key = train_key(cfg, tokenized, model_handle)
+    else None: the one check both the training process and its launcher make (`key`: the train key, else
+    computed here)."""
+    key = key or train_key(cfg, tokenized, model_handle)
     final = store.folder(output_dir, "train", key)
     if cfg.run.refreshes("train") or not is_complete(final):
         return None
@@ -375,21 +385,20 @@ def finished_train(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle,
 
 
 def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, final: Path, work: Path,
-                  extra_callbacks: list, stop_requested: Callable[[], bool] | None, process: dict[str, Any]) -> None:
+                  extra_callbacks: list, stop_requested: Callable[[], bool] | None, process: dict[str, Any],
+                  continuation: str) -> None:
     import datasets
     from torch.utils.tensorboard import SummaryWriter
-    from transformers import AutoTokenizer
     from transformers.integrations import TensorBoardCallback
 
     from loraflow.modeling import load_for_training
+    from loraflow.tokenization import load_tokenizer
     from loraflow.trainer import CompletionTrainer
 
     data = datasets.load_from_disk(str(Path(tokenized.path) / "dataset"))
     train_ds = data["train"].select_columns(MODEL_COLUMNS)
     eval_ds = data["validation"].select_columns(MODEL_COLUMNS) if cfg.train.eval_steps else None
-    tokenizer = AutoTokenizer.from_pretrained(model_handle.info["base_dir"])
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(model_handle.info["base_dir"])
 
     checkpointing = resolve_checkpointing(cfg, model_handle.info["base_dir"], Path(tokenized.path) / "stats.json")
     model = load_for_training(model_handle, cfg.model, cfg.quantization, checkpointing, cfg.train.upcast_frozen)
@@ -461,7 +470,7 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         "resumed_from": resume,
         "device": str(args.device),
         "compute_dtype": resolve_compute_dtype(cfg.quantization.compute_dtype),
-        "continuation_key": continuation_key(cfg, tokenized, model_handle),
+        "continuation_key": continuation,
         "length": {"max_steps": cfg.train.max_steps, "num_train_epochs": cfg.train.num_train_epochs},
     }
     if before != after:

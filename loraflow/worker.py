@@ -108,6 +108,7 @@ def _train(argv: list[str], process: dict) -> int:
     from loraflow.artifacts import Handle
     from loraflow.config import PipelineConfig
     from loraflow.distributed import ERROR_MARK, rank
+    from loraflow.store import StageKey
     from loraflow.training import Preempted, train_adapter
 
     request = json.loads(Path(argv[0]).read_text())
@@ -121,7 +122,7 @@ def _train(argv: list[str], process: dict) -> int:
         handle = train_adapter(
             cfg, Handle(**request["tokenized"]), Handle(**request["model"]), request["output_dir"],
             callbacks=callbacks, stop_requested=lambda: Preemption.requested,
-            process=process,
+            process=process, key=StageKey(**request["key"]), continuation=request["continuation_key"],
         )
     except Preempted as err:
         print(f"train worker: {err}", file=sys.stderr, flush=True)

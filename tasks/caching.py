@@ -1,7 +1,8 @@
 """Prefect's cache key for a stage task: the address of the folder the stage writes (`loraflow.store`).
 
-The key itself (`store.key_of`) is the stage folder's name, computed from the task's arguments by the
-same function the stage uses to name its folder, so a Prefect hit, a miss and the folder never disagree.
+A stage task receives its key as an argument (`key`, a `store.StageKey`): the run computes every stage's
+key once (`flows.pipeline.run_stages`), so Prefect's cache key, the log line that explains a miss and the
+folder the stage writes are one value, never three computations that could disagree.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ def run_of(parameters: dict[str, Any]) -> Any:
 
 def cache_key_fn(stage: str) -> Callable[[Any, dict[str, Any]], str]:
     def key(_ctx: Any, parameters: dict[str, Any]) -> str:
-        return store.prefect_key(stage, store.key_of(stage, parameters).key, run_of(parameters).output_dir)
+        return store.prefect_key(stage, parameters["key"].key, run_of(parameters).output_dir)
 
     key.__name__ = f"{stage}_cache_key"
     return key
@@ -25,7 +26,7 @@ def cache_key_fn(stage: str) -> Callable[[Any, dict[str, Any]], str]:
 
 def explain_miss(stage: str, parameters: dict[str, Any], output_dir: str) -> str:
     """Why the stage runs: a refresh, or what differs from the nearest earlier key in `output_dir`."""
-    sk = store.key_of(stage, parameters)
+    sk = parameters["key"]
     if run_of(parameters).refreshes(stage):
         return f"key {sk.key}: refresh requested (run.refresh): recomputing"
     return f"key {sk.key}: {store.explain(output_dir, sk)}"

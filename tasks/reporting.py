@@ -14,20 +14,13 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from pathlib import Path
 from typing import Any, Callable
 
-from loraflow.report import KEYS
+from loraflow.report import artifact_prefix
+from loraflow.rouge import KEYS
 
 N_SAMPLES = 8
-
-
-def artifact_prefix() -> str:
-    from prefect.runtime import deployment, flow_run
-
-    name = deployment.name or flow_run.flow_name or "loraflow"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "loraflow"
 
 
 def rouge_rows(scores: dict[str, dict[str, float]], intervals: dict[str, dict[str, Any]] | None = None,

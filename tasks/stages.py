@@ -1,7 +1,8 @@
 """The five stages (and the optional export) as Prefect tasks: thin wrappers that add names, caching, retries and logs.
 
-Each task calls a plain function from `loraflow` and returns a small `Handle`; models, tokenizers
-and datasets never travel between tasks.
+Each task receives its stage's key (`key`: computed once per run by `flows.pipeline.run_stages`), calls a
+plain function from `loraflow` with it and returns a small `Handle`; models, tokenizers and datasets never
+travel between tasks.
 """
 
 from __future__ import annotations
@@ -81,12 +82,7 @@ def workspace(run: RunConfig) -> str:
 
 
 def published(handle: Handle, run: RunConfig) -> Handle:
-    """The finished stage: checked against the key its task was cached under (one key: `loraflow.store`),
-    and uploaded when output_dir is a URL."""
-    expected = store.key_of(handle.stage, TaskRunContext.get().parameters).key
-    if handle.fingerprint != expected:
-        raise RuntimeError(f"{handle.stage}: folder key {handle.fingerprint} is not the cache key {expected}; "
-                           "this is a bug, please report it")
+    """The finished stage, uploaded when output_dir is a URL."""
     return store.publish(handle, run.output_dir)
 
 
@@ -110,13 +106,14 @@ class PreflightError(ValueError):
     """The run's inputs fail a pre-flight check (`loraflow.preflight`); the message names the first and the fix."""
 
 
-def _preflight_key(_ctx: Any, parameters: dict[str, Any]) -> str:
-    return f"loraflow-preflight-{store.preflight_key(parameters['cfg']).key}"
+def _preflight_key(_ctx: Any, parameters: dict[str, Any]) -> str | None:
+    key = parameters["key"]  # None when the stages' keys could not be computed: the checks say why, uncached
+    return None if key is None else f"loraflow-preflight-{key.key}"
 
 
 @task(name="preflight", cache_policy=CacheKeyFnPolicy(cache_key_fn=_preflight_key), persist_result=True,
       result_serializer="json")
-def preflight_task(cfg: PipelineConfig) -> list[str]:
+def preflight_task(cfg: PipelineConfig, key: store.StageKey | None) -> list[str]:
     """The checks `loraflow validate` makes, before any stage: fail in seconds, publish the report as an
     artifact. It reads the data, the tokenizer and the model's config, never weights; a pass is cached under
     everything it read (`store.preflight_key`), a failure is not."""
@@ -143,61 +140,65 @@ def flow_run_name() -> str:
 
 
 @task(**_options("data", retries=2, retry_delay_seconds=10, retry_condition_fn=_retryable))
-def data_task(data: DataConfig, run: RunConfig) -> Handle:
+def data_task(data: DataConfig, run: RunConfig, key: store.StageKey) -> Handle:
     """Load, map, validate and split the dataset."""
     from loraflow.data import prepare_data
 
     with stage_logs("data", workspace(run)):
-        return published(prepare_data(data, workspace(run), refresh=run.refreshes("data")), run)
+        return published(prepare_data(data, workspace(run), refresh=run.refreshes("data"), key=key), run)
 
 
 @task(**_options("tokenize"))
-def tokenize_task(data: Handle, prompt: PromptConfig, model: ModelConfig, run: RunConfig) -> Handle:
+def tokenize_task(data: Handle, prompt: PromptConfig, model: ModelConfig, run: RunConfig, key: store.StageKey) -> Handle:
     """Render prompts, tokenize, mask the prompt out of the labels."""
     from loraflow.tokenization import tokenize_data
 
     with stage_logs("tokenize", workspace(run)):
         return published(tokenize_data(data, prompt, model, workspace(run), refresh=run.refreshes("tokenize"),
-                                       cache_dir=run.cache_dir), run)
+                                       cache_dir=run.cache_dir, key=key), run)
 
 
 @task(**_options("model", retries=1))
-def model_task(model: ModelConfig, quantization: QuantizationConfig, lora: LoraConfig, run: RunConfig) -> Handle:
+def model_task(model: ModelConfig, quantization: QuantizationConfig, lora: LoraConfig, run: RunConfig,
+               key: store.StageKey) -> Handle:
     """Load the base model in 4 bits, attach LoRA, save the initial adapter."""
     from loraflow.modeling import build_model
 
     with stage_logs("model", workspace(run)):
         return published(build_model(model, quantization, lora, workspace(run), run.cache_dir,
-                                     refresh=run.refreshes("model")), run)
+                                     refresh=run.refreshes("model"), key=key), run)
 
 
 @task(**_options("train", tags=["gpu"]))
-def train_task(cfg: PipelineConfig, tokenized: Handle, model: Handle) -> Handle:
-    """Fine-tune the LoRA adapter with transformers.Trainer, in a child process."""
+def train_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, key: store.StageKey) -> Handle:
+    """Fine-tune the LoRA adapter with transformers.Trainer, in a child process (given `key`)."""
     from loraflow.launch import run_train_worker
     from tasks.reporting import progress_reporter
 
     with stage_logs("train", workspace(cfg.run)), holding():
-        trained = run_train_worker(cfg, tokenized, model, workspace(cfg.run), progress_reporter(cfg.train.max_steps))
+        trained = run_train_worker(cfg, tokenized, model, workspace(cfg.run), progress_reporter(cfg.train.max_steps),
+                                   key=key)
         return published(trained, cfg.run)
 
 
 @task(**_options("evaluate", tags=["gpu"]))
-def evaluate_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, trained: Handle) -> Handle:
+def evaluate_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, trained: Handle, key: store.StageKey) -> Handle:
     """Generate on the test split and score ROUGE for the fine-tuned and base models."""
     from loraflow.evaluation import evaluate_adapter
 
     with stage_logs("evaluate", workspace(cfg.run)), holding():
-        return published(evaluate_adapter(cfg, tokenized, model, trained, workspace(cfg.run)), cfg.run)
+        return published(evaluate_adapter(cfg, tokenized, model, trained, workspace(cfg.run), key=key), cfg.run)
 
 
 @task(**_options("export", tags=["gpu"]))
-def export_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, trained: Handle, scores: Handle) -> Handle:
+def export_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, trained: Handle, scores: Handle,
+                key: store.StageKey) -> Handle:
     """Merge the adapter (safetensors and/or GGUF), check parity with the evaluated model, publish."""
     from loraflow.export import export_adapter
     from tasks.reporting import publish_export
 
     with stage_logs("export", workspace(cfg.run)), holding():
-        exported = published(export_adapter(cfg, tokenized, model, trained, scores, workspace(cfg.run)), cfg.run)
+        exported = published(export_adapter(cfg, tokenized, model, trained, scores, workspace(cfg.run), key=key),
+                             cfg.run)
     publish_export(exported.info, exported.path)
     return exported

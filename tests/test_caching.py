@@ -15,7 +15,9 @@ UP = {"tokenized": Handle(stage="tokenize", path="/x", fingerprint="abc"),
 
 
 def train_params(cfg: PipelineConfig, tokenized: str = "abc") -> dict:
-    return {"cfg": cfg, **UP, "tokenized": Handle(stage="tokenize", path="/x", fingerprint=tokenized)}
+    """The train task's arguments, its key among them (the run computes it once: `store.chain`)."""
+    return {"cfg": cfg, **UP, "tokenized": Handle(stage="tokenize", path="/x", fingerprint=tokenized),
+            "key": store.train_key(cfg, tokenized, UP["model"].fingerprint)}
 
 
 def with_train(cfg: PipelineConfig, **fields) -> PipelineConfig:
@@ -24,24 +26,24 @@ def with_train(cfg: PipelineConfig, **fields) -> PipelineConfig:
 
 def test_the_train_key_holds_what_shapes_the_result_and_nothing_else(tmp_path):
     base = build_config({"run": {"output_dir": str(tmp_path)}})
-    key = store.key_of("train", train_params(base)).key
-    assert store.key_of("train", train_params(base)).key == key
-    assert store.key_of("train", train_params(base.model_copy(update={"eval": base.eval.model_copy(
-        update={"max_new_tokens": 3})}))).key == key  # another stage's section
+    key = train_params(base)["key"].key
+    assert train_params(base)["key"].key == key
+    assert train_params(base.model_copy(update={"eval": base.eval.model_copy(
+        update={"max_new_tokens": 3})}))["key"].key == key  # another stage's section
     # run-only fields: how the run is watched, not what it computes
-    assert store.key_of("train", train_params(with_train(base, logging_steps=1, save_total_limit=9, report_to=[],
-                                                         dataloader_num_workers=2, save_steps=7))).key == key
-    assert store.key_of("train", train_params(with_train(base, learning_rate=1e-5))).key != key
-    assert store.key_of("train", train_params(base, tokenized="new")).key != key
+    assert train_params(with_train(base, logging_steps=1, save_total_limit=9, report_to=[],
+                                   dataloader_num_workers=2, save_steps=7))["key"].key == key
+    assert train_params(with_train(base, learning_rate=1e-5))["key"].key != key
+    assert train_params(base, tokenized="new")["key"].key != key
     # save_steps decides the result once the best checkpoint is loaded at the end
     best = with_train(base, load_best_model_at_end=True, eval_steps=5, save_steps=5)
-    assert store.key_of("train", train_params(best)).key != store.key_of("train", train_params(
-        with_train(best, save_steps=10, eval_steps=10))).key
+    assert train_params(best)["key"].key != train_params(
+        with_train(best, save_steps=10, eval_steps=10))["key"].key
     # Prefect's key is the folder's address: the stage, its key, the output folder
     prefect = cache_key_fn("train")(None, train_params(base))
     assert prefect.startswith(f"loraflow-train-{key}-")
     moved = base.model_copy(update={"run": RunConfig(output_dir=str(tmp_path / "elsewhere"))})
-    assert store.key_of("train", train_params(moved)).key == key != cache_key_fn("train")(None, train_params(moved))
+    assert train_params(moved)["key"].key == key != cache_key_fn("train")(None, train_params(moved))
 
 
 def test_the_folder_is_named_by_the_key_prefect_caches_under(tmp_path, gpt2_tokenizer_dir):
@@ -54,9 +56,13 @@ def test_the_folder_is_named_by_the_key_prefect_caches_under(tmp_path, gpt2_toke
     data = prepare_data(data_cfg, tmp_path / "out")
     model = ModelConfig(name_or_path=str(gpt2_tokenizer_dir))
     tokens = tokenize_data(data, prompt, model, tmp_path / "out")
-    for handle, args in ((data, {"data": data_cfg, "run": run}),
-                         (tokens, {"data": data, "prompt": prompt, "model": model, "run": run})):
-        key = store.key_of(handle.stage, args).key
+    from loraflow.sources import source_identity
+
+    keys = {"data": store.data_key(data_cfg),
+            "tokenize": store.tokenize_key(data.fingerprint, prompt, source_identity(model.name_or_path))}
+    for handle, args in ((data, {"data": data_cfg, "run": run, "key": keys["data"]}),
+                         (tokens, {"data": data, "prompt": prompt, "model": model, "run": run, "key": keys["tokenize"]})):
+        key = args["key"].key
         assert handle.fingerprint == key == Path(handle.path).name
         assert Path(handle.path) == store.folder(run.output_dir, handle.stage, key)
         assert cache_key_fn(handle.stage)(None, args) == store.prefect_key(handle.stage, key, run.output_dir)
@@ -68,11 +74,11 @@ def test_a_miss_names_what_differs_from_the_nearest_earlier_key(tmp_path):
     base = build_config({"run": {"output_dir": str(tmp_path)}})
     params = train_params(base)
     assert explain_miss("train", params, str(tmp_path)).endswith("no earlier run in this output folder")
-    store.remember(tmp_path, store.key_of("train", params))
+    store.remember(tmp_path, params["key"])
     lr = train_params(with_train(base, learning_rate=1e-5))
     assert "train.train.learning_rate changed" not in explain_miss("train", lr, str(tmp_path))
     assert explain_miss("train", lr, str(tmp_path)).split(": ", 1)[1].startswith("train.learning_rate changed")
-    store.remember(tmp_path, store.key_of("train", lr))
+    store.remember(tmp_path, lr["key"])
     both = train_params(with_train(base, learning_rate=1e-5, warmup_steps=3), tokenized="new")
     why = explain_miss("train", both, str(tmp_path))  # nearest: the lr run (two fields differ, not three)
     assert "train.warmup_steps" in why and "upstream tokenize" in why and "learning_rate" not in why
@@ -136,7 +142,7 @@ def test_a_hub_source_is_keyed_by_its_commit(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub
 
     import loraflow.sources as sources
-    from loraflow.data import source_fingerprint
+    from loraflow.sources import source_fingerprint
 
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)

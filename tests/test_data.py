@@ -11,7 +11,8 @@ import pytest
 
 from loraflow.artifacts import is_complete
 from loraflow.config import DataConfig
-from loraflow.data import DataError, load_split, prepare_data, source_fingerprint
+from loraflow.data import DataError, load_split, prepare_data
+from loraflow.sources import source_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 SCITLDR = REPO / ".." / "shared" / "data" / "scitldr"  # shared, read-only: never copied into the repo

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from loraflow.launch import WorkerFailed, run_train_worker
 from loraflow.modeling import build_model
 from loraflow.tokenization import tokenize_data
 from loraflow.training import last_checkpoint, train_key
-from tests_support import write_examples
+from tests_support import worker_request, write_examples
 
 # 128 examples, 16 held out: each rank gets 56 training examples, 14 optimizer steps per epoch exactly.
 EXAMPLES, STEPS, SAVE, PROCESSES, BATCH, ACCUMULATION = 128, 28, 4, 2, 2, 2
@@ -94,9 +93,7 @@ def test_sigterm_under_torchrun_checkpoints_and_the_rerun_resumes(stages, uninte
     test_choices.py::test_raising_the_length_continues_the_shorter_run."""
     cfg, tokenized, model = stages
     request = tmp_path / "request.json"
-    request.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "tokenized": tokenized.model_dump(),
-                                   "model": model.model_dump(), "output_dir": str(tmp_path),
-                                   "result": str(tmp_path / "result.json")}))
+    request.write_text(worker_request(cfg, tokenized, model, tmp_path))
     checkpoints = tmp_path / "train" / f"{train_key(cfg, tokenized, model)}.work" / "checkpoints"
     proc = subprocess.Popen(worker_command(PROCESSES, str(request)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -133,7 +130,7 @@ def test_a_failing_rank_fails_the_stage_with_its_own_error(stages, tmp_path, mon
 
 @pytest.mark.parametrize("visible,expected", [("0,1,2,3", 4), ("", 1), ("-1", 1), ("GPU-5f1c", 1)])
 def test_auto_processes_follow_the_visible_gpus(monkeypatch, visible, expected):
-    from loraflow.distributed import resolve_processes
+    from loraflow.hardware import resolve_processes
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert resolve_processes("auto") == expected

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from loraflow.config import EvalConfig, LoraConfig, ModelConfig, QuantizationConfig
-from loraflow.evaluation import generate, use_dequantized
+from loraflow.evaluation import use_dequantized
+from loraflow.generation import generate
 from loraflow.modeling import attach_lora, load_base
 from loraflow.tokenization import load_tokenizer
 from tests_support import train_briefly

@@ -28,7 +28,7 @@ def with_export(cfg, **export):
 @pytest.fixture(scope="module")
 def evaluated(tiny_llama_dir, tmp_path_factory):
     """The plain stages, trained and evaluated once: (cfg, tokenized, model, trained, scores, output dir)."""
-    from flows.pipeline import resolve_hardware
+    from loraflow.hardware import resolve
     from loraflow.data import prepare_data
     from loraflow.evaluation import evaluate_adapter
     from loraflow.modeling import build_model
@@ -36,7 +36,7 @@ def evaluated(tiny_llama_dir, tmp_path_factory):
     from loraflow.training import train_adapter
 
     tmp = tmp_path_factory.mktemp("export")
-    cfg = resolve_hardware(tiny_config(tmp, write_examples(tmp / "toy.jsonl"), tiny_llama_dir, max_steps=12, save_steps=12))
+    cfg = resolve(tiny_config(tmp, write_examples(tmp / "toy.jsonl"), tiny_llama_dir, max_steps=12, save_steps=12))
     out = tmp / "runs"
     data = prepare_data(cfg.data, out)
     tokenized = tokenize_data(data, cfg.prompt, cfg.model, out)
@@ -68,7 +68,7 @@ def test_merged_and_gguf_exports_pass_parity_and_load_as_a_user_would(evaluated)
     import datasets
 
     from loraflow.config import EvalConfig
-    from loraflow.evaluation import generate
+    from loraflow.generation import generate
     from loraflow.export import load_export
 
     row = datasets.load_from_disk(f"{tokenized.path}/dataset")["validation"][0]["prompt_ids"]

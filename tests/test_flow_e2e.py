@@ -33,16 +33,29 @@ def tiny_config(tmp_path: Path, data_file: Path, model_dir: Path, **train):
     )
 
 
-def test_flow_trains_and_scores_tiny_model(tmp_path, tiny_llama_dir, prefect_harness):
+def test_flow_trains_and_scores_tiny_model(tmp_path, tiny_llama_dir, prefect_harness, monkeypatch):
+    from collections import Counter
+
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from flows.finetune import finetune
+    from loraflow import store
 
+    made, make = Counter(), store._make  # every key is made here (store.StageKey's parts)
+
+    def counted(stage, parts):
+        made[stage] += 1
+        return make(stage, parts)
+
+    monkeypatch.setattr(store, "_make", counted)
     cfg = tiny_config(tmp_path, write_examples(tmp_path / "toy.jsonl"), tiny_llama_dir)
     result = finetune(cfg)
+    # Each key once per run, in the flow process (the training process is handed its train key and continuation
+    # key: tests/test_resume.py::test_the_training_process_uses_the_keys_it_is_given); train: key + continuation key.
+    assert made == {"preflight": 1, "data": 1, "tokenize": 1, "model": 1, "train": 2, "evaluate": 1}, made
 
     train = result["train"]
     assert train["global_step"] == 24
@@ -127,10 +140,10 @@ def test_reruns_recompute_only_what_changed(tmp_path, tiny_llama_dir, prefect_ha
     assert ran(cfg, preflight=False) == set()  # same config, new flow run: every stage Cached
     assert len(early) == 1  # a cached train starts no training process
     # One key per stage: the keys computed from the config alone are the folders' names and Prefect's keys.
-    from flows.pipeline import resolve_hardware
+    from loraflow.hardware import resolve
     from loraflow import store
 
-    keys = {stage: k.key for stage, k in store.chain(resolve_hardware(cfg)).items()}
+    keys = {stage: k.key for stage, k in store.chain(resolve(cfg)).items()}
     assert keys == first.result()["stages"]
     assert all(Path(p).name == keys[s] for s, p in first.result()["stages_paths"].items())
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH

@@ -47,8 +47,8 @@ def test_flags_are_read_from_this_machine(monkeypatch):
 
 
 def test_resolving_auto_imports_no_torch(cpu_only):
-    code = ("import sys; from flows.pipeline import resolve_hardware; from loraflow.config import build_config; "
-            "cfg = resolve_hardware(build_config({})); "
+    code = ("import sys; from loraflow.hardware import resolve; from loraflow.config import build_config; "
+            "cfg = resolve(build_config({})); "
             "assert cfg.quantization.compute_dtype in ('float32', 'bfloat16'), cfg.quantization; "
             "assert 'torch' not in sys.modules, 'torch was imported'; print(cfg.quantization.compute_dtype)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env={**os.environ})

@@ -20,7 +20,7 @@ from loraflow.launch import WorkerFailed, run_train_worker
 from loraflow.modeling import build_model
 from loraflow.tokenization import tokenize_data
 from loraflow.training import last_checkpoint, train_key
-from tests_support import write_examples
+from tests_support import worker_request, write_examples
 
 STEPS, SAVE = 30, 5
 
@@ -50,8 +50,7 @@ def _last_loss(train_dir: str) -> float:
 def _start_worker(cfg, tokenized, model, out: Path) -> tuple[subprocess.Popen, Path]:
     request = out / "request.json"
     out.mkdir(parents=True, exist_ok=True)
-    request.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "tokenized": tokenized.model_dump(),
-                                   "model": model.model_dump(), "output_dir": str(out), "result": str(out / "result.json")}))
+    request.write_text(worker_request(cfg, tokenized, model, out))
     proc = subprocess.Popen([sys.executable, "-m", "loraflow.worker", str(request)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return proc, out / "train" / f"{train_key(cfg, tokenized, model)}.work" / "checkpoints"
@@ -120,6 +119,24 @@ def test_a_finished_train_folder_is_reused_without_starting_a_worker(stages, uni
     monkeypatch.setattr(launch.subprocess, "Popen", no_worker)
     again = run_train_worker(cfg, tokenized, model, Path(uninterrupted.path).parents[1])
     assert again == uninterrupted
+
+
+def test_the_training_process_uses_the_keys_it_is_given(stages, tmp_path, monkeypatch):
+    """The worker's `train_adapter` trains and publishes under the keys of its request, computing none."""
+    from loraflow import store
+    from loraflow.training import continuation_key, train_adapter
+
+    cfg, tokenized, model = stages
+    cfg = _short(cfg, 2, save_steps=2)
+    key, continuation = store.train_key(cfg, tokenized.fingerprint, model.fingerprint), continuation_key(cfg, tokenized, model)
+
+    def no_key(*_a, **_k):
+        raise AssertionError("the training process computed a key")
+
+    monkeypatch.setattr(store, "_make", no_key)
+    done = train_adapter(cfg, tokenized, model, tmp_path, key=key, continuation=continuation)
+    assert done.fingerprint == key.key == Path(done.path).name
+    assert done.info["continuation_key"] == continuation and done.info["global_step"] == 2
 
 
 def _short(cfg, steps: int, **train):

@@ -165,14 +165,14 @@ def test_a_champion_this_worker_cannot_find_is_never_replaced_unseen(tmp_path, t
     """The champion's stages are gone from this machine (another worker's cache, or deleted): the challenger is
     refused with the reason recorded, the champion stays, nothing is exported. (Before: promoted as if there
     were no champion.)"""
-    from flows.pipeline import resolve_hardware
+    from loraflow.hardware import resolve
     from flows.retrain import _base_of, retrain
 
     cfg = tiny_config(tmp_path, write_examples(tmp_path / "toy.jsonl"), tiny_llama_dir, max_steps=2, save_steps=2)
     registry = Registry(tmp_path / "runs" / "registry")
     gone = Candidate(adapter=str(tmp_path / "elsewhere" / "train" / "k" / "adapter"), train_fingerprint="k",
                      data_fingerprint="d", test_fingerprint="x", metric="rougeL", score=0.2,
-                     base=_base_of(resolve_hardware(cfg)),
+                     base=_base_of(resolve(cfg)),
                      promoted=True, reason="no champion yet")
     registry.record(gone)
     result = retrain(cfg)

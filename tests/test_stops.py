@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from loraflow.config import EvalConfig, LoraConfig, ModelConfig, PromptConfig, QuantizationConfig
-from loraflow.evaluation import generate
+from loraflow.generation import generate
 from loraflow.modeling import attach_lora, load_base
 from loraflow.prompts import end_of_turn, stop_token_ids
 from loraflow.tokenization import encode_example, load_tokenizer

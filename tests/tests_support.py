@@ -25,6 +25,17 @@ def write_examples(path: Path, n: int = 96) -> Path:
     return path
 
 
+def worker_request(cfg, tokenized, model, out: Path) -> str:
+    """The JSON request `python -m loraflow.worker` reads, as the launcher writes it (keys computed as a run does)."""
+    from loraflow import store
+    from loraflow.launch import worker_request as request
+    from loraflow.training import continuation_key
+
+    key = store.train_key(cfg, tokenized.fingerprint, model.fingerprint)
+    return json.dumps(request(cfg, tokenized, model, out, out / "result.json", key,
+                              continuation_key(cfg, tokenized, model)))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -184,7 +184,7 @@ def test_disable_adapter_in_4bit_generates_what_the_base_alone_generates(stages)
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from loraflow.evaluation import generate
+    from loraflow.generation import generate
 
     cfg = stages["cfg"]
     adapter = Path(stages["trained"].path) / "adapter"
