@@ -78,8 +78,9 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
     """[(lever, seconds/step median, min, max, loss of the last batch, MB saved for backward on the 4 longest
     examples)] over the same `steps` batches."""
     import torch
+    from transformers import DataCollatorWithFlattening
 
-    from loraflow.collator import CompletionCollator, PackedCollator
+    from loraflow.collator import CompletionCollator
     from loraflow.hardware import resolve_compute_dtype
     from loraflow.trainer import body_and_head, label_only_loss
 
@@ -105,7 +106,7 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
         (f"+ frozen weights kept in {dtype}, not upcast to fp32 (loraflow default)", kept, grouped, pad,
          label_only(kept)),
         (f"+ frozen weights dequantized to {dtype} once (no NF4 in the step)", deq, grouped, pad, label_only(deq)),
-        ("packed, padding-free, logits only at labels", up, rand, PackedCollator(), label_only(up)),
+        ("packed, padding-free, logits only at labels", up, rand, DataCollatorWithFlattening(), label_only(up)),
     ]
     times: dict[str, list[float]] = {name: [] for name, *_ in cases}
     losses: dict[str, float] = {}

@@ -1,7 +1,11 @@
-"""Batch padding: dynamic right padding for training, left padding for batched generation.
+"""Batch padding for training: dynamic right padding to the batch's longest example.
 
 Examples are stored unpadded (tokenize stage); padding happens per batch, so a batch costs only as
-much as its longest example instead of `prompt.max_length`.
+much as its longest example instead of `prompt.max_length`. Packed batches (`train.batching: packed`) are
+transformers' `DataCollatorWithFlattening` (`training.make_collator`): the examples laid end to end in one row,
+positions restarting at 0 for each (transformers masks attention across the resets), the first label of each
+masked; measured here (docs/benchmarks.md), on CPU with SDPA the block mask costs more than the padding it
+saves, so `length_grouped` is the default. Generation left-pads with the tokenizer (`loraflow.generation`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,12 @@ class CompletionCollator:
 
     input_ids are padded with `pad_token_id`, labels with `label_pad` (ignored by the loss), and
     attention_mask is 0 on padding. Other keys in the examples are ignored.
+
+    Why not transformers' `DataCollatorForSeq2Seq(label_pad_token_id=-100)`, which pads the same way: it pads
+    on the tokenizer's `padding_side`, and many chat tokenizers default to left, which in training shifts
+    every real token's position by the padding (the models number positions from the first column); this one
+    pads right unless told otherwise, needs no tokenizer (the pre-flight's probe and the benchmarks use it on
+    bare ids), and refuses rows whose labels do not match their ids, naming the fix.
     """
 
     pad_token_id: int
@@ -60,43 +70,3 @@ class CompletionCollator:
         input_ids, attention_mask = _pad(ids, self.pad_token_id, longest, self.padding_side)
         label_ids, _ = _pad(labels, self.label_pad, longest, self.padding_side)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
-
-
-def left_pad(prompt_id_lists: Sequence[Sequence[int]], pad_id: int):
-    """(input_ids, attention_mask), each (batch, longest), padded on the left.
-
-    Generation appends tokens after the last column, so every prompt must end there.
-    """
-    if not prompt_id_lists:
-        raise ValueError("left_pad got no prompts")
-    return _pad(prompt_id_lists, pad_id, max(len(s) for s in prompt_id_lists), "left")
-
-
-@dataclass
-class PackedCollator:
-    """Padding-free batches: the examples laid end to end in one row, positions restarting at 0 for each.
-
-    -> input_ids, labels, position_ids, each (1, total tokens), and no attention_mask: transformers then
-    reads the sequence boundaries from the position resets and masks attention across them, so examples
-    never see each other. The first label of every example is ignored, so no example learns to predict
-    the start of the next. Measured here (docs/benchmarks.md): on CPU with SDPA the block mask costs more
-    than the padding it saves, so `train.batching: length_grouped` is the default.
-    """
-
-    label_pad: int = IGNORE_INDEX
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        if not features:
-            raise ValueError("PackedCollator got an empty batch")
-        ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        for f in features:
-            n = len(f["input_ids"])
-            ids += f["input_ids"]
-            labels += [self.label_pad] + list(f["labels"][1:])
-            positions += range(n)
-        as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
-        return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions)}

@@ -18,7 +18,6 @@ def generate(model, tokenizer, prompts: list[list[int]], ev: EvalConfig, desc: s
     import torch
     from tqdm.auto import tqdm
 
-    from loraflow.collator import left_pad
 
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -39,9 +38,11 @@ def generate(model, tokenizer, prompts: list[list[int]], ev: EvalConfig, desc: s
     batches = [order[i : i + ev.batch_size] for i in range(0, len(order), ev.batch_size)]
     with torch.inference_mode():
         for idx in tqdm(batches, desc=desc, unit="batch"):
-            input_ids, attention_mask = left_pad([prompts[i] for i in idx], tokenizer.pad_token_id)
+            # left padding: every prompt ends at the last column, where generation appends
+            batch = tokenizer.pad({"input_ids": [prompts[i] for i in idx]}, padding_side="left", return_tensors="pt")
+            input_ids = batch["input_ids"]
             new = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **gen_kwargs
+                input_ids=input_ids.to(device), attention_mask=batch["attention_mask"].to(device), **gen_kwargs
             )[:, input_ids.shape[1] :]
             for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 out[i] = text.strip()

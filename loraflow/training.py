@@ -100,9 +100,15 @@ def training_arguments(train: TrainConfig, checkpoint_dir: Path, has_eval: bool)
 
 
 def make_collator(train: TrainConfig, pad_token_id: int):
-    from loraflow.collator import CompletionCollator, PackedCollator
+    """Packed rows (transformers' `DataCollatorWithFlattening`: positions restart per example, its first label
+    masked), else each batch padded to its longest example (`CompletionCollator`)."""
+    if train.batching == "packed":
+        from transformers import DataCollatorWithFlattening
 
-    return PackedCollator() if train.batching == "packed" else CompletionCollator(pad_token_id=pad_token_id)
+        return DataCollatorWithFlattening()
+    from loraflow.collator import CompletionCollator
+
+    return CompletionCollator(pad_token_id=pad_token_id)
 
 
 def throughput_callback():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loraflow.collator import IGNORE_INDEX, CompletionCollator, left_pad
+from loraflow.collator import IGNORE_INDEX, CompletionCollator
 
 BATCH = [
     {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7], "prompt_ids": [5]},
@@ -32,7 +32,18 @@ def test_mismatched_labels_are_an_error():
         CompletionCollator(pad_token_id=0)([{"input_ids": [1, 2, 3], "labels": [2, 3]}])
 
 
-def test_left_pad_ends_every_prompt_at_the_last_column():
-    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
-    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+def test_batched_generation_continues_each_prompt_as_one_at_a_time_does(tiny_llama_dir):
+    """Generation left-pads a batch (the tokenizer's pad): each prompt, short or long, ends where new tokens go,
+    so the batch generates what each prompt alone generates."""
+    from loraflow.config import EvalConfig, ModelConfig, QuantizationConfig
+    from loraflow.generation import generate
+    from loraflow.modeling import load_base
+    from loraflow.tokenization import load_tokenizer
+
+    tok = load_tokenizer(tiny_llama_dir)
+    model = load_base(tiny_llama_dir, ModelConfig(), QuantizationConfig(mode="none", compute_dtype="float32")).eval()
+    prompts = [tok(t)["input_ids"] for t in ("a", "the quick brown fox jumps over the lazy", "one two")]
+    never = [len(tok) + 1]  # no stop: every row generates max_new_tokens
+    batched = generate(model, tok, prompts, EvalConfig(max_new_tokens=6, batch_size=3), "batched", never)
+    alone = [generate(model, tok, [p], EvalConfig(max_new_tokens=6, batch_size=1), "alone", never)[0] for p in prompts]
+    assert batched == alone and all(batched)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loraflow.collator import IGNORE_INDEX, CompletionCollator, PackedCollator
+from loraflow.collator import IGNORE_INDEX, CompletionCollator
 from loraflow.trainer import body_and_head, label_only_loss
 
 
@@ -74,7 +74,9 @@ def test_num_items_in_batch_turns_the_mean_into_a_sum_over_the_accumulated_batch
 def test_packed_batch_gives_the_padded_loss_so_examples_do_not_see_each_other(lora_model):
     exs = examples()
     padded = CompletionCollator(pad_token_id=0)(exs)
-    packed = PackedCollator()(exs)
+    from transformers import DataCollatorWithFlattening
+
+    packed = DataCollatorWithFlattening()(exs)  # what train.batching=packed uses (training.make_collator)
     assert packed["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in exs))
     assert "attention_mask" not in packed
     assert packed["position_ids"][0, : len(exs[0]["input_ids"]) + 1].tolist()[-2:] == [len(exs[0]["input_ids"]) - 1, 0]
