@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow import store
-from loraflow.artifacts import Handle, atomic_dir, is_complete, write_json
+from loraflow.artifacts import Handle, atomic_dir, write_json
 from loraflow.config import DataConfig, section_dict
 from loraflow.sources import FORMATS, DataError, is_local, local_files
 from loraflow.splits import carve, smallest_hash_first
@@ -354,27 +354,25 @@ def prepare_data(cfg: DataConfig, output_dir: str | Path, refresh: bool = False,
     """Load, map, validate and split the source into `<output_dir>/data/<key>/dataset`; reuse it if complete
     (unless `refresh`: then recompute and replace it). `key`: the run's (`store.chain`), else computed here."""
     sk = key or store.data_key(cfg)
-    key, final = sk.key, store.folder(output_dir, "data", sk.key)
-    if is_complete(final) and not refresh:
-        log.info("data: reusing %s", final)
-        store.touch(output_dir, "data", key)
-    else:
-        with atomic_dir(final, {"stage": "data", "config": section_dict(cfg)}) as tmp:
-            scratch = tmp / "scratch"
-            splits, dropped, origin = build_splits(cfg, scratch)
-            if dropped:
-                log.warning("data: dropped %d rows with an empty input or target", dropped)
-            info = {"n_train": len(splits["train"]), "n_validation": len(splits["validation"]),
-                    "n_test": len(splits["test"]), "source": cfg.source, "dropped": dropped, "format": cfg.format}
-            splits.save_to_disk(str(tmp / "dataset"))
-            write_json(tmp / "info.json", info)
-            write_json(tmp / "splits.json", origin)
-            del splits  # memory-maps files in scratch/
-            shutil.rmtree(scratch, ignore_errors=True)  # parsed copies of local files: not part of the artifact
-        store.remember(output_dir, sk)
+    final = store.build(output_dir, sk, refresh, lambda folder: _build(cfg, folder))
     info = json.loads((final / "info.json").read_text())
     log.info("data: %d train / %d validation / %d test rows", info["n_train"], info["n_validation"], info["n_test"])
-    return Handle(stage="data", path=str(final), fingerprint=key, info=info)
+    return Handle(stage="data", path=str(final), fingerprint=sk.key, info=info)
+
+
+def _build(cfg: DataConfig, final: Path) -> None:
+    with atomic_dir(final, {"stage": "data", "config": section_dict(cfg)}) as tmp:
+        scratch = tmp / "scratch"
+        splits, dropped, origin = build_splits(cfg, scratch)
+        if dropped:
+            log.warning("data: dropped %d rows with an empty input or target", dropped)
+        info = {"n_train": len(splits["train"]), "n_validation": len(splits["validation"]),
+                "n_test": len(splits["test"]), "source": cfg.source, "dropped": dropped, "format": cfg.format}
+        splits.save_to_disk(str(tmp / "dataset"))
+        write_json(tmp / "info.json", info)
+        write_json(tmp / "splits.json", origin)
+        del splits  # memory-maps files in scratch/
+        shutil.rmtree(scratch, ignore_errors=True)  # parsed copies of local files: not part of the artifact
 
 
 def load_split(handle: Handle | str | Path, split: str):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow import store
-from loraflow.artifacts import Handle, atomic_dir, is_complete, write_json
+from loraflow.artifacts import Handle, atomic_dir, write_json
 from loraflow.config import EvalConfig, PipelineConfig
 from loraflow.generation import generate
 from loraflow.hardware import resolve_quantization
@@ -67,14 +67,10 @@ def evaluate_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handl
     `key`: the run's (`store.chain`), else computed here."""
     cfg = cfg.model_copy(update={"quantization": resolve_quantization(cfg.quantization)})  # 'auto' -> this machine's
     sk = key or store.evaluate_key(cfg, tokenized.fingerprint, model_handle.fingerprint, trained.fingerprint)
-    key, final = sk.key, store.folder(output_dir, "evaluate", sk.key)
-    if cfg.run.refreshes("evaluate") or not is_complete(final):
-        _run_eval(cfg, tokenized, model_handle, trained, final)
-        store.remember(output_dir, sk)
-    else:
-        store.touch(output_dir, "evaluate", key)
+    final = store.build(output_dir, sk, cfg.run.refreshes("evaluate"),
+                        lambda folder: _run_eval(cfg, tokenized, model_handle, trained, folder))
     metrics = json.loads((final / "metrics.json").read_text())
-    return Handle(stage="evaluate", path=str(final), fingerprint=key, info=metrics)
+    return Handle(stage="evaluate", path=str(final), fingerprint=sk.key, info=metrics)
 
 
 def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, final: Path) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow import store
-from loraflow.artifacts import Handle, atomic_dir, is_complete, write_json
+from loraflow.artifacts import Handle, atomic_dir, write_json
 from loraflow.config import ExportConfig, ParityThresholds, PipelineConfig
 from loraflow.hardware import export_dtype, resolve_compute_dtype, resolve_quantization
 
@@ -63,13 +63,9 @@ def export_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle,
     run's (`flows.pipeline.export_stage`), else computed here."""
     cfg = cfg.model_copy(update={"quantization": resolve_quantization(cfg.quantization)})
     sk = key or store.export_key(cfg, scores.fingerprint)
-    key, final = sk.key, store.folder(output_dir, "export", sk.key)
-    if cfg.run.refreshes("export") or not is_complete(final):
-        _run_export(cfg, tokenized, model_handle, trained, scores, final)
-        store.remember(output_dir, sk)
-    else:
-        store.touch(output_dir, "export", key)
-    return Handle(stage="export", path=str(final), fingerprint=key, info=json.loads((final / "export.json").read_text()))
+    final = store.build(output_dir, sk, cfg.run.refreshes("export"),
+                        lambda folder: _run_export(cfg, tokenized, model_handle, trained, scores, folder))
+    return Handle(stage="export", path=str(final), fingerprint=sk.key, info=json.loads((final / "export.json").read_text()))
 
 
 def merged_model(cfg: PipelineConfig, model_handle: Handle, adapter: Path):

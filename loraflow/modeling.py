@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow import store
-from loraflow.artifacts import Handle, atomic_dir, is_complete, write_json
+from loraflow.artifacts import Handle, atomic_dir, write_json
 from loraflow.buildlock import MODEL_BUILD
 from loraflow.config import LoraConfig, ModelConfig, QuantizationConfig
 from loraflow.hardware import resolve_compute_dtype, resolve_quantization
@@ -153,32 +153,31 @@ def build_model(
     model_dir = resolve_model_dir(model.name_or_path, model.revision, cache_dir, model.allow_pickle_weights)
     quant = resolve_quantization(quant)
     sk = key or store.model_key(model, quant, lora)
-    key, final = sk.key, store.folder(output_dir, "model", sk.key)
-    if refresh or not is_complete(final):
-        base = load_base(model_dir, model, quant)
-        peft_model = attach_lora(base, lora, quantized=quant.mode != "none")
-        info = {
-            "base_dir": str(model_dir),
-            "device": device_type(),
-            "quantization": quant.mode,
-            "compute_dtype": quant.compute_dtype,
-            "memory_footprint_mb": round(base.get_memory_footprint() / 2**20, 1),
-            **parameter_counts(peft_model),
-        }
-        info["trainable_percent"] = round(100 * info["trainable_params"] / info["total_params"], 3)
-        with atomic_dir(final) as tmp:
-            peft_model.save_pretrained(tmp / "adapter_init")
-            write_json(tmp / "model.json", info)
-        log.info(
-            "model: %s, %s, %d trainable of %d params (%.2f%%), %.1f MiB",
-            model_dir.name, quant.mode, info["trainable_params"], info["total_params"],
-            info["trainable_percent"], info["memory_footprint_mb"],
-        )
-        store.remember(output_dir, sk)
-    else:
-        store.touch(output_dir, "model", key)
+    final = store.build(output_dir, sk, refresh, lambda folder: _build(model, quant, lora, model_dir, folder))
     info = json.loads((final / "model.json").read_text())
-    return Handle(stage="model", path=str(final), fingerprint=key, info=info)
+    return Handle(stage="model", path=str(final), fingerprint=sk.key, info=info)
+
+
+def _build(model: ModelConfig, quant: QuantizationConfig, lora: LoraConfig, model_dir: Path, final: Path) -> None:
+    base = load_base(model_dir, model, quant)
+    peft_model = attach_lora(base, lora, quantized=quant.mode != "none")
+    info = {
+        "base_dir": str(model_dir),
+        "device": device_type(),
+        "quantization": quant.mode,
+        "compute_dtype": quant.compute_dtype,
+        "memory_footprint_mb": round(base.get_memory_footprint() / 2**20, 1),
+        **parameter_counts(peft_model),
+    }
+    info["trainable_percent"] = round(100 * info["trainable_params"] / info["total_params"], 3)
+    with atomic_dir(final) as tmp:
+        peft_model.save_pretrained(tmp / "adapter_init")
+        write_json(tmp / "model.json", info)
+    log.info(
+        "model: %s, %s, %d trainable of %d params (%.2f%%), %.1f MiB",
+        model_dir.name, quant.mode, info["trainable_params"], info["total_params"],
+        info["trainable_percent"], info["memory_footprint_mb"],
+    )
 
 
 def upcasts(upcast_frozen: bool | str, compute_dtype_name: str) -> bool:

@@ -16,6 +16,7 @@ nearest earlier key and `loraflow cache ls|gc` read it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -23,9 +24,9 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from loraflow.artifacts import Handle, fingerprint, stage_dir, verify, write_json
+from loraflow.artifacts import Handle, fingerprint, is_complete, stage_dir, verify, write_json
 from loraflow.codehash import code_identity
 from loraflow.config import DataConfig, LoraConfig, ModelConfig, PipelineConfig, PromptConfig, QuantizationConfig, flatten, key_fields
 from loraflow.procs import gone, identity
@@ -196,6 +197,20 @@ def remember(output_dir: str | Path, sk: StageKey) -> None:
     """Record that `sk`'s folder was made (or used) now; keeps the first creation time and maker."""
     _used_now(_record_path(output_dir, sk.stage, sk.key),
               {"stage": sk.stage, "key": sk.key, "parts": sk.parts, "created": time.time(), "made_by": _made_by()})
+
+
+def build(output_dir: str | Path, sk: StageKey, refresh: bool, make: Callable[[Path], object]) -> Path:
+    """The one hit/miss protocol of a stage's folder: a complete folder for `sk` is reused and marked as used,
+    unless `refresh`; else `make(folder)` builds it (writing through `artifacts.atomic_dir`: a temporary folder
+    renamed into place, so a crash leaves nothing half-written) and `sk` is recorded. Returns the folder."""
+    final = folder(output_dir, sk.stage, sk.key)
+    if not refresh and is_complete(final):
+        logging.getLogger("loraflow").info("%s: reusing %s", sk.stage, final)
+        touch(output_dir, sk.stage, sk.key)
+    else:
+        make(final)
+        remember(output_dir, sk)
+    return final
 
 
 def touch(output_dir: str | Path, stage: str, key: str) -> None:

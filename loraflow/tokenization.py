@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow import store
-from loraflow.artifacts import Handle, atomic_dir, content_digest, is_complete, write_json
+from loraflow.artifacts import Handle, atomic_dir, content_digest, write_json
 from loraflow.collator import IGNORE_INDEX
 from loraflow.config import ModelConfig, PromptConfig, section_dict
 from loraflow.sources import resolve_model_dir, source_identity
@@ -156,19 +156,17 @@ def tokenize_data(data: Handle, prompt: PromptConfig, tokenizer: str | Path | Mo
         )
     model = tokenizer if isinstance(tokenizer, ModelConfig) else ModelConfig(name_or_path=str(Path(tokenizer).resolve()))
     sk = key or store.tokenize_key(data.fingerprint, prompt, source_identity(model.name_or_path, model.revision))
-    key, final = sk.key, store.folder(output_dir, "tokenize", sk.key)
-    if is_complete(final) and not refresh:
-        log.info("tokenize: reusing %s", final)
-        store.touch(output_dir, "tokenize", key)
-        stats = json.loads((final / "stats.json").read_text())
-    else:
+
+    def make(final: Path) -> None:
         local = Path(model.name_or_path).expanduser()  # a folder is read as it is (the model stage checks weights)
         tokenizer_dir = local.resolve() if local.is_dir() else resolve_model_dir(
             model.name_or_path, model.revision, cache_dir, model.allow_pickle_weights)
         tokenizer_digest(tokenizer_dir)  # a folder without tokenizer files fails here, naming them
-        stats = _run(data, prompt, tokenizer_dir, final, key)
-        store.remember(output_dir, sk)
-    return Handle(stage="tokenize", path=str(final), fingerprint=key, info=_summary(stats))
+        _run(data, prompt, tokenizer_dir, final, sk.key)
+
+    final = store.build(output_dir, sk, refresh, make)
+    stats = json.loads((final / "stats.json").read_text())
+    return Handle(stage="tokenize", path=str(final), fingerprint=sk.key, info=_summary(stats))
 
 
 def _summary(stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
