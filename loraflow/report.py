@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 from loraflow.rouge import KEYS
@@ -63,3 +65,12 @@ def artifact_prefix() -> str:
 
     name = deployment.name or flow_run.flow_name or "loraflow"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "loraflow"
+
+
+def logged_history(train_dir: str | Path) -> list[dict[str, Any]]:
+    """What the Trainer logged (loss, learning_rate, grad_norm, eval_*), one entry per logging step, from the
+    train stage's trainer_state.json ([] when it cannot be read): what the loss-curve artifact and MLflow plot."""
+    try:
+        return json.loads((Path(train_dir) / "trainer_state.json").read_text())["log_history"]
+    except (OSError, ValueError, KeyError):
+        return []

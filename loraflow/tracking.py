@@ -129,7 +129,7 @@ class Tracker:
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, 0) for k, v in score_metrics(stages.scores.info).items()]
         if "train" in self.cached:
-            metrics += curve_metrics(Path(stages.trained.path) / "trainer_state.json")
+            metrics += curve_metrics(Path(stages.trained.path))
         for i in range(0, len(metrics), 500):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 500])
         self.client.set_tag(self.run_id, "loraflow.cached_stages", ",".join(sorted(self.cached)))
@@ -171,14 +171,13 @@ def score_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def curve_metrics(state_file: Path) -> list:
-    """The numbers the Trainer logged (loss, learning_rate, grad_norm, eval_*), by step, from trainer_state.json."""
+def curve_metrics(train_dir: Path) -> list:
+    """The numbers the Trainer logged (loss, learning_rate, grad_norm, eval_*), by step (`report.logged_history`)."""
     from mlflow.entities import Metric
 
-    try:
-        history = json.loads(state_file.read_text())["log_history"]
-    except (OSError, ValueError, KeyError):
-        return []
+    from loraflow.report import logged_history
+
+    history = logged_history(train_dir)
     now = int(time.time() * 1000)
     return [Metric(k, float(v), now, int(entry.get("step", 0))) for entry in history for k, v in entry.items()
             if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)]

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from loraflow.report import artifact_prefix
+from loraflow.report import artifact_prefix, logged_history
 from loraflow.rouge import KEYS
 
 N_SAMPLES = 8
@@ -62,7 +62,7 @@ def publish_results(metrics: dict[str, Any], eval_dir: str, train_dir: str, cham
                          "fine-tuned": r["prediction"], **({"base": r["base_prediction"]} if "base_prediction" in r else {})})
     create_table_artifact(rows, key=f"{prefix}-predictions", description=f"First {len(rows)} test predictions")
 
-    losses = _losses(Path(train_dir) / "trainer_state.json")
+    losses = _losses(train_dir)
     if losses:
         svg = loss_curve_svg(losses)
         uri = "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
@@ -111,12 +111,8 @@ def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _losses(state_file: Path) -> list[tuple[int, float]]:
-    try:
-        history = json.loads(state_file.read_text())["log_history"]
-    except (OSError, ValueError, KeyError):
-        return []
-    return [(e["step"], float(e["loss"])) for e in history if "loss" in e and "step" in e]
+def _losses(train_dir: str) -> list[tuple[int, float]]:
+    return [(e["step"], float(e["loss"])) for e in logged_history(train_dir) if "loss" in e and "step" in e]
 
 
 def loss_curve_svg(points: list[tuple[int, float]], width: int = 560, height: int = 260) -> str:
