@@ -49,7 +49,7 @@ def main() -> None:
     from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForLanguageModeling,
                               DataCollatorForSeq2Seq, Trainer, TrainingArguments)
 
-    from loraflow import rouge
+    from loraflow.metrics import rouge
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token

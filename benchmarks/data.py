@@ -28,7 +28,7 @@ def _scitldr(split: str) -> list[dict]:
 
 
 def _aclsum(split: str) -> list[dict]:
-    from loraflow.aclsum import load_aclsum
+    from loraflow.store.aclsum import load_aclsum
 
     return [{"input": r["input"], "target": [r["target"]], "aspect": r["aspect"]} for r in load_aclsum(split, "all")]
 

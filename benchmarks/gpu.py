@@ -100,11 +100,11 @@ def measure(side: str, model_dir: Path, rows: list[dict], out: Path, a: argparse
 
 
 def estimate_gib(model_dir: Path, batches: list[dict], a: argparse.Namespace) -> float:
-    """loraflow's pre-flight training estimate (`loraflow.memory`) for the longest batch this side saw."""
+    """loraflow's pre-flight training estimate (`loraflow.stages.train.memory`) for the longest batch this side saw."""
     import torch
     from transformers import AutoConfig
 
-    from loraflow import memory
+    from loraflow.stages.train import memory
     from loraflow.config import PipelineConfig
 
     longest = max(batches, key=lambda b: b["length"])
@@ -121,12 +121,12 @@ def generation(model_dir: Path, a: argparse.Namespace) -> dict:
     from peft import get_peft_model
 
     from loraflow.config import EvalConfig, ModelConfig, QuantizationConfig
-    from loraflow.generation import generate
+    from loraflow.stages.generation import generate
     from loraflow.hardware import resolve_compute_dtype
 
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     quant = QuantizationConfig(mode="nf4", double_quant=True, compute_dtype=resolve_compute_dtype("auto"))
-    from loraflow.modeling import load_base
+    from loraflow.stages.model import load_base
 
     model = get_peft_model(load_base(model_dir, ModelConfig(name_or_path=str(model_dir)), quant), lora()).eval()
     model.config.use_cache = True

@@ -173,9 +173,9 @@ def side_trainer(side: str, model_dir: Path, rows: list[dict], out: Path, a: arg
         trainer.data_collator = counted = Counted(trainer.data_collator)
         return trainer, counted
     from loraflow.config import ModelConfig, QuantizationConfig, TrainConfig
-    from loraflow.modeling import load_base, peft_config, prepare_for_training
-    from loraflow.trainer import CompletionTrainer
-    from loraflow.training import make_collator, training_arguments
+    from loraflow.stages.model import load_base, peft_config, prepare_for_training
+    from loraflow.stages.train.trainer import CompletionTrainer
+    from loraflow.stages.train.stage import make_collator, training_arguments
 
     quant = QuantizationConfig(mode="nf4", double_quant=True, compute_dtype=str(dtype).removeprefix("torch."))
     base = prepare_for_training(load_base(model_dir, ModelConfig(name_or_path=str(model_dir)), quant, training=True),

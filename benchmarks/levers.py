@@ -32,13 +32,13 @@ def _load(model_dir: str, dequantize: bool = False, upcast: bool = True):
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from loraflow.modeling import compute_dtype, set_cpu_4bit_kernel
+    from loraflow.stages.model import compute_dtype, set_cpu_4bit_kernel
 
     dtype = compute_dtype("auto")  # loraflow's rule for this machine, as in the pipeline
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=quant)
-    set_cpu_4bit_kernel(model, allowed=False)  # as loraflow's training model (see loraflow.modeling)
+    set_cpu_4bit_kernel(model, allowed=False)  # as loraflow's training model (see loraflow.stages.model)
     model.config.use_cache = False
     if dequantize:
         return model.dequantize()
@@ -80,9 +80,9 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
     import torch
     from transformers import DataCollatorWithFlattening
 
-    from loraflow.collator import CompletionCollator
+    from loraflow.stages.train.collators import CompletionCollator
     from loraflow.hardware import resolve_compute_dtype
-    from loraflow.trainer import body_and_head, label_only_loss
+    from loraflow.stages.train.trainer import body_and_head, label_only_loss
 
     models = {"upcast": _load(model_dir), "kept": _load(model_dir, upcast=False),
               "dequantized": _with_lora(_load(model_dir, dequantize=True))}
@@ -141,7 +141,7 @@ def eval_levers(model_dir: str, prompts: list[list[int]], tokenizer, max_new_tok
     from peft import PeftModel
 
     from loraflow.config import EvalConfig
-    from loraflow.generation import generate
+    from loraflow.stages.generation import generate
 
     torch.manual_seed(1)
     adapter = REPO / "runs" / "bench-levers-adapter"
@@ -202,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
     from loraflow.config import PromptConfig
-    from loraflow.sources import resolve_model_dir
-    from loraflow.tokenization import bos_prefix, encode_batch, load_tokenizer
+    from loraflow.store.sources import resolve_model_dir
+    from loraflow.stages.tokenize import bos_prefix, encode_batch, load_tokenizer
 
     model_dir = str(resolve_model_dir("smollm2-gguf", None, None, False))
     data = REPO / "runs" / "bench-levers-data"

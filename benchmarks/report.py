@@ -87,7 +87,7 @@ def _ratio(a: dict | None, b: dict | None, key: str) -> float | None:
 
 def by_seed(d: dict, side: str) -> dict[int, list[float]]:
     """{training seed: per-test-row ROUGE-L F1 (x1)} of `side`'s runs."""
-    from loraflow.rouge import per_example
+    from loraflow.metrics.rouge import per_example
 
     side_runs = d.get(side, [])
     if side_runs and all("seed" not in r for r in side_runs):  # a report from before seeds: repeats of one seed
@@ -98,7 +98,7 @@ def by_seed(d: dict, side: str) -> dict[int, list[float]]:
 def paired(d: dict, a: str, b: str) -> dict | None:
     """ROUGE-L F1 (x100) of side `a` - side `b`: the mean over the seeds both ran and the test rows, with a 95%
     interval from the two-level paired bootstrap (seeds, then test clusters; `seeded_paired_bootstrap`)."""
-    from loraflow.bootstrap import seeded_paired_bootstrap
+    from loraflow.metrics.bootstrap import seeded_paired_bootstrap
 
     if not d.get(a) or not d.get(b) or "references" not in d:
         return None

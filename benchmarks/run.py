@@ -12,7 +12,7 @@ storage) followed by `loraflow run` again (everything cached). The seed is paire
 order and the LoRA initialisation of each (`train.seed` and `lora.seed` for loraflow; `--seed` for the scripts).
 Each run is a separate command against one local Prefect server; its memory is the peak of the summed RSS over its
 process tree (benchmarks/rss.py). ROUGE-L is reported per seed and compared with a two-level paired bootstrap
-(seeds, then test rows: `loraflow.bootstrap.seeded_paired_bootstrap`); timings are medians and min-max over the
+(seeds, then test rows: `loraflow.metrics.bootstrap.seeded_paired_bootstrap`); timings are medians and min-max over the
 seeds' runs. `--naive` adds the naive script (one run per dataset); `--sides` and `--loraflow-set` run a subset or
 a loraflow variant (e.g. `--loraflow-set train.batching=random`), `--carve-validation` gives loraflow no validation
 file (what the 2026-12-01 run did). Writes benchmarks/results/<date>.json and benchmarks/results/summary.json
@@ -103,7 +103,7 @@ def loraflow_side(name: str, data_dir: Path, out: Path, a: argparse.Namespace, e
     shutil.rmtree(out / "results", ignore_errors=True)
     cfg_path = out / f"loraflow-{seed}.yaml"
     cfg_path.write_text(yaml.safe_dump(bench_config(name, data_dir, out, a, seed), sort_keys=False))
-    cmd = [sys.executable, "-m", "loraflow.cli", "run", str(cfg_path)]
+    cmd = [sys.executable, "-m", "loraflow.cli.main", "run", str(cfg_path)]
     cold = run_measured(cmd, env, out / f"loraflow-{seed}-cold.log")  # its temporary processes included (training child)
     cold["timings"] = flow_timings(env)
     cached = run_measured(cmd, env, out / f"loraflow-{seed}-cached.log")
@@ -134,7 +134,7 @@ def script_side(script: str, tag: str, data_dir: Path, out: Path, model_dir: str
 
 
 def start_server(work: Path) -> tuple[subprocess.Popen, dict[str, str]]:
-    from loraflow.up import _health
+    from loraflow.ops.up import _health
 
     port = 4300 + os.getpid() % 500
     env = {**os.environ, "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.flops import model_shape
     from loraflow.hardware import machine, matmul_peaks
     from benchmarks.report import markdown, summary
-    from loraflow.sources import resolve_model_dir
+    from loraflow.store.sources import resolve_model_dir
 
     shutil.rmtree(a.work, ignore_errors=True)
     a.work.mkdir(parents=True)

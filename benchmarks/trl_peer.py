@@ -33,7 +33,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from loraflow import rouge
+    from loraflow.metrics import rouge
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
 

@@ -19,7 +19,7 @@ from pydantic import Field
 from prefect.input import RunInput
 
 from loraflow.config import PipelineConfig
-from loraflow.registry import Approval, Candidate, Registry
+from loraflow.ops.registry import Approval, Candidate, Registry
 
 
 class ApprovalForm(RunInput):
@@ -47,7 +47,7 @@ def check_can_ask(cfg: PipelineConfig) -> None:
 
 def table(entry: Candidate, champion: Candidate | None, test_score: float | None) -> str:
     """Markdown: champion vs challenger on validation (decided on) and test (reported), paired intervals, n."""
-    from loraflow.bootstrap import fmt_interval
+    from loraflow.metrics.bootstrap import fmt_interval
 
     metric = entry.metric
 
@@ -72,7 +72,7 @@ def ask(registry: Registry, entry: Candidate, champion: Candidate | None, champi
     from prefect.artifacts import create_markdown_artifact
     from prefect.runtime import flow_run
 
-    from loraflow.report import artifact_prefix
+    from loraflow.ops.report import artifact_prefix
 
     hours = cfg.promotion.approval_timeout_hours
     other = registry.pending(entry.train_fingerprint)
@@ -109,7 +109,7 @@ def answer(registry: Registry, pending: Candidate, cfg: PipelineConfig) -> tuple
     approval = pending.approval.model_copy(update={
         "status": verdict, "approver": reply.approver, "comment": reply.comment,
         "answered_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    from loraflow.tracking import champion_now
+    from loraflow.ops.tracking import champion_now
 
     entry = registry.resolve(pending.id, reply.approve, reason, approval, champion_now(cfg))
     return entry.promoted, entry.reason, entry

@@ -15,12 +15,12 @@ from prefect.logging import get_run_logger
 
 from flows.pipeline import export_stage, resolve_config, run_stages
 from loraflow import store
-from loraflow.artifacts import Handle
+from loraflow.store.artifacts import Handle
 from loraflow.config import PipelineConfig, default_config
-from loraflow.export import wanted
-from loraflow.remote import is_url, remote_folder
-from loraflow.tracking import flow_run_tracking
-from loraflow.report import results_table
+from loraflow.stages.export import wanted
+from loraflow.store.remote import is_url, remote_folder
+from loraflow.ops.tracking import flow_run_tracking
+from loraflow.ops.report import results_table
 from tasks.reporting import publish_results
 from tasks.stages import workspace
 

@@ -23,13 +23,13 @@ from flows.approval import answer, approval_of, ask, check_can_ask
 from flows.finetune import export_summary
 from flows.pipeline import Stages, export_stage, resolve_config, run_stages, stage
 from loraflow import store
-from loraflow.artifacts import Handle
+from loraflow.store.artifacts import Handle
 from loraflow.config import PipelineConfig, default_config
-from loraflow.bootstrap import fmt_interval, paired_bootstrap
-from loraflow.export import wanted
-from loraflow.registry import Candidate, DataEvent, Registry, base_identity, current_champion, decide
-from loraflow.remote import is_url
-from loraflow.tracking import champion_now, flow_run_tracking, model_name, register_champion
+from loraflow.metrics.bootstrap import fmt_interval, paired_bootstrap
+from loraflow.stages.export import wanted
+from loraflow.ops.registry import Candidate, DataEvent, Registry, base_identity, current_champion, decide
+from loraflow.store.remote import is_url
+from loraflow.ops.tracking import champion_now, flow_run_tracking, model_name, register_champion
 from tasks.reporting import publish_results
 from tasks.storage import result_storage_slug
 from tasks.stages import evaluate_task, workspace
@@ -94,8 +94,8 @@ def _note_trigger(cfg: PipelineConfig, data_event: DataEvent | None) -> None:
     """Log which data event started this run, and whether the data is still what the event announced."""
     if data_event is None:
         return
-    from loraflow.sources import is_local
-    from loraflow.events import content_fingerprint
+    from loraflow.store.sources import is_local
+    from loraflow.ops.events import content_fingerprint
 
     logger = get_run_logger()
     logger.info("triggered by loraflow.data.updated %s for %s (fingerprint %s, emitted %s)", data_event.event_id,

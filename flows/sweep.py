@@ -2,7 +2,7 @@
 
     sweep(cfg, grid={"train.learning_rate": [1e-4, 2e-4], "lora.r": [4, 8]}, max_concurrent=2)
 
-Every child config is validated before the first child starts (`loraflow.sweep.plan_sweep`). The
+Every child config is validated before the first child starts (`loraflow.ops.sweep.plan_sweep`). The
 children share the cached stages: each stage task is keyed by what determines it and guarded by a
 file lock, so the data and tokenize stages are computed by one child and `Cached` for the others,
 and the model stage once per distinct model/quantization/LoRA config. Each child is a child flow run
@@ -26,7 +26,7 @@ from pydantic import Field
 from flows.finetune import finetune
 from flows.pipeline import resolve_config
 from loraflow.config import PipelineConfig, check_run_overrides, default_config
-from loraflow.sweep import Child, Metric, nest, plan_sweep, rank, ranking_rows, ranking_text
+from loraflow.ops.sweep import Child, Metric, nest, plan_sweep, rank, ranking_rows, ranking_text
 
 
 def _run_child(child: Child) -> dict[str, Any]:
@@ -106,7 +106,7 @@ def sweep(
 def _publish(rows: list[dict[str, Any]], metric: str) -> None:
     from prefect.artifacts import create_table_artifact
 
-    from loraflow.report import artifact_prefix
+    from loraflow.ops.report import artifact_prefix
 
     create_table_artifact(rows, key=f"{artifact_prefix()}-ranking",
                           description=f"Sweep runs ranked by the fine-tuned model's validation {metric} F1 (ROUGE x100, with its "

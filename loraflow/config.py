@@ -167,7 +167,7 @@ class LoraConfig(Section):
     seed: int = Field(0, description="Seed for the LoRA initialisation.")
 
 
-# The TrainingArguments keywords `loraflow.training.training_arguments` sets: train.extra_args may not override them.
+# The TrainingArguments keywords `loraflow.stages.train.stage.training_arguments` sets: train.extra_args may not override them.
 SET_BY_LORAFLOW = frozenset({
     "activation_checkpointing", "data_seed", "dataloader_num_workers", "dataloader_pin_memory", "ddp_backend",
     "ddp_find_unused_parameters", "eval_steps", "eval_strategy", "gradient_accumulation_steps", "greater_is_better",
@@ -188,7 +188,7 @@ class TrainConfig(Section):
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="Recompute activations in the backward pass instead of keeping them: less memory, ~30% "
         "slower steps, the same gradients (run-only). 'auto' = on only when the training memory estimate "
-        "(loraflow.memory) exceeds what the machine has free when training starts.",
+        "(loraflow.stages.train.memory) exceeds what the machine has free when training starts.",
     )
     batching: Literal["length_grouped", "random", "packed"] = Field(
         "length_grouped",
@@ -394,7 +394,7 @@ class ParityThresholds(Section):
 
 class ExportConfig(Section):
     """The optional **export** stage: the adapter merged into its base (safetensors) and/or a GGUF file, each
-    checked against the model the evaluate stage scored before it is published (`loraflow/export.py`)."""
+    checked against the model the evaluate stage scored before it is published (`loraflow/stages/export.py`)."""
 
     enabled: Literal["auto", True, False] = Field(
         "auto", description="Run the export stage: 'auto' = in `loraflow-retrain` right after a promotion, not in "

@@ -175,7 +175,13 @@ def export_dtype(export: str, compute: str) -> str:
 def resolve(cfg: PipelineConfig) -> PipelineConfig:
     """`cfg` with the machine-dependent 'auto' settings replaced by what they mean here, in one place, before any
     cache key is made: the compute dtype (`resolve_quantization`) and the number of training processes
-    (`resolve_processes`). `gradient_checkpointing: auto` is decided when training starts (`loraflow.training`),
+    (`resolve_processes`). `gradient_checkpointing: auto` is decided when training starts (`loraflow.stages.train.stage`),
     from the memory free then."""
     train = cfg.train.model_copy(update={"num_processes": resolve_processes(cfg.train.num_processes)})
     return cfg.model_copy(update={"quantization": resolve_quantization(cfg.quantization), "train": train})
+
+
+def local_rank() -> int | None:
+    """This process's rank on the machine under torchrun (LOCAL_RANK: its GPU), None in a single process."""
+    value = os.environ.get("LOCAL_RANK")
+    return None if value is None else int(value)

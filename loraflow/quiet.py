@@ -21,7 +21,7 @@ class _DropPrefix(logging.Filter):
 def install() -> None:
     # bitsandbytes (>= 0.49) on an AVX512-BF16 CPU tries to fetch an inference-only 4-bit kernel from the Hugging
     # Face hub ("kernels" package) at import and warns when it cannot. loraflow never uses that kernel: training
-    # forbids it (loraflow.modeling.set_cpu_4bit_kernel) and CPU evaluation dequantizes the weights once instead.
+    # forbids it (loraflow.stages.model.set_cpu_4bit_kernel) and CPU evaluation dequantizes the weights once instead.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropPrefix("Failed to load CPU gemm_4bit_forward"))
     # peft reads the deprecated `model.is_gradient_checkpointing` (transformers 5 renamed it); the warning is
     # about peft's code, not ours or the user's.

@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from loraflow.report import artifact_prefix, logged_history
-from loraflow.rouge import KEYS
+from loraflow.ops.report import artifact_prefix, logged_history
+from loraflow.metrics.rouge import KEYS
 
 N_SAMPLES = 8
 
@@ -26,7 +26,7 @@ N_SAMPLES = 8
 def rouge_rows(scores: dict[str, dict[str, float]], intervals: dict[str, dict[str, Any]] | None = None,
                vs_base: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """ROUGE F1 x100 per model, each with its ROUGE-L 95% interval; then the paired change over base."""
-    from loraflow.bootstrap import fmt_interval
+    from loraflow.metrics.bootstrap import fmt_interval
 
     intervals = intervals or {}
     rows = [{"model": {"finetuned": "fine-tuned"}.get(who, who), **{k: round(100 * m[f"{k}_fmeasure"], 2) for k in KEYS},

@@ -6,7 +6,7 @@ lease expires ~60 s later. A full server's repossessor then frees the slot, but 
 run` without PREFECT_API_URL) runs no such service, and with leases kept in the server's memory (Prefect's
 default) a slot taken under an earlier temporary server stays taken forever.
 
-So: loraflow's servers keep leases in files (`loraflow.tempserver.LEASE_STORAGE`); a task holding a slot
+So: loraflow's servers keep leases in files (`loraflow.ops.tempserver.LEASE_STORAGE`); a task holding a slot
 writes `<PREFECT_HOME>/loraflow-slot-holders/<task run id>.json` (host, pid); and before a run submits a
 tagged task, `wait_for_slots` releases every lease whose holder is a dead process on this machine, or
 that has expired, and logs what it waits for while the limit stays full.
@@ -23,9 +23,9 @@ from uuid import UUID
 
 import anyio
 
-from loraflow import tempserver
+from loraflow.ops import tempserver
 from loraflow.procs import gone, identity
-from loraflow.tempserver import LEASE_STORAGE
+from loraflow.ops.tempserver import LEASE_STORAGE
 
 
 def _holders_dir() -> Path:

@@ -19,11 +19,11 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
 from loraflow import store
-from loraflow.artifacts import Handle, default_cache_dir
+from loraflow.store.artifacts import Handle, default_cache_dir
 from loraflow.config import DataConfig, LoraConfig, ModelConfig, PipelineConfig, PromptConfig, QuantizationConfig, RunConfig
-from loraflow.remote import local_root
+from loraflow.store.remote import local_root
 from tasks.caching import cache_key_fn, explain_miss
-from tasks.locks import STALE_SECONDS, AtomicFileLockManager
+from loraflow.store.locks import STALE_SECONDS, AtomicFileLockManager
 from tasks.slots import holding
 from tasks.storage import lock_folder
 
@@ -65,7 +65,7 @@ _FORWARDING: dict[str, Any] = {"lock": threading.Lock(), "count": 0, "propagate"
 def _policy(stage: str, lock_dir: Path, stale_seconds: float = STALE_SECONDS) -> CacheKeyFnPolicy:
     # SERIALIZABLE + a file lock per cache key: two runs of the same config never compute the same stage
     # at once; the second waits for the first and then reads its cached result (or, if the first was
-    # killed, breaks its lock and computes the stage: tasks.locks).
+    # killed, breaks its lock and computes the stage: loraflow.store.locks).
     return CacheKeyFnPolicy(cache_key_fn=cache_key_fn(stage)).configure(
         isolation_level="SERIALIZABLE", lock_manager=AtomicFileLockManager(lock_dir, stale_seconds)
     )
@@ -103,7 +103,7 @@ def for_run(task_obj: Any, run: RunConfig, storage_slug: str | None) -> Any:
 
 
 class PreflightError(ValueError):
-    """The run's inputs fail a pre-flight check (`loraflow.preflight`); the message names the first and the fix."""
+    """The run's inputs fail a pre-flight check (`loraflow.stages.preflight`); the message names the first and the fix."""
 
 
 def _preflight_key(_ctx: Any, parameters: dict[str, Any]) -> str | None:
@@ -119,7 +119,7 @@ def preflight_task(cfg: PipelineConfig, key: store.StageKey | None) -> list[str]
     everything it read (`store.preflight_key`), a failure is not."""
     from prefect.artifacts import create_markdown_artifact
 
-    from loraflow.preflight import run_checks
+    from loraflow.stages.preflight import run_checks
 
     report = run_checks(cfg, checked_as=f"the config of flow run {flow_run_name()}")
     create_markdown_artifact(report.markdown(), key="pre-flight", description=f"Pre-flight checks: {report.summary()}")
@@ -142,7 +142,7 @@ def flow_run_name() -> str:
 @task(**_options("data", retries=2, retry_delay_seconds=10, retry_condition_fn=_retryable))
 def data_task(data: DataConfig, run: RunConfig, key: store.StageKey) -> Handle:
     """Load, map, validate and split the dataset."""
-    from loraflow.data import prepare_data
+    from loraflow.stages.data import prepare_data
 
     with stage_logs("data", workspace(run)):
         return published(prepare_data(data, workspace(run), refresh=run.refreshes("data"), key=key), run)
@@ -151,7 +151,7 @@ def data_task(data: DataConfig, run: RunConfig, key: store.StageKey) -> Handle:
 @task(**_options("tokenize"))
 def tokenize_task(data: Handle, prompt: PromptConfig, model: ModelConfig, run: RunConfig, key: store.StageKey) -> Handle:
     """Render prompts, tokenize, mask the prompt out of the labels."""
-    from loraflow.tokenization import tokenize_data
+    from loraflow.stages.tokenize import tokenize_data
 
     with stage_logs("tokenize", workspace(run)):
         return published(tokenize_data(data, prompt, model, workspace(run), refresh=run.refreshes("tokenize"),
@@ -162,7 +162,7 @@ def tokenize_task(data: Handle, prompt: PromptConfig, model: ModelConfig, run: R
 def model_task(model: ModelConfig, quantization: QuantizationConfig, lora: LoraConfig, run: RunConfig,
                key: store.StageKey) -> Handle:
     """Load the base model in 4 bits, attach LoRA, save the initial adapter."""
-    from loraflow.modeling import build_model
+    from loraflow.stages.model import build_model
 
     with stage_logs("model", workspace(run)):
         return published(build_model(model, quantization, lora, workspace(run), run.cache_dir,
@@ -172,7 +172,7 @@ def model_task(model: ModelConfig, quantization: QuantizationConfig, lora: LoraC
 @task(**_options("train", tags=["gpu"]))
 def train_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, key: store.StageKey) -> Handle:
     """Fine-tune the LoRA adapter with transformers.Trainer, in a child process (given `key`)."""
-    from loraflow.launch import run_train_worker
+    from loraflow.stages.train.launch import run_train_worker
     from tasks.reporting import progress_reporter
 
     with stage_logs("train", workspace(cfg.run)), holding():
@@ -184,7 +184,7 @@ def train_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, key: store
 @task(**_options("evaluate", tags=["gpu"]))
 def evaluate_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, trained: Handle, key: store.StageKey) -> Handle:
     """Generate on the test split and score ROUGE for the fine-tuned and base models."""
-    from loraflow.evaluation import evaluate_adapter
+    from loraflow.stages.evaluate import evaluate_adapter
 
     with stage_logs("evaluate", workspace(cfg.run)), holding():
         return published(evaluate_adapter(cfg, tokenized, model, trained, workspace(cfg.run), key=key), cfg.run)
@@ -194,7 +194,7 @@ def evaluate_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, trained
 def export_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, trained: Handle, scores: Handle,
                 key: store.StageKey) -> Handle:
     """Merge the adapter (safetensors and/or GGUF), check parity with the evaluated model, publish."""
-    from loraflow.export import export_adapter
+    from loraflow.stages.export import export_adapter
     from tasks.reporting import publish_export
 
     with stage_logs("export", workspace(cfg.run)), holding():

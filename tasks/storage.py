@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from loraflow.remote import is_url, local_path
+from loraflow.store.remote import is_url, local_path
 
 
 def result_storage_slug(location: str) -> str:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from loraflow.aclsum import ASPECTS, AclsumError, data_dir, detokenize, load_aclsum
+from loraflow.store.aclsum import ASPECTS, AclsumError, data_dir, detokenize, load_aclsum
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loraflow.artifacts import atomic_dir, is_complete, verify
+from loraflow.store.artifacts import atomic_dir, is_complete, verify
 
 
 def test_complete_folder_verifies_and_damage_is_detected(tmp_path):
@@ -43,7 +43,7 @@ def test_a_manifest_without_checksums_is_not_trusted(tmp_path):
 def test_content_digest_is_remembered_until_the_file_changes(tmp_path):
     import os
 
-    from loraflow.artifacts import content_digest, file_digest
+    from loraflow.store.artifacts import content_digest, file_digest
 
     f = tmp_path / "weights.bin"
     f.write_bytes(b"a" * 1000)

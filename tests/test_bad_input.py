@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from loraflow.artifacts import ensure_writable
+from loraflow.store.artifacts import ensure_writable
 from loraflow.config import ModelConfig, QuantizationConfig
-from loraflow.modeling import ModelError, check_bitsandbytes, load_base
-from loraflow.sources import ModelSourceError, resolve_model_dir
+from loraflow.stages.model import ModelError, check_bitsandbytes, load_base
+from loraflow.store.sources import ModelSourceError, resolve_model_dir
 from tests_support import write_examples
 
 
@@ -90,7 +90,7 @@ def test_bad_input_fails_in_one_line_and_publishes_nothing(case, tmp_path, tiny_
     import contextlib
     import io
 
-    from loraflow.cli import main
+    from loraflow.cli.main import main
 
     overrides, code, expected = CATALOGUE[case]
     (tmp_path / "a-file").write_text("blocks a folder of that name")

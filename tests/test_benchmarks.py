@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from benchmarks.flops import forward_flops, model_shape, training_flops
-from loraflow.collator import CompletionCollator
-from loraflow.trainer import body_and_head
+from loraflow.stages.train.collators import CompletionCollator
+from loraflow.stages.train.trainer import body_and_head
 
 
 def test_analytic_forward_flops_match_torch_flop_counter(tiny_llama_dir):

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from loraflow.bootstrap import cluster_bootstrap, fmt_interval, paired_bootstrap
-from loraflow.registry import Candidate, decide
+from loraflow.metrics.bootstrap import cluster_bootstrap, fmt_interval, paired_bootstrap
+from loraflow.ops.registry import Candidate, decide
 
 
 def test_deterministic_under_its_seed():
@@ -90,7 +90,7 @@ def test_the_seeded_bootstrap_widens_with_training_seed_spread():
     training draw decides the sign; a one-level bootstrap over rows of the pooled differences does not."""
     import numpy as np
 
-    from loraflow.bootstrap import seeded_paired_bootstrap
+    from loraflow.metrics.bootstrap import seeded_paired_bootstrap
 
     rng = np.random.default_rng(0)
     rows = 64
@@ -110,7 +110,7 @@ def test_the_seeded_bootstrap_widens_with_training_seed_spread():
 
 
 def test_the_seeded_bootstrap_refuses_unpaired_input():
-    from loraflow.bootstrap import seeded_paired_bootstrap
+    from loraflow.metrics.bootstrap import seeded_paired_bootstrap
 
     with pytest.raises(ValueError, match="same seeds and scored on the same rows"):
         seeded_paired_bootstrap([[0.1, 0.2]], [[0.1, 0.2], [0.3, 0.4]])

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from loraflow import store
-from loraflow.cli import DEFAULT_CONFIG, main
+from loraflow.cli.main import DEFAULT_CONFIG, main
 from loraflow.config import load_config
-from loraflow.data import prepare_data
-from loraflow.tokenization import tokenize_data
+from loraflow.stages.data import prepare_data
+from loraflow.stages.tokenize import tokenize_data
 
 
 @pytest.fixture
@@ -65,8 +65,8 @@ def test_why_says_hit_or_names_the_fields_that_differ(populated, capsys):
 
 
 def test_gc_removes_the_least_recently_used_and_never_the_champion_or_a_locked_stage(populated, capsys):
-    from loraflow.registry import Candidate, Registry
-    from tasks.locks import AtomicFileLockManager
+    from loraflow.ops.registry import Candidate, Registry
+    from loraflow.store.locks import AtomicFileLockManager
 
     cfg, old, new = populated["cfg"], populated["old"], populated["new"]
     code, out, _ = run(capsys, "cache", "gc", *args(populated, "--older-than", "30m", "--dry-run"))
@@ -108,8 +108,8 @@ def test_gc_keeps_the_mlflow_champion_pending_approvals_exports_and_what_live_ru
     import mlflow  # noqa: F401 - a real MLflow store (sqlite), as a tracking server keeps it
     from mlflow.tracking import MlflowClient
 
-    from loraflow.artifacts import Handle
-    from loraflow.registry import Approval, Candidate, Registry
+    from loraflow.store.artifacts import Handle
+    from loraflow.ops.registry import Approval, Candidate, Registry
 
     cfg, old, new, data = populated["cfg"], populated["old"], populated["new"], populated["data"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

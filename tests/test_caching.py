@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 from loraflow import store
-from loraflow.artifacts import Handle
+from loraflow.store.artifacts import Handle
 from loraflow.config import DataConfig, ModelConfig, PipelineConfig, PromptConfig, RunConfig, build_config
 from tasks.caching import cache_key_fn, explain_miss
 
@@ -47,8 +47,8 @@ def test_the_train_key_holds_what_shapes_the_result_and_nothing_else(tmp_path):
 
 
 def test_the_folder_is_named_by_the_key_prefect_caches_under(tmp_path, gpt2_tokenizer_dir):
-    from loraflow.data import prepare_data
-    from loraflow.tokenization import tokenize_data
+    from loraflow.stages.data import prepare_data
+    from loraflow.stages.tokenize import tokenize_data
 
     (tmp_path / "d.jsonl").write_text("".join(f'{{"input": "text {i}", "target": "t {i}"}}\n' for i in range(30)))
     data_cfg, prompt = DataConfig(source=str(tmp_path / "d.jsonl")), PromptConfig(style="template", template="{input}")
@@ -56,7 +56,7 @@ def test_the_folder_is_named_by_the_key_prefect_caches_under(tmp_path, gpt2_toke
     data = prepare_data(data_cfg, tmp_path / "out")
     model = ModelConfig(name_or_path=str(gpt2_tokenizer_dir))
     tokens = tokenize_data(data, prompt, model, tmp_path / "out")
-    from loraflow.sources import source_identity
+    from loraflow.store.sources import source_identity
 
     keys = {"data": store.data_key(data_cfg),
             "tokenize": store.tokenize_key(data.fingerprint, prompt, source_identity(model.name_or_path))}
@@ -96,7 +96,7 @@ def test_a_big_file_is_hashed_once_per_machine_not_once_per_process(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "model.safetensors").write_bytes(os.urandom(8 << 20))
-    code = ("import sys; from loraflow.artifacts import content_digest; "
+    code = ("import sys; from loraflow.store.artifacts import content_digest; "
             "io = lambda: int(open('/proc/self/io').read().split('rchar: ')[1].split()[0]); "
             "before = io(); d = content_digest(sys.argv[1]); print(d, io() - before)")
     env = {**os.environ, "LORAFLOW_CACHE": str(tmp_path / "cache")}
@@ -115,9 +115,9 @@ def test_a_big_file_is_hashed_once_per_machine_not_once_per_process(tmp_path):
 
 
 def test_editing_a_stages_code_invalidates_that_stage_and_what_follows_only(tmp_path, gpt2_tokenizer_dir, monkeypatch):
-    import loraflow.codehash as codehash
-    from loraflow.data import prepare_data
-    from loraflow.tokenization import tokenize_data
+    import loraflow.store.codehash as codehash
+    from loraflow.stages.data import prepare_data
+    from loraflow.stages.tokenize import tokenize_data
 
     (tmp_path / "d.jsonl").write_text("".join(f'{{"input": "text {i}", "target": "t {i}"}}\n' for i in range(30)))
     data_cfg, prompt = DataConfig(source=str(tmp_path / "d.jsonl")), PromptConfig(style="template", template="{input}")
@@ -125,8 +125,8 @@ def test_editing_a_stages_code_invalidates_that_stage_and_what_follows_only(tmp_
     tokens = tokenize_data(data, prompt, gpt2_tokenizer_dir, tmp_path / "out")
     real_hash, real_versions = codehash.module_source_hash, codehash.library_versions()
 
-    def edited(*modules: str) -> str:  # as if loraflow/tokenization.py had been edited
-        return real_hash(*modules) + ("-edited" if "loraflow.tokenization" in modules else "")
+    def edited(*modules: str) -> str:  # as if loraflow/stages/tokenize.py had been edited
+        return real_hash(*modules) + ("-edited" if "loraflow.stages.tokenize" in modules else "")
 
     monkeypatch.setattr(codehash, "module_source_hash", edited)
     assert prepare_data(data_cfg, tmp_path / "out").fingerprint == data.fingerprint  # upstream: untouched
@@ -141,8 +141,8 @@ def test_a_hub_source_is_keyed_by_its_commit(tmp_path, monkeypatch):
     """The hub is unreachable here: the commit comes from the local Hugging Face cache's snapshot refs."""
     import huggingface_hub.constants as hub
 
-    import loraflow.sources as sources
-    from loraflow.sources import source_fingerprint
+    import loraflow.store.sources as sources
+    from loraflow.store.sources import source_fingerprint
 
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
@@ -169,7 +169,7 @@ def test_threads_of_one_process_mark_the_same_key_used_at_once(tmp_path):
     file. (Before: named by the pid alone, so one thread's rename took the other's file away.)"""
     import threading
 
-    from loraflow.artifacts import ensure_writable
+    from loraflow.store.artifacts import ensure_writable
 
     sk = store.StageKey("data", {"x": 1})
     errors: list[BaseException] = []

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.collator import IGNORE_INDEX
+from loraflow.stages.prompts import IGNORE_INDEX
 from loraflow.config import PromptConfig, build_config
-from loraflow.data import DataError, prepare_data
-from loraflow.tokenization import bos_prefix, load_tokenizer
+from loraflow.stages.data import DataError, prepare_data
+from loraflow.stages.tokenize import bos_prefix, load_tokenizer
 from tests_support import ANIMALS, COLORS
 
 GREETING = [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi, send me a report."}]
@@ -60,7 +60,7 @@ def labelled_text(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
 
 @pytest.mark.parametrize("train_on", ["last_assistant", "all_assistants"])
 def test_labels_are_the_assistant_turns_exactly_where_the_template_puts_them(gpt2_tokenizer_dir, train_on):
-    from loraflow.chat import encode_conversations
+    from loraflow.stages.chat import encode_conversations
 
     tok = load_tokenizer(gpt2_tokenizer_dir)
     messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi, send me a report."},
@@ -80,7 +80,7 @@ def test_labels_are_the_assistant_turns_exactly_where_the_template_puts_them(gpt
 
 
 def test_a_long_conversation_drops_its_earliest_exchange_and_a_long_answer_keeps_its_end_of_turn(gpt2_tokenizer_dir):
-    from loraflow.chat import encode_conversations
+    from loraflow.stages.chat import encode_conversations
 
     tok = load_tokenizer(gpt2_tokenizer_dir)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "word " * 40},
@@ -115,7 +115,7 @@ def test_a_bad_conversation_is_one_line_naming_the_row_and_the_fix(tmp_path, mes
 
 
 def test_extra_references_are_scored_with_the_last_answer(tmp_path):
-    from loraflow.data import build_splits
+    from loraflow.stages.data import build_splits
 
     source = tmp_path / "chats.jsonl"
     rows = [{"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"a {i}"}],
@@ -139,10 +139,10 @@ def test_messages_need_the_chat_style():
 def test_a_messages_dataset_trains_and_evaluates_on_its_last_answer(tmp_path, tiny_llama_dir):
     import datasets
 
-    from loraflow.evaluation import evaluate_adapter
-    from loraflow.modeling import build_model
-    from loraflow.tokenization import tokenize_data
-    from loraflow.training import train_adapter
+    from loraflow.stages.evaluate import evaluate_adapter
+    from loraflow.stages.model import build_model
+    from loraflow.stages.tokenize import tokenize_data
+    from loraflow.stages.train.stage import train_adapter
 
     cfg = chat_config(tmp_path, write_conversations(tmp_path / "chats.jsonl"), tiny_llama_dir)
     out = tmp_path / "runs"

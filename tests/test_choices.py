@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from loraflow.config import build_config
-from loraflow.data import prepare_data
-from loraflow.modeling import build_model
-from loraflow.tokenization import tokenize_data
-from loraflow.training import train_adapter
+from loraflow.stages.data import prepare_data
+from loraflow.stages.model import build_model
+from loraflow.stages.tokenize import tokenize_data
+from loraflow.stages.train.stage import train_adapter
 from tests_support import write_examples
 
 
@@ -44,7 +44,7 @@ def _split_loss(train_dir: Path, tokenized, tiny_llama_dir: Path, split: str) ->
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from loraflow.collator import CompletionCollator
+    from loraflow.stages.train.collators import CompletionCollator
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
                                       train_dir / "adapter").eval()
@@ -115,7 +115,7 @@ def test_generation_rouge_on_validation_drives_best_checkpoint_and_early_stoppin
 @pytest.mark.parametrize("field, short_len, long_len", [("max_steps", 8, 12), ("num_train_epochs", 1, 1.5)])
 def test_raising_the_length_continues_the_shorter_run(tiny_llama_dir, tmp_path, field, short_len, long_len):
     # 64 train rows, batch 8: one epoch is 8 steps, 1.5 epochs 12
-    from loraflow.training import seed_continuation
+    from loraflow.stages.train.stage import seed_continuation
 
     source = str(_folder(tmp_path))
 

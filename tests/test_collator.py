@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from loraflow.collator import IGNORE_INDEX, CompletionCollator
+from loraflow.stages.prompts import IGNORE_INDEX
+from loraflow.stages.train.collators import CompletionCollator
 
 BATCH = [
     {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7], "prompt_ids": [5]},
@@ -36,9 +37,9 @@ def test_batched_generation_continues_each_prompt_as_one_at_a_time_does(tiny_lla
     """Generation left-pads a batch (the tokenizer's pad): each prompt, short or long, ends where new tokens go,
     so the batch generates what each prompt alone generates."""
     from loraflow.config import EvalConfig, ModelConfig, QuantizationConfig
-    from loraflow.generation import generate
-    from loraflow.modeling import load_base
-    from loraflow.tokenization import load_tokenizer
+    from loraflow.stages.generation import generate
+    from loraflow.stages.model import load_base
+    from loraflow.stages.tokenize import load_tokenizer
 
     tok = load_tokenizer(tiny_llama_dir)
     model = load_base(tiny_llama_dir, ModelConfig(), QuantizationConfig(mode="none", compute_dtype="float32")).eval()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.cli import main
+from loraflow.cli.main import main
 from loraflow.config import ConfigError, PipelineConfig, build_config, load_config, parse_value
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -82,7 +82,7 @@ def test_validate_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from loraflow.cli import main; main(['validate', '--config-only']); import flows.finetune; "
+    code = ("import sys; from loraflow.cli.main import main; main(['validate', '--config-only']); import flows.finetune; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")
@@ -109,7 +109,7 @@ def test_a_partial_config_is_laid_over_the_deployment_config():
 ])
 def test_settings_that_would_leak_a_password_or_escape_a_folder_fail_in_one_line(override, error, capsys):
     """(Before: accepted, and the password reached MLflow params, the flow log, the UI's run parameters.)"""
-    from loraflow.cli import main
+    from loraflow.cli.main import main
 
     assert main(["validate", "--config-only", "--set", override]) == 2
     err = capsys.readouterr().err.strip()
@@ -118,7 +118,7 @@ def test_settings_that_would_leak_a_password_or_escape_a_folder_fail_in_one_line
 
 def test_a_password_in_mlflow_tracking_uri_from_the_environment_never_reaches_the_published_link():
     from loraflow.config import redact
-    from loraflow.tracking import Tracker
+    from loraflow.ops.tracking import Tracker
 
     assert redact("http://ana:s3cret@mlflow.internal:5000/x") == "http://ana:***@mlflow.internal:5000/x"
     assert redact("s3://bucket/runs") == "s3://bucket/runs"

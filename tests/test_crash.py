@@ -27,7 +27,7 @@ from tests_support import gated as gated_env
 
 pytestmark = pytest.mark.slow
 STEPS, HOLD = 12, 5  # the gated run holds before step HOLD + 1 (checkpoint-HOLD written) until it is killed
-CLI = [sys.executable, "-c", "import sys; from loraflow.cli import main; sys.exit(main())"]
+CLI = [sys.executable, "-c", "import sys; from loraflow.cli.main import main; sys.exit(main())"]
 
 def _start(tmp_path: Path, name: str, gated: bool = False) -> subprocess.Popen:
     """`loraflow run` of the test's config; `gated`: its training holds after checkpoint-HOLD (`tests_support.gated`)."""

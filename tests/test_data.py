@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.artifacts import is_complete
+from loraflow.store.artifacts import is_complete
 from loraflow.config import DataConfig
-from loraflow.data import DataError, load_split, prepare_data
-from loraflow.sources import source_fingerprint
+from loraflow.stages.data import DataError, load_split, prepare_data
+from loraflow.store.sources import source_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 SCITLDR = REPO / ".." / "shared" / "data" / "scitldr"  # shared, read-only: never copied into the repo
@@ -51,7 +51,7 @@ def assert_partition(handle, expected: set[str]) -> None:
 
 
 def test_import_is_cheap():
-    code = "import sys, loraflow.data, loraflow.aclsum; print([m for m in ('datasets', 'torch') if m in sys.modules])"
+    code = "import sys, loraflow.stages.data, loraflow.store.aclsum; print([m for m in ('datasets', 'torch') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -149,7 +149,7 @@ def test_complete_folder_is_reused_without_recomputing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr("loraflow.data.build_splits", boom)
+    monkeypatch.setattr("loraflow.stages.data.build_splits", boom)
     assert prepare_data(cfg(src), tmp_path / "out") == first
     (Path(first.path) / "info.json").write_text("{}")  # a damaged folder is not reused
     with pytest.raises(AssertionError, match="recomputed"):

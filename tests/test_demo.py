@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_config_runs_end_to_end_through_the_cli(tmp_path):
     out = tmp_path / "runs"
     cmd = [
-        sys.executable, "-m", "loraflow.cli", "run",
+        sys.executable, "-m", "loraflow.cli.main", "run",
         "--set", "data.max_train_samples=8", "--set", "data.max_eval_samples=4",
         "--set", "train.max_steps=2", "--set", "train.logging_steps=1", "--set", "train.save_steps=2",
         "--set", "eval.max_new_tokens=16", "--set", "eval.max_validation_samples=4", "--set", f"run.output_dir={out}",
@@ -50,7 +50,7 @@ def test_demo_config_exports_merged_and_gguf_from_a_fresh_cache(tmp_path):
     and may rightly fail the gate (README, "Export")."""
     out = tmp_path / "runs"
     cmd = [
-        sys.executable, "-m", "loraflow.cli", "export", "--format", "both",
+        sys.executable, "-m", "loraflow.cli.main", "export", "--format", "both",
         "--set", "data.max_train_samples=8", "--set", "data.max_eval_samples=4", "--set", "train.max_steps=2",
         "--set", "train.save_steps=2", "--set", "eval.max_new_tokens=16", "--set", "eval.max_validation_samples=4",
         "--set", "export.parity_samples=4", "--set", f"run.output_dir={out}",

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from loraflow.config import build_config
-from loraflow.data import prepare_data
-from loraflow.distributed import worker_command
-from loraflow.launch import WorkerFailed, run_train_worker
-from loraflow.modeling import build_model
-from loraflow.tokenization import tokenize_data
-from loraflow.training import last_checkpoint, train_key
+from loraflow.stages.data import prepare_data
+from loraflow.stages.train.distributed import worker_command
+from loraflow.stages.train.launch import WorkerFailed, run_train_worker
+from loraflow.stages.model import build_model
+from loraflow.stages.tokenize import tokenize_data
+from loraflow.stages.train.stage import last_checkpoint, train_key
 from tests_support import worker_request, write_examples
 
 # 128 examples, 16 held out: each rank gets 56 training examples, 14 optimizer steps per epoch exactly.
@@ -26,7 +26,7 @@ EXAMPLES, STEPS, SAVE, PROCESSES, BATCH, ACCUMULATION = 128, 28, 4, 2, 2, 2
 FAULT = """
 import os
 if os.environ.get("RANK") == "1":
-    from loraflow.trainer import CompletionTrainer
+    from loraflow.stages.train.trainer import CompletionTrainer
 
     def training_step(self, *args, **kwargs):
         raise RuntimeError("injected fault on rank 1")
@@ -139,9 +139,9 @@ def test_auto_processes_follow_the_visible_gpus(monkeypatch, visible, expected):
 
 def test_several_processes_launch_through_torchrun():
     one, two = worker_command(1, "req.json"), worker_command(2, "req.json")
-    assert one[1:] == ["-m", "loraflow.worker", "req.json"]
+    assert one[1:] == ["-m", "loraflow.stages.train.worker", "req.json"]
     assert two[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc-per-node=2" in two
-    assert two[-3:] == ["-m", "loraflow.worker", "req.json"]
+    assert two[-3:] == ["-m", "loraflow.stages.train.worker", "req.json"]
 
 
 def test_bad_process_count_is_one_line_naming_the_fix():
@@ -153,7 +153,7 @@ def test_bad_process_count_is_one_line_naming_the_fix():
 
 
 def test_auto_and_the_count_it_stands_for_share_one_train_folder(monkeypatch):
-    from loraflow.artifacts import Handle
+    from loraflow.store.artifacts import Handle
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     up = Handle(stage="tokenize", path="/x", fingerprint="t"), Handle(stage="model", path="/y", fingerprint="m")

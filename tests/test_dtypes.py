@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from loraflow.config import build_config
-from loraflow.data import prepare_data
-from loraflow.modeling import build_model, load_for_training
-from loraflow.tokenization import tokenize_data
-from loraflow.training import train_adapter
+from loraflow.stages.data import prepare_data
+from loraflow.stages.model import build_model, load_for_training
+from loraflow.stages.tokenize import tokenize_data
+from loraflow.stages.train.stage import train_adapter
 from tests_support import write_examples
 
 DTYPES = ("float32", "bfloat16")
@@ -47,7 +47,7 @@ def prepared(tiny_llama_dir, tmp_path_factory):
 def batch(tokenized, n: int = 8) -> dict[str, torch.Tensor]:
     import datasets
 
-    from loraflow.collator import CompletionCollator
+    from loraflow.stages.train.collators import CompletionCollator
 
     rows = datasets.load_from_disk(f"{tokenized.path}/dataset")["train"].select(range(n))
     return CompletionCollator(pad_token_id=0)([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])

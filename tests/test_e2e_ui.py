@@ -20,7 +20,7 @@ import time
 import anyio
 import pytest
 
-from loraflow.up import REPO
+from loraflow.ops.up import REPO
 from test_flow_e2e import tiny_config
 from tests_support import free_port, live_stack, write_examples
 
@@ -223,7 +223,7 @@ def test_a_promotion_is_approved_from_the_resume_form_in_the_ui(stack, tiny_llam
     table; ticking Approve, naming the approver and submitting promotes the challenger with the answer recorded."""
     from selenium.webdriver.common.by import By
 
-    from loraflow.registry import Registry
+    from loraflow.ops.registry import Registry
     from test_live_retraining import _rows
 
     home = stack["home"] / "approval"

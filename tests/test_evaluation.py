@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from loraflow.config import EvalConfig, LoraConfig, ModelConfig, QuantizationConfig
-from loraflow.evaluation import use_dequantized
-from loraflow.generation import generate
-from loraflow.modeling import attach_lora, load_base
-from loraflow.tokenization import load_tokenizer
+from loraflow.stages.evaluate import use_dequantized
+from loraflow.stages.generation import generate
+from loraflow.stages.model import attach_lora, load_base
+from loraflow.stages.tokenize import load_tokenizer
 from tests_support import train_briefly
 
 # Largest |logit difference| allowed, as a fraction of the logits' range (max |logit|).
@@ -120,7 +120,7 @@ def training_model(model_dir, adapter, dtype: str):
     leaves them), with `adapter` loaded, in eval mode (dropout off)."""
     from peft import PeftModel
 
-    from loraflow.modeling import prepare_for_training
+    from loraflow.stages.model import prepare_for_training
 
     quant = QuantizationConfig(mode="nf4", compute_dtype=dtype)
     base = prepare_for_training(load_base(model_dir, ModelConfig(), quant, training=True), quant, False, "auto")
@@ -131,7 +131,7 @@ def training_model(model_dir, adapter, dtype: str):
 def test_the_evaluate_stage_scores_the_model_that_was_trained(tiny_llama_dir, trained_adapter, dtype):
     """On CPU the scored model is the dequantized base with the adapter beside it, unmerged: its teacher-forced
     logits are the training model's to the dtype's rounding."""
-    from loraflow.evaluation import scored_model
+    from loraflow.stages.evaluate import scored_model
 
     scored, dequantized = scored_model(_cfg(dtype), tiny_llama_dir, trained_adapter)
     assert dequantized is (not torch.cuda.is_available())
@@ -149,7 +149,7 @@ def test_an_adapter_below_bf16_resolution_still_changes_the_scored_logits(tiny_l
     the old evaluate stage (dequantize + merge) scored the base model instead; the unmerged scored model keeps it."""
     from peft import PeftModel
 
-    from loraflow.evaluation import scored_model
+    from loraflow.stages.evaluate import scored_model
 
     quant = QuantizationConfig(mode="nf4", compute_dtype="bfloat16")
     model = attach_lora(load_base(tiny_llama_dir, ModelConfig(), quant, training=True),
@@ -190,7 +190,7 @@ def test_merge_into_4bit_weights_is_refused_in_one_line_that_names_the_fix():
 
 def test_a_failed_merged_export_names_the_adapter_and_the_gate():
     from loraflow.config import load_config
-    from loraflow.export import rounding_fix
+    from loraflow.stages.export import rounding_fix
 
     cfg = load_config(None, ["quantization.compute_dtype=bfloat16"])
     line = rounding_fix(cfg, {"format": "merged"}, "runs/x/train/k/adapter")

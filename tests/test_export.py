@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.artifacts import Handle
+from loraflow.store.artifacts import Handle
 from loraflow.config import build_config
-from loraflow.export import ExportParityError, export_adapter, wanted
-from loraflow.gguf_export import GGUFExportError, check_supported, write_gguf
+from loraflow.stages.export import ExportParityError, export_adapter, wanted
+from loraflow.stages.gguf import GGUFExportError, check_supported, write_gguf
 from tests_support import write_examples
 from test_flow_e2e import tiny_config
 
@@ -29,11 +29,11 @@ def with_export(cfg, **export):
 def evaluated(tiny_llama_dir, tmp_path_factory):
     """The plain stages, trained and evaluated once: (cfg, tokenized, model, trained, scores, output dir)."""
     from loraflow.hardware import resolve
-    from loraflow.data import prepare_data
-    from loraflow.evaluation import evaluate_adapter
-    from loraflow.modeling import build_model
-    from loraflow.tokenization import tokenize_data
-    from loraflow.training import train_adapter
+    from loraflow.stages.data import prepare_data
+    from loraflow.stages.evaluate import evaluate_adapter
+    from loraflow.stages.model import build_model
+    from loraflow.stages.tokenize import tokenize_data
+    from loraflow.stages.train.stage import train_adapter
 
     tmp = tmp_path_factory.mktemp("export")
     cfg = resolve(tiny_config(tmp, write_examples(tmp / "toy.jsonl"), tiny_llama_dir, max_steps=12, save_steps=12))
@@ -68,8 +68,8 @@ def test_merged_and_gguf_exports_pass_parity_and_load_as_a_user_would(evaluated)
     import datasets
 
     from loraflow.config import EvalConfig
-    from loraflow.generation import generate
-    from loraflow.export import load_export
+    from loraflow.stages.generation import generate
+    from loraflow.stages.export import load_export
 
     row = datasets.load_from_disk(f"{tokenized.path}/dataset")["validation"][0]["prompt_ids"]
     loaded, loaded_tok = load_export(folder, "merged", exported.info["dtype"])
@@ -96,8 +96,8 @@ def test_the_gguf_tokenizer_round_trips_a_chat_prompt_and_q_k_are_permuted(evalu
     import numpy as np
     from transformers import AutoTokenizer
 
-    from loraflow.export import merged_model
-    from loraflow.gguf_export import _permute
+    from loraflow.stages.export import merged_model
+    from loraflow.stages.gguf import _permute
 
     cfg, tokenized, model, trained, scores, out = evaluated
     exported = export_adapter(with_export(cfg, format="gguf", gguf_type="f16"), tokenized, model, trained, scores, out)
@@ -191,7 +191,7 @@ def test_a_llama_2_style_sentencepiece_tokenizer_round_trips_through_gguf(tmp_pa
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast
 
-    from loraflow.gguf_export import tokenizer_model
+    from loraflow.stages.gguf import tokenizer_model
 
     texts = [f"Report {i}: we saw a blue goat near the old river bank at dawn, {i * 7} times." for i in range(300)]
     spm = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))

@@ -102,8 +102,8 @@ def test_flow_trains_and_scores_tiny_model(tmp_path, tiny_llama_dir, prefect_har
 
 def early_spawns(monkeypatch) -> list:
     """The training processes started early (real ones: the spy only records them)."""
-    from loraflow import launch
-    from loraflow.worker import WAIT_FLAG
+    from loraflow.stages.train import launch
+    from loraflow.stages.train.worker import WAIT_FLAG
 
     started, spawn = [], launch._spawn
 
@@ -221,7 +221,7 @@ def _task_states(flow_state) -> dict[str, set[str]]:
 def test_a_run_that_fails_before_training_ends_its_early_training_process(tmp_path, tiny_llama_dir, prefect_harness,
                                                                           monkeypatch):
     from flows.finetune import finetune
-    from loraflow import launch
+    from loraflow.stages.train import launch
 
     cfg = tiny_config(tmp_path, write_examples(tmp_path / "toy.jsonl"), tiny_llama_dir)
     cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"target_modules": ["no_such_proj"]})})
@@ -232,7 +232,7 @@ def test_a_run_that_fails_before_training_ends_its_early_training_process(tmp_pa
 
 
 def test_cli_run_with_missing_data_fails_in_one_line(tmp_path, prefect_harness, capsys):
-    from loraflow.cli import main
+    from loraflow.cli.main import main
 
     code = main(["run", "--set", f"data.source={tmp_path / 'nope.jsonl'}", "--set", f"run.output_dir={tmp_path / 'runs'}"])
     err = capsys.readouterr().err.strip().splitlines()

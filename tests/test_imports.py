@@ -54,7 +54,7 @@ def test_a_lower_layer_importing_a_higher_one_fails_the_check(tmp_path):
     for name in (*PACKAGES, "pyproject.toml"):
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
-    store = tmp_path / "loraflow" / "store.py"
+    store = tmp_path / "loraflow" / "store" / "__init__.py"
     store.write_text(store.read_text() + "\n\nfrom flows import pipeline  # noqa: E402\n")
     done = lint_imports(tmp_path, PYTHONPATH=str(tmp_path))
     assert done.returncode == 1, done.stdout[-3000:]
@@ -63,7 +63,7 @@ def test_a_lower_layer_importing_a_higher_one_fails_the_check(tmp_path):
 
 
 def test_no_module_imports_another_modules_underscore_names():
-    """`from loraflow.data import _local_files` couples two modules through a name that says "mine only":
+    """`from loraflow.stages.data import _local_files` couples two modules through a name that says "mine only":
     such a name becomes public (no underscore) the day another module needs it."""
     found = []
     for name in modules():

@@ -27,7 +27,7 @@ from test_retry_cancel import _config as _base_config
 from tests_support import gated, gated_evaluation
 
 STEPS, HOLD = 12, 5
-CLI = [sys.executable, "-c", "import sys; from loraflow.cli import main; sys.exit(main())"]
+CLI = [sys.executable, "-c", "import sys; from loraflow.cli.main import main; sys.exit(main())"]
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_a_gpu_slot_and_a_server_left_by_a_killed_run_are_released_by_the_next(t
 def test_the_worker_takes_ctrl_c_as_save_and_stop():
     """A Ctrl-C reaches the training child too: the first SIGINT asks it to checkpoint at the step's end, a second
     one stops it at once."""
-    code = ("import os, signal\nfrom loraflow.worker import Preemption\nPreemption.install()\n"
+    code = ("import os, signal\nfrom loraflow.stages.train.worker import Preemption\nPreemption.install()\n"
             "os.kill(os.getpid(), signal.SIGINT)\nassert Preemption.requested\n"
             "try:\n    os.kill(os.getpid(), signal.SIGINT)\nexcept KeyboardInterrupt:\n    print('stopped')\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -177,7 +177,7 @@ def test_the_worker_takes_ctrl_c_as_save_and_stop():
 def test_a_temporary_server_whose_run_was_killed_is_stopped(tmp_path, monkeypatch):
     """A run killed with SIGKILL leaves its temporary server running (its own session); the next run stops it,
     and leaves servers whose run is alive, and processes that are not our servers, alone."""
-    from loraflow import tempserver
+    from loraflow.ops import tempserver
     from loraflow.procs import identity
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
@@ -240,7 +240,7 @@ def test_a_ctrl_c_that_python_drops_is_raised_again():
     """A KeyboardInterrupt raised inside a finalizer or weakref callback is printed as "ignored" and lost (seen once
     in test_ctrl_c_during_evaluation_exits_and_publishes_nothing: the run went on and completed). Inside
     `ctrl_c_stops` the interrupt comes again until the run ends."""
-    code = ("import os, signal, time\nfrom loraflow.cli import ctrl_c_stops\nswallowed = 0\n"
+    code = ("import os, signal, time\nfrom loraflow.cli.main import ctrl_c_stops\nswallowed = 0\n"
             "try:\n    with ctrl_c_stops():\n        sent = False\n"
             "        deadline = time.monotonic() + 60\n"
             "        while time.monotonic() < deadline:\n"

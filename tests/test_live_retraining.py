@@ -20,8 +20,8 @@ import anyio
 import pytest
 import yaml
 
-from loraflow.events import EVENT, Watcher, content_fingerprint, parse_seconds, resource
-from loraflow.up import REPO
+from loraflow.ops.events import EVENT, Watcher, content_fingerprint, parse_seconds, resource
+from loraflow.ops.up import REPO
 from test_flow_e2e import tiny_config
 from tests_support import live_stack, write_examples
 
@@ -70,11 +70,11 @@ def test_the_watcher_emits_once_per_settled_change_and_not_for_a_file_half_writt
 def test_watch_and_emit_refuse_bad_input_in_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "home")
-    done = subprocess.run([sys.executable, "-m", "loraflow.cli", "emit-data-updated", str(tmp_path)], env=env,
+    done = subprocess.run([sys.executable, "-m", "loraflow.cli.main", "emit-data-updated", str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "set PREFECT_API_URL" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"
-    done = subprocess.run([sys.executable, "-m", "loraflow.cli", "watch", str(tmp_path), "--every", "soon"], env=env,
+    done = subprocess.run([sys.executable, "-m", "loraflow.cli.main", "watch", str(tmp_path), "--every", "soon"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "'soon' is not a duration: write e.g. 30s" in done.stderr
     assert parse_seconds("90") == 90 and parse_seconds("2m") == 120 and parse_seconds("1.5h") == 5400
@@ -155,7 +155,7 @@ def test_new_data_in_a_watched_folder_starts_exactly_one_retraining_run(stack, t
     model in test_retrain.py::test_retraining_promotes_only_what_beats_the_champion."""
     from prefect import flow
 
-    from loraflow.registry import Registry
+    from loraflow.ops.registry import Registry
 
     folder = tmp_path / "incoming"
     folder.mkdir()
@@ -168,7 +168,7 @@ def test_new_data_in_a_watched_folder_starts_exactly_one_retraining_run(stack, t
                                   triggers=[shipped_trigger(resource_id)], print_next_steps=False)
     env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{stack['port']}/api",
            "LORAFLOW_CACHE": str(tmp_path / "cache")}
-    watcher = subprocess.Popen([sys.executable, "-m", "loraflow.cli", "watch", str(folder), "--every", "1s", "--quiet",
+    watcher = subprocess.Popen([sys.executable, "-m", "loraflow.cli.main", "watch", str(folder), "--every", "1s", "--quiet",
                                 "4s", "--name", name], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -258,7 +258,7 @@ def test_a_promotion_waits_for_a_person_and_follows_the_answer(stack, tiny_llama
     test_approval_outside_a_deployment_run_is_refused_before_any_stage)."""
     from prefect.flow_runs import resume_flow_run
 
-    from loraflow.registry import Registry
+    from loraflow.ops.registry import Registry
 
     folder = tmp_path / "incoming"
     folder.mkdir()
@@ -355,7 +355,7 @@ def test_no_other_web_page_can_drive_the_api_of_loraflow_up(stack):
 
 def test_loraflow_up_refuses_a_public_host_without_a_login(monkeypatch, capsys):
     """Not slow: refused before anything starts."""
-    from loraflow.cli import main
+    from loraflow.cli.main import main
 
     monkeypatch.delenv("PREFECT_SERVER_API_AUTH_STRING", raising=False)
     assert main(["up", "--host", "0.0.0.0"]) == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.locks import AtomicFileLockManager
+from loraflow.store.locks import AtomicFileLockManager
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_a_lock_left_by_a_dead_process_on_this_machine_is_broken(tmp_path):
     import sys
 
     # A real process takes the lock and is killed with it held.
-    code = ("import sys, time; sys.path[:0] = sys.argv[1:2]; from tasks.locks import AtomicFileLockManager as M; "
+    code = ("import sys, time; sys.path[:0] = sys.argv[1:2]; from loraflow.store.locks import AtomicFileLockManager as M; "
             f"M({str(tmp_path)!r}).acquire_lock('k', 'dead-run'); print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(REPO)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
@@ -126,7 +126,7 @@ def test_a_holder_on_another_machine_is_judged_by_its_heartbeat(tmp_path):
 def test_the_holder_refreshes_its_heartbeat(tmp_path, monkeypatch):
     import os
 
-    import tasks.locks as locks
+    import loraflow.store.locks as locks
 
     monkeypatch.setattr(locks, "HEARTBEAT_SECONDS", 0.05)
     locks._HEARTBEAT.clear()  # a fresh heartbeat thread with the short period

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.tracking import MLFLOW_SERVER
+from loraflow.ops.tracking import MLFLOW_SERVER
 from test_flow_e2e import _task_states, tiny_config
 from tests_support import free_port, write_examples
 
@@ -155,7 +155,7 @@ def test_a_promoted_champion_is_registered_in_mlflow_and_read_back_from_there(tm
 
 def test_mlflow_settings_that_cannot_work_fail_in_one_line(monkeypatch):
     from loraflow.config import ConfigError, build_config
-    from loraflow.tracking import TrackingError, tracking_uri
+    from loraflow.ops.tracking import TrackingError, tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = build_config({"train": {"report_to": ["mlflow"]}})
@@ -169,7 +169,7 @@ def test_mlflow_settings_that_cannot_work_fail_in_one_line(monkeypatch):
 
 def test_the_config_is_logged_as_dotted_text_params():
     from loraflow.config import build_config
-    from loraflow.tracking import params
+    from loraflow.ops.tracking import params
 
     cfg = build_config({"train": {"learning_rate": 3e-4, "report_to": ["mlflow"]}, "lora": {"target_modules": ["q_proj"]}})
     logged = params(cfg)

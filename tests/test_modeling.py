@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from loraflow.config import LoraConfig, ModelConfig, QuantizationConfig, TrainConfig
-from loraflow.modeling import ModelError, build_model, compute_dtype
+from loraflow.stages.model import ModelError, build_model, compute_dtype
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_unknown_target_modules_list_the_candidates(tiny_llama_dir, tmp_path):
 def test_cpu_defaults(monkeypatch):
     import torch
 
-    from loraflow.training import training_arguments
+    from loraflow.stages.train.stage import training_arguments
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv("LORAFLOW_CPU_FLAGS", "avx2 avx512f")  # a CPU without native bf16
@@ -74,8 +74,8 @@ def test_checkpointing_is_enabled_once_non_reentrant_and_keeps_the_gradients(bui
 
     import torch
 
-    from loraflow.collator import CompletionCollator
-    from loraflow.modeling import load_for_training
+    from loraflow.stages.train.collators import CompletionCollator
+    from loraflow.stages.model import load_for_training
 
     handle, quant = built["nf4"], QuantizationConfig(mode="nf4", compute_dtype="float32")
     g = torch.Generator().manual_seed(0)
@@ -116,7 +116,7 @@ def test_models_built_in_parallel_threads_leave_transformers_intact(tiny_llama_d
     from transformers import PreTrainedModel
 
     from loraflow.config import ModelConfig, QuantizationConfig
-    from loraflow.modeling import load_base
+    from loraflow.stages.model import load_base
 
     tie, init = PreTrainedModel.tie_weights, torch.nn.init.normal_
     cfg, quant = ModelConfig(name_or_path=str(tiny_llama_dir)), QuantizationConfig(mode="none")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraflow.cli import main
+from loraflow.cli.main import main
 from tests_support import write_examples
 
 
@@ -89,7 +89,7 @@ def test_a_csv_without_the_input_column_fails_before_any_model_file_is_read(tmp_
 
 def test_split_files_whose_targets_differ_in_type_load_as_lists_of_references(tmp_path):
     from loraflow.config import DataConfig
-    from loraflow.data import build_splits
+    from loraflow.stages.data import build_splits
 
     folder = tmp_path / "data"
     folder.mkdir()
@@ -148,7 +148,7 @@ def test_known_harmless_library_warnings_are_silenced_once_and_others_still_show
 def test_the_memory_estimate_counts_what_each_setting_changes(tiny_llama_dir):
     from transformers import AutoConfig
 
-    from loraflow import memory
+    from loraflow.stages.train import memory
     from loraflow.config import build_config
 
     shapes = memory.shapes(AutoConfig.from_pretrained(tiny_llama_dir))
@@ -165,7 +165,7 @@ def test_the_memory_estimate_counts_what_each_setting_changes(tiny_llama_dir):
     quantized_bytes = memory.training(full, shapes, 8, 512, 256, False, False)["weights"] - plain["weights"]
     assert quantized_bytes == pytest.approx(linear * (2 - 0.5 - 1 / 64))  # bf16 vs 4 bits + a byte per 64 weights
 
-    # evaluation, as loraflow.evaluation decides: on a CPU the weights dequantized to bf16 and the fp32 adapter beside
+    # evaluation, as loraflow.stages.evaluate decides: on a CPU the weights dequantized to bf16 and the fp32 adapter beside
     # them; merged (eval.merge) no adapter; on a GPU the 4-bit weights
     lora = sum(cfg.lora.r * (i + o) for _, i, o in shapes["linear"]) * 4
     cpu = memory.evaluation(cfg, shapes, 256, cuda=False)
@@ -182,9 +182,9 @@ def test_the_memory_estimate_counts_what_each_setting_changes(tiny_llama_dir):
 ])
 def test_a_run_over_the_memory_budget_says_how_to_fit(tmp_path, tiny_llama_dir, capsys, monkeypatch, setting, code,
                                                        says):
-    from loraflow import memory
+    from loraflow.stages.train import memory
     from loraflow.config import load_config
-    from loraflow.preflight import run_checks
+    from loraflow.stages.preflight import run_checks
 
     path = write_config(tmp_path, tiny_llama_dir, write_examples(tmp_path / "toy.jsonl"),
                         train={"per_device_train_batch_size": 64})
@@ -198,9 +198,9 @@ def test_a_run_over_the_memory_budget_says_how_to_fit(tmp_path, tiny_llama_dir, 
 
 
 def test_auto_checkpointing_turns_on_only_over_the_budget(tmp_path, tiny_llama_dir, monkeypatch):
-    from loraflow import memory
+    from loraflow.stages.train import memory
     from loraflow.config import load_config
-    from loraflow.training import resolve_checkpointing
+    from loraflow.stages.train.stage import resolve_checkpointing
 
     cfg = load_config(write_config(tmp_path, tiny_llama_dir, tmp_path / "unused.jsonl"))
     stats = tmp_path / "stats.json"

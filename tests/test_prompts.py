@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from loraflow.config import PromptConfig
-from loraflow.prompts import PromptError, check_template, completion_text, end_of_turn, render_prompt, stop_token_ids
-from loraflow.tokenization import load_tokenizer
+from loraflow.stages.prompts import PromptError, check_template, completion_text, end_of_turn, render_prompt, stop_token_ids
+from loraflow.stages.tokenize import load_tokenizer
 
 ROW = {"input": "We study pretraining on long documents.", "target": "Pretraining helps.",
        "references": ["Pretraining helps."], "aspect": "outcome"}

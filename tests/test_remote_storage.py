@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.artifacts import atomic_dir, verify
-from loraflow.remote import check_writable, download, local_root, upload
+from loraflow.store.artifacts import atomic_dir, verify
+from loraflow.store.remote import check_writable, download, local_root, upload
 from test_flow_e2e import _task_states, tiny_config
 from tests_support import free_port, write_examples
 
@@ -164,7 +164,7 @@ def test_a_champion_trained_on_another_worker_is_fetched_from_the_store_and_comp
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     from flows.retrain import retrain
-    from loraflow.registry import Registry
+    from loraflow.ops.registry import Registry
 
     cfg = tiny_config(tmp_path, write_examples(tmp_path / "toy.jsonl"), tiny_llama_dir, max_steps=2, save_steps=2)
     run = {"output_dir": f"s3://{BUCKET}/retrain", "cache_dir": str(tmp_path / "worker-a")}

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from loraflow.config import build_config
-from loraflow.data import prepare_data
-from loraflow.launch import WorkerFailed, run_train_worker
-from loraflow.modeling import build_model
-from loraflow.tokenization import tokenize_data
-from loraflow.training import last_checkpoint, train_key
+from loraflow.stages.data import prepare_data
+from loraflow.stages.train.launch import WorkerFailed, run_train_worker
+from loraflow.stages.model import build_model
+from loraflow.stages.tokenize import tokenize_data
+from loraflow.stages.train.stage import last_checkpoint, train_key
 from tests_support import worker_request, write_examples
 
 STEPS, SAVE = 30, 5
@@ -51,7 +51,7 @@ def _start_worker(cfg, tokenized, model, out: Path) -> tuple[subprocess.Popen, P
     request = out / "request.json"
     out.mkdir(parents=True, exist_ok=True)
     request.write_text(worker_request(cfg, tokenized, model, out))
-    proc = subprocess.Popen([sys.executable, "-m", "loraflow.worker", str(request)],
+    proc = subprocess.Popen([sys.executable, "-m", "loraflow.stages.train.worker", str(request)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return proc, out / "train" / f"{train_key(cfg, tokenized, model)}.work" / "checkpoints"
 
@@ -66,7 +66,7 @@ def _wait_for_checkpoint(proc, checkpoints: Path, timeout: float = 240) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(stages, tmp_path_factory):
-    from loraflow.training import train_adapter
+    from loraflow.stages.train.stage import train_adapter
 
     cfg, tokenized, model = stages
     return train_adapter(cfg, tokenized, model, tmp_path_factory.mktemp("straight"))
@@ -109,7 +109,7 @@ def test_failing_worker_fails_with_its_error(stages, tmp_path):
 
 def test_a_finished_train_folder_is_reused_without_starting_a_worker(stages, uninterrupted, monkeypatch):
     # e.g. Prefect's cache records were cleared: the folder named by the key is complete, so no ~20 s worker start
-    import loraflow.launch as launch
+    import loraflow.stages.train.launch as launch
 
     cfg, tokenized, model = stages
 
@@ -124,7 +124,7 @@ def test_a_finished_train_folder_is_reused_without_starting_a_worker(stages, uni
 def test_the_training_process_uses_the_keys_it_is_given(stages, tmp_path, monkeypatch):
     """The worker's `train_adapter` trains and publishes under the keys of its request, computing none."""
     from loraflow import store
-    from loraflow.training import continuation_key, train_adapter
+    from loraflow.stages.train.stage import continuation_key, train_adapter
 
     cfg, tokenized, model = stages
     cfg = _short(cfg, 2, save_steps=2)
@@ -148,8 +148,8 @@ def test_checkpoints_survive_a_commit_that_fails_on_a_full_disk(stages, tmp_path
     (Before: they were moved into the scratch folder and deleted with it.)"""
     import errno
 
-    from loraflow import artifacts
-    from loraflow.training import train_adapter
+    from loraflow.store import artifacts
+    from loraflow.stages.train.stage import train_adapter
 
     cfg, tokenized, model = stages
     cfg = _short(cfg, SAVE + 1)
@@ -175,7 +175,7 @@ def test_a_non_finite_loss_or_adapter_fails_the_stage_and_publishes_nothing(stag
     """fp16 overflow on a GPU makes NaNs; here a callback puts one in the adapter, as an overflow would."""
     from transformers import TrainerCallback
 
-    from loraflow.training import NonFiniteTraining, train_adapter
+    from loraflow.stages.train.stage import NonFiniteTraining, train_adapter
 
     class Overflow(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from loraflow.config import PromotionConfig, build_config
-from loraflow.registry import Candidate, Registry, decide
+from loraflow.ops.registry import Candidate, Registry, decide
 from test_flow_e2e import _task_states, tiny_config
 from tests_support import write_examples
 
@@ -88,7 +88,7 @@ def _eval_dir(folder: Path, validation: list[float], test: list[float]) -> Path:
 
 def test_promotion_reads_validation_rows_and_only_reports_test(tmp_path):
     from flows.retrain import _paired
-    from loraflow.artifacts import Handle
+    from loraflow.store.artifacts import Handle
 
     # On validation the challenger is clearly better; on test it would be clearly worse.
     ours = Handle(stage="evaluate", path=str(_eval_dir(tmp_path / "ours", [0.5] * 20, [0.1] * 20)), fingerprint="o")
@@ -150,7 +150,7 @@ def test_approval_outside_a_deployment_run_is_refused_before_any_stage(tmp_path,
 
 def test_the_approval_table_keeps_every_row_and_shows_a_dash_for_a_missing_score():
     from flows.approval import table
-    from loraflow.registry import Candidate
+    from loraflow.ops.registry import Candidate
 
     common = dict(adapter="a", train_fingerprint="t", data_fingerprint="d", test_fingerprint="x", metric="rougeL",
                   promoted=False, reason="r")
@@ -196,7 +196,7 @@ def test_promotion_is_a_compare_and_set_on_the_champion_it_was_compared_with(tmp
     a promotion either. (Before: both promoted, the last write won.)"""
     import multiprocessing
 
-    from loraflow.registry import Approval
+    from loraflow.ops.registry import Approval
 
     ctx = multiprocessing.get_context("spawn")
     go = ctx.Barrier(2)

@@ -25,7 +25,7 @@ import anyio
 import pytest
 import yaml
 
-from loraflow.training import last_checkpoint
+from loraflow.stages.train.stage import last_checkpoint
 from test_flow_e2e import tiny_config
 from tests_support import write_examples
 
@@ -66,7 +66,7 @@ def _descendants(pid: int) -> list[int]:
 def _training_child(root_pid: int) -> int | None:
     for pid in _descendants(root_pid):
         try:
-            if b"loraflow.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"loraflow.stages.train.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return pid
         except OSError:
             pass
@@ -132,7 +132,7 @@ def test_run_failed_in_train_and_retried_resumes_with_earlier_stages_cached(tmp_
     cfg = _config(tmp_path, tiny_llama_dir, max_steps=40)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = _env(tmp_path)
-    cli = [sys.executable, "-c", "import sys; from loraflow.cli import main; sys.exit(main())"]
+    cli = [sys.executable, "-c", "import sys; from loraflow.cli.main import main; sys.exit(main())"]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen([*cli, "run", str(tmp_path / "cfg.yaml")], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rouge_score import rouge_scorer
 
-from loraflow import rouge
+from loraflow.metrics import rouge
 from loraflow.metrics.rouge.rouge import split_sentences
 
 TYPES = ["rouge1", "rouge2", "rougeL", "rougeLsum"]

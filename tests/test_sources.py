@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from loraflow.sources import ModelSourceError, builtin_gguf_path, convert_gguf, resolve_model_dir, source_identity
+from loraflow.store.sources import ModelSourceError, builtin_gguf_path, convert_gguf, resolve_model_dir, source_identity
 
 
 @pytest.fixture(scope="module")

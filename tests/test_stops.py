@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from loraflow.config import EvalConfig, LoraConfig, ModelConfig, PromptConfig, QuantizationConfig
-from loraflow.generation import generate
-from loraflow.modeling import attach_lora, load_base
-from loraflow.prompts import end_of_turn, stop_token_ids
-from loraflow.tokenization import encode_example, load_tokenizer
+from loraflow.stages.generation import generate
+from loraflow.stages.model import attach_lora, load_base
+from loraflow.stages.prompts import end_of_turn, stop_token_ids
+from loraflow.stages.tokenize import encode_example, load_tokenizer
 from tests_support import train_briefly
 
 CHAT = PromptConfig(style="chat", template="Summarize: {input}")

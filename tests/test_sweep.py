@@ -10,9 +10,9 @@ import json
 import pytest
 import yaml
 
-from loraflow.cli import main
+from loraflow.cli.main import main
 from loraflow.config import ConfigError, build_config
-from loraflow.sweep import expand_grid, flatten, nest, parse_grid_arg, plan_sweep, rank, ranking_rows, ranking_text
+from loraflow.ops.sweep import expand_grid, flatten, nest, parse_grid_arg, plan_sweep, rank, ranking_rows, ranking_text
 from test_flow_e2e import tiny_config
 from tests_support import write_examples
 

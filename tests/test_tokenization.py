@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.artifacts import Handle, is_complete
-from loraflow.collator import IGNORE_INDEX
+from loraflow.store.artifacts import Handle, is_complete
+from loraflow.stages.prompts import IGNORE_INDEX
 from loraflow.config import PromptConfig
-from loraflow.prompts import PromptError, end_of_turn, render_prompt
-from loraflow.tokenization import encode_example, load_tokenizer, tokenize_data, tokenizer_digest
+from loraflow.stages.prompts import PromptError, end_of_turn, render_prompt
+from loraflow.stages.tokenize import encode_example, load_tokenizer, tokenize_data, tokenizer_digest
 
 ROW = {"input": "We study the effect of pretraining on long documents.", "target": "Pretraining helps.",
        "references": ["Pretraining helps."], "aspect": "outcome"}
@@ -159,7 +159,7 @@ def _data_row(test_row: dict) -> dict:
 
 
 def test_tokenizer_files_are_part_of_the_key(tmp_path, gpt2_tokenizer_dir):
-    from loraflow.sources import source_identity
+    from loraflow.store.sources import source_identity
 
     copy = Path(shutil.copytree(gpt2_tokenizer_dir, tmp_path / "tok"))
     assert "tokenizer.json" in tokenizer_digest(copy)

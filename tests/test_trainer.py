@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from loraflow.collator import IGNORE_INDEX, CompletionCollator
-from loraflow.trainer import body_and_head, label_only_loss
+from loraflow.stages.prompts import IGNORE_INDEX
+from loraflow.stages.train.collators import CompletionCollator
+from loraflow.stages.train.trainer import body_and_head, label_only_loss
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def _through_body_and_head(model, batch):
 
 
 def _through_forward(model, batch):  # the DDP path: logits_to_keep asked of the (wrapped) model's own forward
-    from loraflow.trainer import accepts_logits_mask, forward_label_only_loss
+    from loraflow.stages.train.trainer import accepts_logits_mask, forward_label_only_loss
 
     assert accepts_logits_mask(model)
     return forward_label_only_loss(model, batch)
@@ -103,7 +104,7 @@ def _epoch_orders(tmp_path, batching: str, seed: int, epochs: int = 2) -> tuple[
     from datasets import Dataset
     from transformers import TrainingArguments
 
-    from loraflow.trainer import CompletionTrainer
+    from loraflow.stages.train.trainer import CompletionTrainer
 
     g = torch.Generator().manual_seed(7)
     lengths = torch.randint(5, 300, (256,), generator=g).tolist()

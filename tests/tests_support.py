@@ -26,10 +26,10 @@ def write_examples(path: Path, n: int = 96) -> Path:
 
 
 def worker_request(cfg, tokenized, model, out: Path) -> str:
-    """The JSON request `python -m loraflow.worker` reads, as the launcher writes it (keys computed as a run does)."""
+    """The JSON request `python -m loraflow.stages.train.worker` reads, as the launcher writes it (keys computed as a run does)."""
     from loraflow import store
-    from loraflow.launch import worker_request as request
-    from loraflow.training import continuation_key
+    from loraflow.stages.train.launch import worker_request as request
+    from loraflow.stages.train.stage import continuation_key
 
     key = store.train_key(cfg, tokenized.fingerprint, model.fingerprint)
     return json.dumps(request(cfg, tokenized, model, out, out / "result.json", key,
@@ -62,7 +62,7 @@ def train_briefly(model, tokenizer, prompts: list[str], answer_ids: list[int], s
 def live_stack(home: Path, watch: bool = True) -> Iterator[dict]:
     """`loraflow up` in-process: a real `prefect server start`, the pool, the deployments, a worker (and the data
     watcher), each in its own process; PREFECT_HOME and PREFECT_API_URL point at them meanwhile."""
-    from loraflow.up import environment, start, stop
+    from loraflow.ops.up import environment, start, stop
 
     port = free_port()
     old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
@@ -81,8 +81,8 @@ def live_stack(home: Path, watch: bool = True) -> Iterator[dict]:
 # process only, each training step after `hold` waits while the gate file exists, until the worker is asked to stop.
 _GATE = """
 import os, sys, time
-if "loraflow.worker" in sys.orig_argv:
-    from loraflow.trainer import CompletionTrainer
+if "loraflow.stages.train.worker" in sys.orig_argv:
+    from loraflow.stages.train.trainer import CompletionTrainer
 
     step = CompletionTrainer.training_step
 
@@ -108,7 +108,7 @@ def gated(env: dict[str, str], folder: Path, hold: int) -> dict[str, str]:
             "LORAFLOW_TEST_GATE": str(folder / "gate")}
 
 
-# The same for the flow process's evaluate stage: when `loraflow.evaluation` is imported, its `generate` is wrapped so
+# The same for the flow process's evaluate stage: when `loraflow.stages.evaluate` is imported, its `generate` is wrapped so
 # that each call first marks `<gate>.reached`, then waits while the gate file exists.
 _EVAL_GATE = """
 import importlib.abc, importlib.machinery, os, sys, time
@@ -116,7 +116,7 @@ import importlib.abc, importlib.machinery, os, sys, time
 
 class _GateEvaluation(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "loraflow.evaluation":  # also asked by find_spec alone (the code hash): every spec is wrapped
+        if name != "loraflow.stages.evaluate":  # also asked by find_spec alone (the code hash): every spec is wrapped
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         run = spec.loader.exec_module

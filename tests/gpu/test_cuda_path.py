@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from loraflow.config import build_config
-from loraflow.data import prepare_data
-from loraflow.launch import run_train_worker
-from loraflow.modeling import build_model, load_base, load_for_training
-from loraflow.tokenization import tokenize_data
+from loraflow.stages.data import prepare_data
+from loraflow.stages.train.launch import run_train_worker
+from loraflow.stages.model import build_model, load_base, load_for_training
+from loraflow.stages.tokenize import tokenize_data
 from tests_support import write_examples
 
 pytestmark = pytest.mark.gpu
@@ -29,7 +29,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu only under LORAFL
 @pytest.fixture(scope="module")
 def stages(tiny_llama_dir, tmp_path_factory):
     """data -> tokenize -> model -> train (the worker process) -> evaluate, on the GPU."""
-    from loraflow.evaluation import evaluate_adapter
+    from loraflow.stages.evaluate import evaluate_adapter
 
     root = tmp_path_factory.mktemp("gpu")
     cfg = build_config({
@@ -57,7 +57,7 @@ def stages(tiny_llama_dir, tmp_path_factory):
 def lora_batch(stages, n: int = 8) -> dict[str, torch.Tensor]:
     import datasets
 
-    from loraflow.collator import CompletionCollator
+    from loraflow.stages.train.collators import CompletionCollator
 
     rows = datasets.load_from_disk(f"{stages['tokenized'].path}/dataset")["train"].select(range(n))
     batch = CompletionCollator(pad_token_id=0)([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
@@ -142,7 +142,7 @@ def test_checkpointing_keeps_the_gradients_under_bf16_autocast(stages):
 
 
 def test_label_only_loss_under_bf16_autocast_matches_the_models_own(stages):
-    from loraflow.trainer import body_and_head, label_only_loss
+    from loraflow.stages.train.trainer import body_and_head, label_only_loss
 
     batch = lora_batch(stages)
     model = trainable(stages, checkpointing=False)
@@ -159,7 +159,7 @@ def test_label_only_loss_under_bf16_autocast_matches_the_models_own(stages):
 
 
 def test_peak_gpu_memory_is_inside_the_preflight_estimate(stages):
-    from loraflow.training import longest_batch_estimate
+    from loraflow.stages.train.stage import longest_batch_estimate
 
     m = stages["trained"].info
     need = longest_batch_estimate(stages["cfg"], stages["model"].info["base_dir"],
@@ -184,7 +184,7 @@ def test_disable_adapter_in_4bit_generates_what_the_base_alone_generates(stages)
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from loraflow.generation import generate
+    from loraflow.stages.generation import generate
 
     cfg = stages["cfg"]
     adapter = Path(stages["trained"].path) / "adapter"
@@ -202,7 +202,7 @@ def test_disable_adapter_in_4bit_generates_what_the_base_alone_generates(stages)
 
 NCCL_SCRIPT = """
 import json, os, torch, torch.distributed as dist
-from loraflow.distributed import gather_from_ranks, sum_over_ranks
+from loraflow.stages.train.distributed import gather_from_ranks, sum_over_ranks
 torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 dist.init_process_group("nccl")
 out = {"backend": dist.get_backend(), "world": dist.get_world_size(),

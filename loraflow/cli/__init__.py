@@ -1,0 +1,1 @@
+"""The command line (`loraflow`: main.py) and `loraflow cache` (cache.py)."""

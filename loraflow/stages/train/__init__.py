@@ -1,0 +1,10 @@
+"""The train stage. To change training, read these and `config.TrainConfig`:
+
+- stage.py: the stage (train_adapter: TrainingArguments, the run's folders, checkpoints, resume, metrics)
+- trainer.py: CompletionTrainer (the loss at label positions only, the length-grouped sampler)
+- collators.py: padding a batch
+- launch.py: the training process started with the run, its request, its errors
+- worker.py: the training process itself (`python -m loraflow.stages.train.worker`), its callbacks
+- memory.py: the memory estimate behind `gradient_checkpointing: auto` and the pre-flight check
+- distributed.py: several processes through torchrun (DDP)
+"""

@@ -1,0 +1,231 @@
+"""Run the train stage in a child process and stream its output into our log.
+
+The child's output goes through unchanged to our stderr (so progress bars draw in a terminal), and
+its complete lines, minus progress-bar redraws, go to the `loraflow` logger (so they appear in the
+Prefect task log). If we are interrupted or cancelled the child is terminated (SIGTERM: it saves a
+checkpoint first), and it also gets SIGTERM if this process dies (Linux parent-death signal).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from loraflow.store.artifacts import Handle
+from loraflow.config import PipelineConfig
+from loraflow.stages.train.distributed import ERROR_MARK, worker_command
+from loraflow.hardware import resolve_processes
+from loraflow.stages.train.worker import PROGRESS_MARK, WAIT_FLAG
+
+if TYPE_CHECKING:
+    from loraflow.store import StageKey
+
+log = logging.getLogger("loraflow")
+_PROGRESS = re.compile(r"\d+%\|.*\|")  # a tqdm redraw: "42%|████      | 10/24 [...]"
+
+
+INTERRUPT_GRACE_SECONDS = 6  # how long a Ctrl-C waits for the training process to save its checkpoint
+
+
+class WorkerFailed(RuntimeError):
+    """The training process failed; the message carries its exit code and last output lines."""
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: cancellation still terminates the child through the finally block
+
+
+def _forward(stream, tail: deque, errors: list[dict], on_progress: Callable[[dict], None] | None = None) -> None:
+    buf = b""
+    while chunk := stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace").split("\r")[-1].rstrip()
+            # A progress bar drawn without a newline may precede our marked lines on the same line.
+            progress, error = line.find(PROGRESS_MARK), line.find(ERROR_MARK)
+            if progress >= 0:
+                if on_progress is not None:
+                    try:
+                        on_progress(json.loads(line[progress + len(PROGRESS_MARK):]))
+                    except Exception as err:  # noqa: BLE001 - a report must never stop training
+                        log.warning("train: progress report failed (%s)", err)
+            elif error >= 0:
+                report = json.loads(line[error + len(ERROR_MARK):])
+                errors.append(report)
+                log.error("%s", report["error"])
+            elif line and not _PROGRESS.search(line):
+                tail.append(line)
+                log.info("%s", line)
+
+
+# Training processes started early, by train key, until the train stage claims its own (loraflow.stages.train.launch.early_start).
+_EARLY: dict[str, subprocess.Popen] = {}
+_EARLY_LOCK = threading.Lock()
+
+
+def _spawn(command: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent, **kw)
+
+
+def _early_key(cfg: PipelineConfig, output_dir: str | Path, train_key: str) -> str | None:
+    """`train_key` when the train stage will run in one local process, else None."""
+    from loraflow import store
+    from loraflow.store.artifacts import is_complete
+    from loraflow.store.remote import is_url
+
+    if not cfg.train.early_start or is_url(cfg.run.output_dir) or resolve_processes(cfg.train.num_processes) != 1:
+        return None
+    return train_key if cfg.run.refreshes("train") or not is_complete(store.folder(output_dir, "train", train_key)) else None
+
+
+@contextmanager
+def early_start(cfg: PipelineConfig, output_dir: str | Path, train_key: str) -> Iterator[None]:
+    """Start the training process now if the train stage (key `train_key`) will run, so its imports (torch,
+    transformers, peft: ~10-20 s on a small CPU) overlap the stages before it; `run_train_worker` hands it the
+    request. A process nobody claimed is ended when the block exits (the run failed or stopped before training)."""
+    try:
+        key = _early_key(cfg, output_dir, train_key)
+    except Exception as err:  # noqa: BLE001 - the stage that needs the input reports it properly
+        log.debug("train: not started early (%s)", err)
+        key = None
+    if key is not None:
+        with _EARLY_LOCK:
+            if key not in _EARLY:
+                _EARLY[key] = _spawn([sys.executable, "-m", "loraflow.stages.train.worker", WAIT_FLAG], stdin=subprocess.PIPE)
+            else:
+                key = None  # another run of the same config in this process started it: that run owns it
+    try:
+        yield
+    finally:
+        with _EARLY_LOCK:
+            proc = _EARLY.pop(key, None) if key is not None else None
+        if proc is not None:
+            _retire(proc)
+
+
+def _retire(proc: subprocess.Popen) -> None:
+    """End an early-started process that got no request, at once: it has nothing to save (SIGTERM before a request
+    ends it; one still importing would otherwise hold up a run that is stopping)."""
+    try:
+        proc.stdin.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        proc.kill()
+        proc.wait()
+    finally:
+        proc.stdout.close()
+
+
+def _claim(key: str, request: Path) -> subprocess.Popen | None:
+    """The early-started process for `key`, given its request, or None (none started, or it died)."""
+    with _EARLY_LOCK:
+        proc = _EARLY.pop(key, None)
+    if proc is None:
+        return None
+    try:
+        if proc.poll() is not None:
+            raise OSError(f"exited with code {proc.returncode}")
+        proc.stdin.write(f"{request}\n".encode())
+        proc.stdin.close()
+    except OSError as err:
+        log.info("train: the early-started training process is gone (%s): starting a new one", err)
+        _retire(proc)
+        return None
+    log.info("train: using the training process started with the run (its imports overlapped the earlier stages)")
+    return proc
+
+
+def worker_request(cfg: PipelineConfig, tokenized: Handle, model: Handle, output_dir: str | Path, result: Path,
+                   key: StageKey, continuation: str, tracking: dict | None = None) -> dict:
+    """What `python -m loraflow.stages.train.worker REQUEST` reads: the run's config, its inputs, its train key and continuation
+    key (the worker computes neither), where to write, and the MLflow run to log to."""
+    return {"cfg": cfg.model_dump(mode="json"), "tokenized": tokenized.model_dump(), "model": model.model_dump(),
+            "output_dir": str(output_dir), "result": str(result), "tracking": tracking,
+            "key": {"stage": key.stage, "parts": key.parts}, "continuation_key": continuation}
+
+
+def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, output_dir: str | Path,
+                     on_progress: Callable[[dict], None] | None = None, key: StageKey | None = None) -> Handle:
+    """Train in `python -m loraflow.stages.train.worker` (through torchrun with train.num_processes > 1); returns
+    the train handle or raises WorkerFailed naming the first rank's error.
+
+    `on_progress` gets {"step", "max_steps", "loss"} at every logging step. `key`: the run's train key
+    (`store.chain`), else computed here; the training process receives it, and the continuation key
+    computed here, in its request."""
+    processes = resolve_processes(cfg.train.num_processes)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_processes": processes})})
+    from loraflow import store
+    from loraflow.ops.tracking import handoff
+    from loraflow.stages.train.stage import continuation_key, finished_train
+
+    sk = key or store.train_key(cfg, tokenized.fingerprint, model.fingerprint)
+    done = finished_train(cfg, tokenized, model, output_dir, sk.key)
+    if done is not None:  # e.g. Prefect's records were cleared: no worker
+        log.info("train: reusing %s", done.path)
+        return done
+    continuation = continuation_key(cfg, tokenized, model)
+    if cfg.run.refreshes("train"):  # from scratch: the old checkpoints are set aside, not resumed from
+        work = store.work_dir(output_dir, sk.key)
+        if work.exists():
+            aside = work.with_name(f"{work.name}.set-aside-{int(time.time())}")
+            work.rename(aside)
+            log.info("train: refresh: checkpoints set aside in %s", aside)
+    else:
+        from loraflow.stages.train.stage import seed_continuation
+
+        seed_continuation(cfg, tokenized, model, output_dir, sk.key, continuation)
+    with tempfile.TemporaryDirectory(prefix="loraflow-train-") as tmp:
+        request = Path(tmp) / "request.json"
+        result = Path(tmp) / "result.json"
+        request.write_text(json.dumps(worker_request(cfg, tokenized, model, output_dir, result, sk, continuation,
+                                                     handoff())))
+        if processes > 1:
+            log.info("train: %d processes (DDP) through torchrun", processes)
+        proc = _claim(sk.key, request) or _spawn(worker_command(processes, str(request)))
+        tail: deque[str] = deque(maxlen=20)
+        errors: list[dict] = []  # {"at": time, "error": "rank N: Type: message"} from each failing rank
+        try:
+            _forward(proc.stdout, tail, errors, on_progress)
+            code = proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C: the child got it too and saves at its step's end; wait only briefly
+            try:
+                proc.wait(timeout=INTERRUPT_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+        finally:
+            if proc.poll() is None:  # we were interrupted or cancelled: let it checkpoint, then make sure
+                proc.terminate()
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        if code != 0:
+            last = min(errors, key=lambda e: e["at"])["error"] if errors else next(
+                (line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "")
+            what = "was stopped (SIGTERM) after saving a checkpoint; rerun to resume" if code == 143 else (
+                "was killed (out of memory?)" if code in (-9, 137) else f"failed: {last}")
+            raise WorkerFailed(f"train: the training process (exit code {code}) {what}")
+        return Handle.model_validate_json(result.read_text())

@@ -1,0 +1,154 @@
+"""How much memory training and evaluation will need, from the model's config alone, against what the machine has.
+
+`estimate` counts, for the longest batch (length-grouped batching puts the longest rows together):
+- the weights: the linear layers in 4 bits (+ their block constants) or the compute dtype, the rest
+  (embeddings, norms, LM head) in the compute dtype or fp32 (`train.upcast_frozen`);
+- LoRA: its parameters, gradients and the two AdamW moments, all fp32;
+- activations kept for the backward pass: per layer and token about 10 x hidden + 4 x intermediate values
+  (norm inputs and outputs, q/k/v, attention output, the MLP's gate/up/product), + LoRA dropout's input
+  copies when `lora.dropout` > 0, + the attention probabilities (heads x length²) of the math kernel; with
+  gradient checkpointing only each layer's input is kept, plus one layer recomputed;
+- the logits (fp32), at label positions only with `train.label_only_logits`, with their softmax and gradient;
+- the runtime (Python, torch, the libraries; on a GPU the CUDA context).
+Evaluation holds the weights (on a CPU dequantized to the compute dtype, `eval.dequantize`), the adapter beside
+them (fp32; merged into them only with `eval.merge`) and one generation batch's cache.
+
+It is an estimate. The CPU training runtime constant is calibrated on two measured peaks of the training
+process (2-core CPU, bf16, SmolLM2-135M, 2026-12-01): the demo (5.05 GiB; estimate 4.3) and the SciTLDR
+benchmark (5.7 GiB; estimate 5.4). The GPU and evaluation constants are not measured yet. `loraflow validate
+--probe` measures one real step instead. The model is built on torch's meta device (shapes, no memory, no
+weights read).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from loraflow.config import PipelineConfig
+
+GIB = 2**30
+# A CPU training process beyond the counted parts: imports (~0.9 GiB), the dataset, the Trainer and the allocator's
+# cache of freed blocks of varying shapes; calibrated on the two peaks named above (the gap was 2.2-2.7 GiB).
+RUNTIME_CPU_TRAIN = 2.8 * GIB
+RUNTIME_CPU = 0.9 * GIB  # a process's RSS after its imports (evaluation, in the flow process)
+RUNTIME_GPU = 0.6 * GIB  # CUDA context + kernels (not measured here)
+
+
+@dataclass
+class Estimate:
+    parts: dict[str, float]  # bytes
+    budget: float  # bytes available
+    where: str  # "RAM" or "GPU memory"
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    def line(self, what: str) -> str:
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.parts.items())
+        return f"{what}: ~{self.total / GIB:.1f} GiB ({parts}) of {self.budget / GIB:.1f} GiB free {self.where}"
+
+
+def checkpointing(setting: bool | str, without: float, budget: float) -> bool:
+    """train.gradient_checkpointing resolved: 'auto' = on when training without it needs more than `budget` bytes."""
+    return without > budget if setting == "auto" else bool(setting)
+
+
+def available(cuda: bool) -> tuple[float, str]:
+    """Bytes free now: the GPU's free memory, else RAM available to new allocations (MemAvailable)."""
+    if cuda:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return float(free), "GPU memory"
+    import psutil
+
+    return float(psutil.virtual_memory().available), "RAM"
+
+
+def shapes(model_config: Any) -> dict[str, Any]:
+    """{linear: [(name, in, out)], other_params, lm_head, tied, hidden, intermediate, layers, heads, vocab} from a
+    model built on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    head = model.get_output_embeddings()
+    linear = [(name, m.in_features, m.out_features) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and m is not head]
+    in_linear = {id(p) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
+                 for p in m.parameters()}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in in_linear)
+    c = model.config
+    heads = getattr(c, "num_attention_heads", 1)
+    return {"linear": linear, "other_params": other, "vocab": c.vocab_size,
+            "hidden": c.hidden_size, "intermediate": getattr(c, "intermediate_size", 4 * c.hidden_size),
+            "layers": c.num_hidden_layers, "heads": heads}
+
+
+def _targets(linear: list[tuple[str, int, int]], target_modules: str | list[str]) -> list[tuple[str, int, int]]:
+    if target_modules == "all-linear":
+        return linear
+    return [t for t in linear if t[0].rsplit(".", 1)[-1] in target_modules]
+
+
+def _four_bit_bytes(cfg: PipelineConfig) -> float:
+    """Bytes per 4-bit weight: half a byte + its block constant (one byte per 64 with double quant, else fp32)."""
+    return 0.5 + (1 if cfg.quantization.double_quant else 4) / 64
+
+
+def _lora_params(cfg: PipelineConfig, s: dict[str, Any]) -> int:
+    return sum(cfg.lora.r * (i + o) for _, i, o in _targets(s["linear"], cfg.lora.target_modules))
+
+
+def training(cfg: PipelineConfig, s: dict[str, Any], batch: int, length: int, label_tokens: int, cuda: bool,
+             checkpointing: bool) -> dict[str, float]:
+    """Bytes per part for training `batch` rows of `length` tokens, `label_tokens` of them labelled."""
+    from loraflow.hardware import resolve_compute_dtype
+    from loraflow.stages.model import upcasts
+
+    dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
+    width = 4 if dtype == "float32" else 2
+    quantized = cfg.quantization.mode != "none"
+    linear_params = sum(i * o for _, i, o in s["linear"])
+    per_weight = _four_bit_bytes(cfg) if quantized else width
+    other_width = 4 if quantized and upcasts(cfg.train.upcast_frozen, cfg.quantization.compute_dtype) else width
+    lora = _lora_params(cfg, s)
+    h, inter, layers, tokens = s["hidden"], s["intermediate"], s["layers"], batch * length
+    act = other_width  # the residual stream is in the dtype of the embeddings and norms
+    per_token = (10 * h + 4 * inter) * act
+    if cfg.lora.dropout > 0:  # peft drops out a copy of each adapted layer's input
+        per_token += sum(i for _, i, _ in _targets(s["linear"], cfg.lora.target_modules)) / layers * act
+    attention = batch * s["heads"] * length * length * act * (1 if cuda else 2)  # probabilities (+ their grad on CPU)
+    if checkpointing:
+        activations = layers * tokens * h * act + tokens * per_token + attention
+    else:
+        activations = layers * (tokens * per_token + attention)
+    logit_rows = label_tokens if cfg.train.label_only_logits else tokens
+    return {"weights": linear_params * per_weight + s["other_params"] * other_width, "lora+adam": lora * 16,
+            "activations": activations, "logits": logit_rows * s["vocab"] * 4 * 3,
+            "runtime": RUNTIME_GPU if cuda else RUNTIME_CPU_TRAIN}
+
+
+def evaluation(cfg: PipelineConfig, s: dict[str, Any], length: int, cuda: bool) -> dict[str, float]:
+    from loraflow.hardware import resolve_compute_dtype
+
+    width = 4 if resolve_compute_dtype(cfg.quantization.compute_dtype) == "float32" else 2
+    linear_params = sum(i * o for _, i, o in s["linear"])
+    quantized = cfg.quantization.mode != "none"
+    four_bit = quantized and not cfg.eval.dequantizes(quantized, cuda)  # as loraflow.stages.evaluate decides
+    weights = linear_params * (_four_bit_bytes(cfg) if four_bit else width) + s["other_params"] * width
+    adapter = 0 if cfg.eval.merges(quantized, cuda) else _lora_params(cfg, s) * 4  # fp32, beside the weights
+    batch = cfg.eval.batch_size
+    kv = 2 * s["layers"] * batch * (length + cfg.eval.max_new_tokens) * s["hidden"] * width
+    return {"weights": weights, "adapter": adapter, "kv cache": kv, "logits": batch * s["vocab"] * 4 * 2,
+            "runtime": RUNTIME_GPU if cuda else RUNTIME_CPU}
+
+
+def cuda_visible() -> bool:
+    from loraflow.hardware import visible_gpu_count
+
+    return visible_gpu_count() > 0 and os.environ.get("CUDA_VISIBLE_DEVICES") != ""

@@ -1,0 +1,143 @@
+"""Child-process entry point for the train stage: `python -m loraflow.stages.train.worker REQUEST.json`.
+
+Training runs in its own process so GPU memory is released when it ends, an out-of-memory kill fails
+one task instead of the flow process, and a cancelled run can be stopped with a signal.
+On SIGTERM (cancellation, a preempted spot GPU, an evicted pod) it saves a checkpoint at the end of
+the current step and exits with code 143, so the rerun resumes without losing a finished step.
+With train.num_processes > 1, torchrun starts one of these per rank (see `loraflow.stages.train.distributed`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a terminated process
+
+
+class Preemption:
+    """Set by SIGTERM, or SIGINT (a Ctrl-C in the terminal reaches the whole process group); the Trainer callback
+    turns it into save-then-stop at the next step boundary. A second SIGINT stops at once."""
+
+    requested = False
+
+    @classmethod
+    def install(cls) -> None:
+        def handler(signum, frame):
+            if signum == signal.SIGINT and cls.requested:
+                raise KeyboardInterrupt
+            cls.requested = True
+            name = signal.Signals(signum).name
+            print(f"train worker: {name} received, saving a checkpoint after this step", file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def preemption_callback():
+    from transformers import TrainerCallback
+
+    class SaveAndStopOnSigterm(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if Preemption.requested:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return SaveAndStopOnSigterm()
+
+
+PROGRESS_MARK = "loraflow-progress "
+
+
+def progress_callback():
+    """Print one machine-readable line per logging step; the parent turns it into a progress artifact."""
+    from transformers import TrainerCallback
+
+    class ReportProgress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs and "loss" in logs:
+                line = {"step": state.global_step, "max_steps": state.max_steps, "loss": logs["loss"]}
+                print(PROGRESS_MARK + json.dumps(line), flush=True)
+
+    return ReportProgress()
+
+
+WAIT_FLAG = "--wait"  # started early (loraflow.stages.train.launch.EarlyStart): import, then read the request path on stdin
+
+
+def _import_early() -> None:
+    """What training imports, while the flow's earlier stages run (a missing optional library fails later, where
+    it is used, with that stage's message)."""
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer  # noqa: F401
+
+    import loraflow.stages.model  # noqa: F401
+    import loraflow.stages.train.trainer  # noqa: F401
+    import loraflow.stages.train.stage  # noqa: F401
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # noqa: BLE001 - reported by the model loader, if 4-bit is asked for
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    process = {"started_early": bool(argv) and argv[0] == WAIT_FLAG, "started_at": time.time()}
+    if process["started_early"]:  # SIGTERM while waiting ends the process (nothing to save yet)
+        _import_early()
+        process["imported_at"] = time.time()
+        print("train worker: started early, imports done", file=sys.stderr, flush=True)
+        line = sys.stdin.readline().strip()
+        process["request_at"] = time.time()
+        if not line:  # the run ended (or failed) before training: nothing to do
+            return 0
+        argv = [line]
+    Preemption.install()
+    return _train(argv, process)
+
+
+def _train(argv: list[str], process: dict) -> int:
+    from loraflow.store.artifacts import Handle
+    from loraflow.config import PipelineConfig
+    from loraflow.stages.train.distributed import ERROR_MARK, rank
+    from loraflow.store import StageKey
+    from loraflow.stages.train.stage import Preempted, train_adapter
+
+    request = json.loads(Path(argv[0]).read_text())
+    cfg = PipelineConfig.model_validate(request["cfg"])
+    callbacks = [preemption_callback(), progress_callback()]
+    if request.get("tracking"):  # the flow run's MLflow run: the curves are logged there as they come
+        from loraflow.ops.tracking import curves_callback
+
+        callbacks.append(curves_callback(request["tracking"]))
+    try:
+        handle = train_adapter(
+            cfg, Handle(**request["tokenized"]), Handle(**request["model"]), request["output_dir"],
+            callbacks=callbacks, stop_requested=lambda: Preemption.requested,
+            process=process, key=StageKey(**request["key"]), continuation=request["continuation_key"],
+        )
+    except Preempted as err:
+        print(f"train worker: {err}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
+    except Exception as err:
+        # One line the launcher can quote: under torchrun, every rank that fails reports, and the earliest
+        # is the cause (the others typically fail because a peer's connection closed).
+        where = f"rank {rank()}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        report = {"at": time.time(), "error": f"{where}{type(err).__name__}: {err}".replace("\n", " ")}
+        print(ERROR_MARK + json.dumps(report), file=sys.stderr, flush=True)
+        raise
+    if handle is not None:  # rank 0 (the only rank in a single process) publishes the result
+        Path(request["result"]).write_text(handle.model_dump_json())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
