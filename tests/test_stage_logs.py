@@ -13,6 +13,7 @@ def test_concurrent_stages_keep_their_own_log_lines(prefect_harness, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
 
+    from loraflow import store
     from loraflow.config import DataConfig, RunConfig
     from tasks.stages import stage_logs
 
@@ -21,7 +22,7 @@ def test_concurrent_stages_keep_their_own_log_lines(prefect_harness, tmp_path):
     both_inside = threading.Barrier(2, timeout=60)
 
     @task(cache_policy=None)
-    def noisy(name: str, data: DataConfig, run: RunConfig) -> str:
+    def noisy(name: str, data: DataConfig, run: RunConfig, key: store.StageKey) -> str:
         from prefect.context import TaskRunContext
 
         with stage_logs("data", str(tmp_path / name)):
@@ -36,7 +37,7 @@ def test_concurrent_stages_keep_their_own_log_lines(prefect_harness, tmp_path):
     def two_at_once() -> list[str]:
         ids: dict[str, str] = {}
         data, runs = DataConfig(source=str(source)), {n: RunConfig(output_dir=str(tmp_path / n)) for n in ("alpha", "beta")}
-        threads = [threading.Thread(target=lambda n=n: ids.update({n: noisy(n, data, runs[n])})) for n in runs]
+        threads = [threading.Thread(target=lambda n=n: ids.update({n: noisy(n, data, runs[n], store.data_key(data))})) for n in runs]
         for t in threads:
             t.start()
         for t in threads:
