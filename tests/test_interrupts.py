@@ -4,8 +4,9 @@ temporary server a killed run left behind is released by the next run.
 
 The CLI tests are slow tier (training children interrupted and killed on purpose, real servers). Their paths in the
 everyday tier: the worker takes SIGINT as a request to save and stop (test_the_worker_takes_ctrl_c_as_save_and_stop),
-an orphaned temporary server is stopped (test_a_temporary_server_whose_run_was_killed_is_stopped), training resumes
-from its checkpoint (test_choices.py::test_raising_the_length_continues_the_shorter_run).
+an orphaned temporary server is stopped (test_a_temporary_server_whose_run_was_killed_is_stopped), the `gpu` slot of a
+gone holder is released and a live one's kept (test_a_slot_holder_that_is_gone_is_named_for_release_and_a_live_one_is_kept),
+training resumes from its checkpoint (test_choices.py::test_raising_the_length_continues_the_shorter_run).
 """
 
 from __future__ import annotations
@@ -234,6 +235,32 @@ def test_loraflow_up_stops_everything_it_started_on_sigterm(tmp_path, home):
         for pid in _descendants(up.pid):
             os.kill(pid, signal.SIGKILL)
         up.kill()
+
+
+def test_a_slot_holder_that_is_gone_is_named_for_release_and_a_live_one_is_kept(tmp_path):
+    """What `wait_for_slots` releases: the `gpu` slot of a task run whose recorded process is gone, never one whose
+    process runs (the slow test_a_gpu_slot_and_a_server_left_by_a_killed_run_are_released_by_the_next is the whole
+    sequence on a real server)."""
+    import uuid
+
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    from loraflow.procs import boot_id, identity, pid_start
+    from tasks.slots import _dead_holder, _holders_dir
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    started = pid_start(child.pid)
+    child.kill()
+    child.wait()
+    with temporary_settings({PREFECT_HOME: str(tmp_path)}):
+        folder = _holders_dir()
+        folder.mkdir(parents=True)
+        dead, live = uuid.uuid4(), uuid.uuid4()
+        (folder / f"{dead}.json").write_text(json.dumps({**identity(), "pid": child.pid, "pid_start": started,
+                                                         "boot_id": boot_id(), "task_run": "train-1"}))
+        (folder / f"{live}.json").write_text(json.dumps({**identity(), "task_run": "train-2"}))
+        assert _dead_holder(dead) == f"task run train-1 (pid {child.pid}, gone)"
+        assert _dead_holder(live) is None and _dead_holder(uuid.uuid4()) is None
 
 
 def test_a_ctrl_c_that_python_drops_is_raised_again():

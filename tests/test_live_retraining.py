@@ -329,7 +329,8 @@ def test_no_other_web_page_can_drive_the_api_of_loraflow_up(stack):
     """Real HTTP against `loraflow up`'s server, as a page on another site would send it from a user's browser: the
     CORS preflight names no origin but the UI's, and a state-changing request without Prefect's CSRF token is
     refused. (Before: `access-control-allow-origin: *`, and the POST got 200.) The clients and the UI send the
-    token: every other test in this module, and the browser test (tests/test_e2e_ui.py), run through it."""
+    token: every other test in this module, and the browser test (tests/test_e2e_ui.py), run through it.
+    Everyday: the settings that do it in tests/test_up.py::test_the_api_takes_csrf_tokens_and_only_the_uis_own_origin."""
     import urllib.error
     import urllib.request
 
