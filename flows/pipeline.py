@@ -9,12 +9,11 @@ from typing import Any
 from prefect.logging import get_run_logger
 
 from loraflow import store
-
-from loraflow.ops import tracking
-from loraflow.store.artifacts import Handle, ensure_writable
 from loraflow.config import PipelineConfig, build_config, check_run_overrides, deep_merge, default_config, over_defaults
 from loraflow.hardware import resolve, why_dtype
+from loraflow.ops import tracking
 from loraflow.stages.train.launch import early_start
+from loraflow.store.artifacts import Handle, ensure_writable
 from loraflow.store.remote import check_writable, is_url
 from tasks.stages import (data_task, evaluate_task, export_task, for_run, model_task, preflight_task, tokenize_task,
                           train_task, workspace)

@@ -187,7 +187,7 @@ def _stats(prompt_lens: list[int], target_lens: list[int], truncated: int, dropp
     }
 
 
-def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, final: Path, key: str) -> dict[str, Any]:
+def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, final: Path, key: str) -> None:
     import datasets
 
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -241,7 +241,6 @@ def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, final: Path, k
     with atomic_dir(final, meta) as tmp:
         datasets.DatasetDict(out).save_to_disk(str(tmp / "dataset"))
         write_json(tmp / "stats.json", stats)
-    return stats
 
 
 def _nothing_fits(row: dict[str, Any], prompt: PromptConfig, tokenizer, prefix: list[int], split: str, n: int) -> str:

@@ -67,7 +67,7 @@ def progress_callback():
     return ReportProgress()
 
 
-WAIT_FLAG = "--wait"  # started early (loraflow.stages.train.launch.EarlyStart): import, then read the request path on stdin
+WAIT_FLAG = "--wait"  # started early (`launch.early_start`): import, then read the request path on stdin
 
 
 def _import_early() -> None:
