@@ -12,6 +12,7 @@ hours"; Prefect fails the suspended run at the same deadline).
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -93,6 +94,13 @@ def ask(registry: Registry, entry: Candidate, champion: Candidate | None, champi
     return answer(registry, pending, cfg)
 
 
+def suspend_seconds(deadline: str, now: datetime | None = None) -> int:
+    """Whole seconds to suspend for, so that Prefect fails an unanswered run at or just after the registry's
+    `deadline`, never before it: a run Prefect has failed always reads as expired in the registry."""
+    left = (datetime.fromisoformat(deadline) - (now or datetime.now(timezone.utc))).total_seconds()
+    return max(1, math.ceil(left))
+
+
 def answer(registry: Registry, pending: Candidate, cfg: PipelineConfig) -> tuple[bool, str, Candidate]:
     """Suspend until a person answers about `pending` (on a resumed run, the answer is there at once), then
     promote or reject it in the registry."""
@@ -101,8 +109,8 @@ def answer(registry: Registry, pending: Candidate, cfg: PipelineConfig) -> tuple
     form = ApprovalForm.with_initial_data(
         description=f"### Promote challenger `{pending.id}`?\n\n{pending.approval.rule_reason}\n\n{pending.approval.table}",
         approve=False, comment="")
-    timeout = max(1, int((datetime.fromisoformat(pending.approval.deadline) - datetime.now(timezone.utc)).total_seconds()))
-    reply: ApprovalForm = suspend_flow_run(wait_for_input=form, timeout=timeout, key=f"approval-{pending.id}")
+    reply: ApprovalForm = suspend_flow_run(wait_for_input=form, timeout=suspend_seconds(pending.approval.deadline),
+                                           key=f"approval-{pending.id}")
     verdict = "approved" if reply.approve else "rejected"
     reason = (f"{verdict} by {reply.approver}" + (f" ({reply.comment})" if reply.comment else "")
               + f"; the rule said: {pending.approval.rule_reason}")

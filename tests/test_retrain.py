@@ -161,6 +161,23 @@ def test_the_approval_table_keeps_every_row_and_shows_a_dash_for_a_missing_score
     assert rows[3] == "| champion `champ` | – | – |"  # not 0.00: unknown is not zero
 
 
+def test_prefect_never_fails_an_unanswered_run_before_the_registry_reads_it_as_expired():
+    """The suspend timeout ends at or after the registry's deadline, never before: once Prefect fails the run, the
+    registry says expired, not pending. (Before: the timeout was rounded down, Prefect failed the run up to a
+    second early, and the slow tier's approval test read "pending" after the run had failed.)"""
+    from datetime import datetime, timedelta, timezone
+
+    from flows.approval import suspend_seconds
+
+    now = datetime(2026, 12, 4, 13, 0, 0, 400_000, tzinfo=timezone.utc)
+    for left in (0.2, 1.0, 17.6, 18.0, 3600.9):
+        deadline = now + timedelta(seconds=left)
+        seconds = suspend_seconds(deadline.isoformat(), now)
+        assert isinstance(seconds, int) and now + timedelta(seconds=seconds) >= deadline, left
+        assert seconds - left < 1.0 + 1e-9, left  # and not longer than needed
+    assert suspend_seconds((now - timedelta(seconds=5)).isoformat(), now) == 1  # a past deadline: Prefect's minimum
+
+
 def test_a_champion_this_worker_cannot_find_is_never_replaced_unseen(tmp_path, tiny_llama_dir, prefect_harness):
     """The champion's stages are gone from this machine (another worker's cache, or deleted): the challenger is
     refused with the reason recorded, the champion stays, nothing is exported. (Before: promoted as if there
