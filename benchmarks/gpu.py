@@ -80,6 +80,7 @@ def measure(side: str, model_dir: Path, rows: list[dict], out: Path, a: argparse
     step_s = [b - c for b, c in zip(clock.ends[warm:], clock.ends[warm - 1:])]
     report = {
         "steps": trainer.state.global_step, "timed_steps": len(steady),
+        "timed_examples": sum(b["examples"] for b in steady), "timed_label_tokens": sum(b["labels"] for b in steady),
         "examples_per_second": round(sum(b["examples"] for b in steady) / seconds, 2),
         "label_tokens_per_second": round(sum(b["labels"] for b in steady) / seconds, 1),
         "seconds_per_step_median": round(statistics.median(step_s), 4),

@@ -166,19 +166,17 @@ def resolve_processes(value: int | str) -> int:
     return max(1, visible_gpu_count()) if value == "auto" else int(value)
 
 
-def export_dtype(export: str, compute: str) -> str:
-    """`export.dtype` with 'auto' resolved: the compute dtype (`quantization.compute_dtype`) the model was
-    trained and scored in."""
-    return resolve_compute_dtype(compute) if export == "auto" else export
-
-
 def resolve(cfg: PipelineConfig) -> PipelineConfig:
     """`cfg` with the machine-dependent 'auto' settings replaced by what they mean here, in one place, before any
-    cache key is made: the compute dtype (`resolve_quantization`) and the number of training processes
-    (`resolve_processes`). `gradient_checkpointing: auto` is decided when training starts (`loraflow.stages.train.stage`),
-    from the memory free then."""
+    cache key is made and before any stage runs: the compute dtype (`resolve_quantization`), the export dtype
+    (the compute dtype the model was trained and scored in) and the number of training processes
+    (`resolve_processes`). 'auto' and what it stands for are then one setting: one key, one folder.
+    `gradient_checkpointing: auto` is decided when training starts (`loraflow.stages.train.stage`), from the
+    memory free then. Idempotent."""
+    quant = resolve_quantization(cfg.quantization)
     train = cfg.train.model_copy(update={"num_processes": resolve_processes(cfg.train.num_processes)})
-    return cfg.model_copy(update={"quantization": resolve_quantization(cfg.quantization), "train": train})
+    export = cfg.export.model_copy(update={"dtype": quant.compute_dtype if cfg.export.dtype == "auto" else cfg.export.dtype})
+    return cfg.model_copy(update={"quantization": quant, "train": train, "export": export})
 
 
 def local_rank() -> int | None:

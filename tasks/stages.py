@@ -1,8 +1,10 @@
 """The five stages (and the optional export) as Prefect tasks: thin wrappers that add names, caching, retries and logs.
 
-Each task receives its stage's key (`key`: computed once per run by `flows.pipeline.run_stages`), calls a
-plain function from `loraflow` with it and returns a small `Handle`; models, tokenizers and datasets never
-travel between tasks.
+Each task receives its stage's key (`key`: computed once per run by `flows.pipeline.run_stages`) and asks the
+store once (`store.build`: a hit is reused; a miss runs the stage's plain `run(config sections, inputs, out)`
+into a temporary folder that becomes the key's folder), and returns a small `Handle`; models, tokenizers and
+datasets never travel between tasks. The train stage keeps checkpoints to resume from, so it has its own folder
+protocol (`loraflow.stages.train.launch`), given its key the same way.
 """
 
 from __future__ import annotations
@@ -142,31 +144,32 @@ def flow_run_name() -> str:
 @task(**_options("data", retries=2, retry_delay_seconds=10, retry_condition_fn=_retryable))
 def data_task(data: DataConfig, run: RunConfig, key: store.StageKey) -> Handle:
     """Load, map, validate and split the dataset."""
-    from loraflow.stages.data import prepare_data
+    from loraflow.stages import data as stage
 
     with stage_logs("data", workspace(run)):
-        return published(prepare_data(data, workspace(run), refresh=run.refreshes("data"), key=key), run)
+        return published(store.build(workspace(run), key, run.refreshes("data"), lambda out: stage.run(data, out)), run)
 
 
 @task(**_options("tokenize"))
 def tokenize_task(data: Handle, prompt: PromptConfig, model: ModelConfig, run: RunConfig, key: store.StageKey) -> Handle:
     """Render prompts, tokenize, mask the prompt out of the labels."""
-    from loraflow.stages.tokenize import tokenize_data
+    from loraflow.stages import tokenize as stage
 
     with stage_logs("tokenize", workspace(run)):
-        return published(tokenize_data(data, prompt, model, workspace(run), refresh=run.refreshes("tokenize"),
-                                       cache_dir=run.cache_dir, key=key), run)
+        return published(store.build(workspace(run), key, run.refreshes("tokenize"),
+                                     lambda out: stage.run(data, prompt, model, out, run.cache_dir)), run)
 
 
 @task(**_options("model", retries=1))
 def model_task(model: ModelConfig, quantization: QuantizationConfig, lora: LoraConfig, run: RunConfig,
                key: store.StageKey) -> Handle:
     """Load the base model in 4 bits, attach LoRA, save the initial adapter."""
-    from loraflow.stages.model import build_model
+    from loraflow.stages import model as stage
 
     with stage_logs("model", workspace(run)):
-        return published(build_model(model, quantization, lora, workspace(run), run.cache_dir,
-                                     refresh=run.refreshes("model"), key=key), run)
+        return published(store.build(workspace(run), key, run.refreshes("model"),
+                                     lambda out: stage.run(model, quantization, lora, out, run.cache_dir), stage.INFO),
+                         run)
 
 
 @task(**_options("train", tags=["gpu"]))
@@ -176,29 +179,30 @@ def train_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, key: store
     from tasks.reporting import progress_reporter
 
     with stage_logs("train", workspace(cfg.run)), holding():
-        trained = run_train_worker(cfg, tokenized, model, workspace(cfg.run), progress_reporter(cfg.train.max_steps),
-                                   key=key)
+        trained = run_train_worker(cfg, tokenized, model, workspace(cfg.run), key, progress_reporter(cfg.train.max_steps))
         return published(trained, cfg.run)
 
 
 @task(**_options("evaluate", tags=["gpu"]))
 def evaluate_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, trained: Handle, key: store.StageKey) -> Handle:
     """Generate on the test split and score ROUGE for the fine-tuned and base models."""
-    from loraflow.stages.evaluate import evaluate_adapter
+    from loraflow.stages import evaluate as stage
 
     with stage_logs("evaluate", workspace(cfg.run)), holding():
-        return published(evaluate_adapter(cfg, tokenized, model, trained, workspace(cfg.run), key=key), cfg.run)
+        return published(store.build(workspace(cfg.run), key, cfg.run.refreshes("evaluate"),
+                                     lambda out: stage.run(cfg, tokenized, model, trained, out), stage.INFO), cfg.run)
 
 
 @task(**_options("export", tags=["gpu"]))
 def export_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, trained: Handle, scores: Handle,
                 key: store.StageKey) -> Handle:
     """Merge the adapter (safetensors and/or GGUF), check parity with the evaluated model, publish."""
-    from loraflow.stages.export import export_adapter
+    from loraflow.stages import export as stage
     from tasks.reporting import publish_export
 
     with stage_logs("export", workspace(cfg.run)), holding():
-        exported = published(export_adapter(cfg, tokenized, model, trained, scores, workspace(cfg.run), key=key),
+        exported = published(store.build(workspace(cfg.run), key, cfg.run.refreshes("export"),
+                                         lambda out: stage.run(cfg, tokenized, model, trained, scores, out), stage.INFO),
                              cfg.run)
     publish_export(exported.info, exported.path)
     return exported

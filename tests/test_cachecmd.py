@@ -12,8 +12,7 @@ import pytest
 from loraflow import store
 from loraflow.cli.main import DEFAULT_CONFIG, main
 from loraflow.config import load_config
-from loraflow.stages.data import prepare_data
-from loraflow.stages.tokenize import tokenize_data
+from tests_support import prepare_data, tokenize_data
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from pathlib import Path
 
 
 from loraflow import store
+from loraflow.hardware import resolve
 from loraflow.store.artifacts import Handle
 from loraflow.config import DataConfig, ModelConfig, PipelineConfig, PromptConfig, RunConfig, build_config
 from tasks.caching import cache_key_fn, explain_miss
@@ -17,7 +18,7 @@ UP = {"tokenized": Handle(stage="tokenize", path="/x", fingerprint="abc"),
 def train_params(cfg: PipelineConfig, tokenized: str = "abc") -> dict:
     """The train task's arguments, its key among them (the run computes it once: `store.chain`)."""
     return {"cfg": cfg, **UP, "tokenized": Handle(stage="tokenize", path="/x", fingerprint=tokenized),
-            "key": store.train_key(cfg, tokenized, UP["model"].fingerprint)}
+            "key": store.train_key(resolve(cfg), tokenized, UP["model"].fingerprint)}
 
 
 def with_train(cfg: PipelineConfig, **fields) -> PipelineConfig:
@@ -47,8 +48,7 @@ def test_the_train_key_holds_what_shapes_the_result_and_nothing_else(tmp_path):
 
 
 def test_the_folder_is_named_by_the_key_prefect_caches_under(tmp_path, gpt2_tokenizer_dir):
-    from loraflow.stages.data import prepare_data
-    from loraflow.stages.tokenize import tokenize_data
+    from tests_support import prepare_data, tokenize_data
 
     (tmp_path / "d.jsonl").write_text("".join(f'{{"input": "text {i}", "target": "t {i}"}}\n' for i in range(30)))
     data_cfg, prompt = DataConfig(source=str(tmp_path / "d.jsonl")), PromptConfig(style="template", template="{input}")
@@ -116,8 +116,7 @@ def test_a_big_file_is_hashed_once_per_machine_not_once_per_process(tmp_path):
 
 def test_editing_a_stages_code_invalidates_that_stage_and_what_follows_only(tmp_path, gpt2_tokenizer_dir, monkeypatch):
     import loraflow.store.codehash as codehash
-    from loraflow.stages.data import prepare_data
-    from loraflow.stages.tokenize import tokenize_data
+    from tests_support import prepare_data, tokenize_data
 
     (tmp_path / "d.jsonl").write_text("".join(f'{{"input": "text {i}", "target": "t {i}"}}\n' for i in range(30)))
     data_cfg, prompt = DataConfig(source=str(tmp_path / "d.jsonl")), PromptConfig(style="template", template="{input}")

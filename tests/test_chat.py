@@ -11,9 +11,9 @@ import pytest
 
 from loraflow.stages.prompts import IGNORE_INDEX
 from loraflow.config import PromptConfig, build_config
-from loraflow.stages.data import DataError, prepare_data
+from loraflow.stages.data import DataError
+from tests_support import ANIMALS, COLORS, prepare_data
 from loraflow.stages.tokenize import bos_prefix, load_tokenizer
-from tests_support import ANIMALS, COLORS
 
 GREETING = [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi, send me a report."}]
 
@@ -139,10 +139,7 @@ def test_messages_need_the_chat_style():
 def test_a_messages_dataset_trains_and_evaluates_on_its_last_answer(tmp_path, tiny_llama_dir):
     import datasets
 
-    from loraflow.stages.evaluate import evaluate_adapter
-    from loraflow.stages.model import build_model
-    from loraflow.stages.tokenize import tokenize_data
-    from loraflow.stages.train.stage import train_adapter
+    from tests_support import build_model, evaluate_adapter, tokenize_data, train_adapter
 
     cfg = chat_config(tmp_path, write_conversations(tmp_path / "chats.jsonl"), tiny_llama_dir)
     out = tmp_path / "runs"

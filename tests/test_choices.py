@@ -10,11 +10,7 @@ from pathlib import Path
 import pytest
 
 from loraflow.config import build_config
-from loraflow.stages.data import prepare_data
-from loraflow.stages.model import build_model
-from loraflow.stages.tokenize import tokenize_data
-from loraflow.stages.train.stage import train_adapter
-from tests_support import write_examples
+from tests_support import build_model, prepare_data, tokenize_data, train_adapter, write_examples
 
 
 def _folder(root: Path) -> Path:
@@ -115,7 +111,9 @@ def test_generation_rouge_on_validation_drives_best_checkpoint_and_early_stoppin
 @pytest.mark.parametrize("field, short_len, long_len", [("max_steps", 8, 12), ("num_train_epochs", 1, 1.5)])
 def test_raising_the_length_continues_the_shorter_run(tiny_llama_dir, tmp_path, field, short_len, long_len):
     # 64 train rows, batch 8: one epoch is 8 steps, 1.5 epochs 12
+    from loraflow.hardware import resolve
     from loraflow.stages.train.stage import seed_continuation
+    from tests_support import train_key
 
     source = str(_folder(tmp_path))
 
@@ -139,7 +137,7 @@ def test_raising_the_length_continues_the_shorter_run(tiny_llama_dir, tmp_path, 
     short = train_adapter(config(short_len), tokenized, model, out)
     assert short.info["global_step"] == 8
     assert (Path(short.path) / "checkpoints" / "checkpoint-8" / "trainer_state.json").is_file()  # the last step
-    seeded = seed_continuation(config(long_len), tokenized, model, out)
+    seeded = seed_continuation(resolve(config(long_len)), out, train_key(config(long_len), tokenized, model))
     assert seeded is not None and seeded.name == "checkpoint-8"
     longer = train_adapter(config(long_len), tokenized, model, out)
     assert longer.info["resumed_from"].endswith("checkpoint-8") and longer.info["global_step"] == 12
@@ -147,4 +145,4 @@ def test_raising_the_length_continues_the_shorter_run(tiny_llama_dir, tmp_path, 
     assert straight.info["resumed_from"] is None
     assert abs(longer.info["last_logged_loss"] - straight.info["last_logged_loss"]) <= 1e-3 * straight.info["last_logged_loss"]
     shorter = 4 if field == "max_steps" else 0.5
-    assert seed_continuation(config(shorter), tokenized, model, out) is None  # shorter than what exists: a new run
+    assert seed_continuation(resolve(config(shorter)), out, train_key(config(shorter), tokenized, model)) is None  # shorter than what exists: a new run

@@ -11,7 +11,8 @@ import pytest
 
 from loraflow.store.artifacts import is_complete
 from loraflow.config import DataConfig
-from loraflow.stages.data import DataError, load_split, prepare_data
+from loraflow.stages.data import DataError, load_split
+from tests_support import prepare_data
 from loraflow.store.sources import source_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -402,7 +403,7 @@ def test_load_split_errors(tmp_path):
     assert len(load_split(Path(h.path) / "dataset", "test")) == h.info["n_test"] >= 1
     with pytest.raises(DataError, match="has no split 'dev': use one of train, validation, test"):
         load_split(h, "dev")
-    with pytest.raises(DataError, match="no data stage output at .*run prepare_data"):
+    with pytest.raises(DataError, match="no data stage output at .*run the data stage first"):
         load_split(tmp_path / "nowhere", "train")
 
 

@@ -11,13 +11,10 @@ from pathlib import Path
 import pytest
 
 from loraflow.config import build_config
-from loraflow.stages.data import prepare_data
+from tests_support import build_model, prepare_data, run_train_worker, tokenize_data, train_key, worker_request, write_examples
 from loraflow.stages.train.distributed import worker_command
-from loraflow.stages.train.launch import WorkerFailed, run_train_worker
-from loraflow.stages.model import build_model
-from loraflow.stages.tokenize import tokenize_data
-from loraflow.stages.train.stage import last_checkpoint, train_key
-from tests_support import worker_request, write_examples
+from loraflow.stages.train.launch import WorkerFailed
+from loraflow.stages.train.stage import last_checkpoint
 
 # 128 examples, 16 held out: each rank gets 56 training examples, 14 optimizer steps per epoch exactly.
 EXAMPLES, STEPS, SAVE, PROCESSES, BATCH, ACCUMULATION = 128, 28, 4, 2, 2, 2
@@ -94,7 +91,7 @@ def test_sigterm_under_torchrun_checkpoints_and_the_rerun_resumes(stages, uninte
     cfg, tokenized, model = stages
     request = tmp_path / "request.json"
     request.write_text(worker_request(cfg, tokenized, model, tmp_path))
-    checkpoints = tmp_path / "train" / f"{train_key(cfg, tokenized, model)}.work" / "checkpoints"
+    checkpoints = tmp_path / "train" / f"{train_key(cfg, tokenized, model).key}.work" / "checkpoints"
     proc = subprocess.Popen(worker_command(PROCESSES, str(request)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300

@@ -7,11 +7,8 @@ import pytest
 import torch
 
 from loraflow.config import build_config
-from loraflow.stages.data import prepare_data
-from loraflow.stages.model import build_model, load_for_training
-from loraflow.stages.tokenize import tokenize_data
-from loraflow.stages.train.stage import train_adapter
-from tests_support import write_examples
+from tests_support import build_model, prepare_data, tokenize_data, train_adapter, write_examples
+from loraflow.stages.model import load_for_training
 
 DTYPES = ("float32", "bfloat16")
 

@@ -6,6 +6,7 @@ tokenizer and chat template. Qwen2's mapping (biases, no permutation) is checked
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,9 +16,9 @@ import pytest
 
 from loraflow.store.artifacts import Handle
 from loraflow.config import build_config
-from loraflow.stages.export import ExportParityError, export_adapter, wanted
+from loraflow.stages.export import ExportParityError, wanted
+from tests_support import export_adapter, write_examples
 from loraflow.stages.gguf import GGUFExportError, check_supported, write_gguf
-from tests_support import write_examples
 from test_flow_e2e import tiny_config
 
 
@@ -29,11 +30,7 @@ def with_export(cfg, **export):
 def evaluated(tiny_llama_dir, tmp_path_factory):
     """The plain stages, trained and evaluated once: (cfg, tokenized, model, trained, scores, output dir)."""
     from loraflow.hardware import resolve
-    from loraflow.stages.data import prepare_data
-    from loraflow.stages.evaluate import evaluate_adapter
-    from loraflow.stages.model import build_model
-    from loraflow.stages.tokenize import tokenize_data
-    from loraflow.stages.train.stage import train_adapter
+    from tests_support import build_model, evaluate_adapter, prepare_data, tokenize_data, train_adapter
 
     tmp = tmp_path_factory.mktemp("export")
     cfg = resolve(tiny_config(tmp, write_examples(tmp / "toy.jsonl"), tiny_llama_dir, max_steps=12, save_steps=12))
@@ -137,14 +134,16 @@ def test_an_adapter_changed_after_evaluation_fails_parity_and_publishes_nothing(
     save_file(tensors, weights)
     handle = Handle(stage="train", path=str(altered), fingerprint=trained.fingerprint, info=trained.info)
     export_cfg = with_export(cfg, parity_samples=8, gguf_type="bf16")
-    with pytest.raises(ExportParityError, match=r"export parity failed for merged .* worst prompt: validation row \d+ "
-                                                r".*nothing published"):
-        export_adapter(export_cfg, tokenized, model, handle, scores, out)
     from loraflow import store
+    from loraflow.hardware import resolve
 
-    key = store.export_key(export_cfg, scores.fingerprint).key
+    key = store.export_key(resolve(export_cfg), scores.fingerprint).key
+    report = out / "export" / f"{key}.rejected.json"
+    with pytest.raises(ExportParityError, match=r"export parity failed for merged .* worst prompt: validation row \d+ "
+                                                rf".*nothing published.* \(report: {re.escape(str(report))}\)$"):
+        export_adapter(export_cfg, tokenized, model, handle, scores, out)
     assert not (out / "export" / key).exists()
-    rejected = json.loads((out / "export" / f"{key}.rejected.json").read_text())
+    rejected = json.loads(report.read_text())
     assert rejected["passed"] is False and rejected["checks"][0]["failures"]
 
 

@@ -59,10 +59,10 @@ def test_the_dry_run_benchmark_measures_every_side_without_the_absent_packages(d
         assert r["examples_per_second"] > 0 and r["label_tokens_per_second"] > 0 and r["timed_steps"] == 2, (side, r)
         assert r["speed_vs_baseline"] > 0 and r["last_loss"] > 0
     assert sides["loraflow"]["label_only_logits"] and not sides["baseline"]["label_only_logits"]
-    # the same examples, so the same label tokens per example on every side
-    per_example = {s: round(r["label_tokens_per_second"] / r["examples_per_second"], 1) for s, r in sides.items()
-                   if "examples_per_second" in r}
-    assert len(set(per_example.values())) == 1, per_example
+    # the same examples, so the same label tokens on every side (counted, not divided from two rounded rates: those
+    # read 2.9 and 3.0 for the same examples on a slow CPU)
+    timed = {s: (r["timed_examples"], r["timed_label_tokens"]) for s, r in sides.items() if "examples_per_second" in r}
+    assert len(set(timed.values())) == 1, timed
     assert "skipped" in sides["liger fused linear CE"] or "error" in sides["liger fused linear CE"]  # no triton GPU
     gen = report["models"]["tiny"]["generation"]
     assert gen["all_full_length"] and gen["loraflow_batched_examples_per_second"] > 0

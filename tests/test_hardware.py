@@ -57,7 +57,7 @@ def test_resolving_auto_imports_no_torch(cpu_only):
 
 
 def test_the_resolved_dtype_is_in_the_model_key(cpu_only, monkeypatch, tiny_llama_dir, tmp_path):
-    from loraflow.stages.model import build_model
+    from tests_support import build_model
 
     model, lora = ModelConfig(name_or_path=str(tiny_llama_dir)), LoraConfig(r=4)
     monkeypatch.setenv(FLAGS_ENV, "avx2 avx512_bf16")

@@ -11,6 +11,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("loraflow", "flows", "tasks")
 
@@ -49,17 +51,25 @@ def test_every_module_has_a_layer():
     assert not unplaced, f"add these to a layer in pyproject.toml's [tool.importlinter]: {unplaced}"
 
 
-def test_a_lower_layer_importing_a_higher_one_fails_the_check(tmp_path):
-    """The store (a low layer) importing a flow: lint-imports names the import and exits non-zero."""
+@pytest.mark.parametrize("module, line, says", [
+    ("loraflow/store/__init__.py", "from flows import pipeline", ["loraflow.store is not allowed to import flows",
+                                                                  "loraflow.store -> flows.pipeline"]),
+    ("loraflow/stages/data.py", "from loraflow.store import data_key",
+     ["a stage builds into the folder it is given: it never imports the store's keys", "BROKEN",
+      "loraflow.stages.data is not allowed to import loraflow.store"]),
+], ids=["store imports a flow", "a stage imports a key"])
+def test_an_import_against_the_rules_fails_the_check(tmp_path, module, line, says):
+    """A low layer importing a higher one, or a stage importing the store's keys: lint-imports names the import
+    and exits non-zero."""
     for name in (*PACKAGES, "pyproject.toml"):
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
-    store = tmp_path / "loraflow" / "store" / "__init__.py"
-    store.write_text(store.read_text() + "\n\nfrom flows import pipeline  # noqa: E402\n")
+    target = tmp_path / module
+    target.write_text(target.read_text() + f"\n\n{line}  # noqa: E402\n")
     done = lint_imports(tmp_path, PYTHONPATH=str(tmp_path))
     assert done.returncode == 1, done.stdout[-3000:]
-    assert "loraflow.store is not allowed to import flows" in done.stdout
-    assert "loraflow.store -> flows.pipeline" in done.stdout
+    for text in says:
+        assert text in " ".join(done.stdout.split()), done.stdout[-3000:]
 
 
 def test_no_module_imports_another_modules_underscore_names():

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from loraflow.config import LoraConfig, ModelConfig, QuantizationConfig, TrainConfig
-from loraflow.stages.model import ModelError, build_model, compute_dtype
+from loraflow.stages.model import ModelError, compute_dtype
+from tests_support import build_model
 
 
 @pytest.fixture(scope="module")

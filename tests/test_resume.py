@@ -15,12 +15,9 @@ from pathlib import Path
 import pytest
 
 from loraflow.config import build_config
-from loraflow.stages.data import prepare_data
-from loraflow.stages.train.launch import WorkerFailed, run_train_worker
-from loraflow.stages.model import build_model
-from loraflow.stages.tokenize import tokenize_data
-from loraflow.stages.train.stage import last_checkpoint, train_key
-from tests_support import worker_request, write_examples
+from tests_support import build_model, prepare_data, run_train_worker, tokenize_data, train_key, worker_request, write_examples
+from loraflow.stages.train.launch import WorkerFailed
+from loraflow.stages.train.stage import last_checkpoint
 
 STEPS, SAVE = 30, 5
 
@@ -53,7 +50,7 @@ def _start_worker(cfg, tokenized, model, out: Path) -> tuple[subprocess.Popen, P
     request.write_text(worker_request(cfg, tokenized, model, out))
     proc = subprocess.Popen([sys.executable, "-m", "loraflow.stages.train.worker", str(request)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return proc, out / "train" / f"{train_key(cfg, tokenized, model)}.work" / "checkpoints"
+    return proc, out / "train" / f"{train_key(cfg, tokenized, model).key}.work" / "checkpoints"
 
 
 def _wait_for_checkpoint(proc, checkpoints: Path, timeout: float = 240) -> None:
@@ -66,7 +63,7 @@ def _wait_for_checkpoint(proc, checkpoints: Path, timeout: float = 240) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(stages, tmp_path_factory):
-    from loraflow.stages.train.stage import train_adapter
+    from tests_support import train_adapter
 
     cfg, tokenized, model = stages
     return train_adapter(cfg, tokenized, model, tmp_path_factory.mktemp("straight"))
@@ -124,19 +121,20 @@ def test_a_finished_train_folder_is_reused_without_starting_a_worker(stages, uni
 def test_the_training_process_uses_the_keys_it_is_given(stages, tmp_path, monkeypatch):
     """The worker's `train_adapter` trains and publishes under the keys of its request, computing none."""
     from loraflow import store
-    from loraflow.stages.train.stage import continuation_key, train_adapter
+    from loraflow.hardware import resolve
+    from loraflow.stages.train.stage import train_adapter
 
     cfg, tokenized, model = stages
-    cfg = _short(cfg, 2, save_steps=2)
-    key, continuation = store.train_key(cfg, tokenized.fingerprint, model.fingerprint), continuation_key(cfg, tokenized, model)
+    cfg = resolve(_short(cfg, 2, save_steps=2))
+    key = train_key(cfg, tokenized, model)
 
     def no_key(*_a, **_k):
         raise AssertionError("the training process computed a key")
 
     monkeypatch.setattr(store, "_make", no_key)
-    done = train_adapter(cfg, tokenized, model, tmp_path, key=key, continuation=continuation)
+    done = train_adapter(cfg, tokenized, model, tmp_path, key)
     assert done.fingerprint == key.key == Path(done.path).name
-    assert done.info["continuation_key"] == continuation and done.info["global_step"] == 2
+    assert done.info["continuation_key"] == store.continuation(key) and done.info["global_step"] == 2
 
 
 def _short(cfg, steps: int, **train):
@@ -149,7 +147,7 @@ def test_checkpoints_survive_a_commit_that_fails_on_a_full_disk(stages, tmp_path
     import errno
 
     from loraflow.store import artifacts
-    from loraflow.stages.train.stage import train_adapter
+    from tests_support import train_adapter
 
     cfg, tokenized, model = stages
     cfg = _short(cfg, SAVE + 1)
@@ -165,7 +163,7 @@ def test_checkpoints_survive_a_commit_that_fails_on_a_full_disk(stages, tmp_path
         train_adapter(cfg, tokenized, model, tmp_path)
     monkeypatch.undo()
     assert not list((tmp_path / "train").glob("*/manifest.json")) and not list((tmp_path / "train").glob(".*tmp-*"))
-    checkpoints = tmp_path / "train" / f"{train_key(cfg, tokenized, model)}.work" / "checkpoints"
+    checkpoints = tmp_path / "train" / f"{train_key(cfg, tokenized, model).key}.work" / "checkpoints"
     assert last_checkpoint(checkpoints) is not None
     again = train_adapter(cfg, tokenized, model, tmp_path)
     assert again.info["resumed_from"] is not None and again.info["global_step"] == SAVE + 1
@@ -175,7 +173,8 @@ def test_a_non_finite_loss_or_adapter_fails_the_stage_and_publishes_nothing(stag
     """fp16 overflow on a GPU makes NaNs; here a callback puts one in the adapter, as an overflow would."""
     from transformers import TrainerCallback
 
-    from loraflow.stages.train.stage import NonFiniteTraining, train_adapter
+    from loraflow.stages.train.stage import NonFiniteTraining
+    from tests_support import train_adapter
 
     class Overflow(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):

@@ -13,7 +13,8 @@ from loraflow.store.artifacts import Handle, is_complete
 from loraflow.stages.prompts import IGNORE_INDEX
 from loraflow.config import PromptConfig
 from loraflow.stages.prompts import PromptError, end_of_turn, render_prompt
-from loraflow.stages.tokenize import encode_example, load_tokenizer, tokenize_data, tokenizer_digest
+from loraflow.stages.tokenize import encode_example, load_tokenizer, tokenizer_digest
+from tests_support import tokenize_data
 
 ROW = {"input": "We study the effect of pretraining on long documents.", "target": "Pretraining helps.",
        "references": ["Pretraining helps."], "aspect": "outcome"}

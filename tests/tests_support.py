@@ -25,15 +25,89 @@ def write_examples(path: Path, n: int = 96) -> Path:
     return path
 
 
-def worker_request(cfg, tokenized, model, out: Path) -> str:
-    """The JSON request `python -m loraflow.stages.train.worker` reads, as the launcher writes it (keys computed as a run does)."""
-    from loraflow import store
-    from loraflow.stages.train.launch import worker_request as request
-    from loraflow.stages.train.stage import continuation_key
+# -- the stages outside Prefect: each key computed as `store.chain` computes it (from the resolved config), then the
+# stage built as its task builds it (`store.build` around the stage's `run`; the train stage's launcher or `run`)
 
-    key = store.train_key(cfg, tokenized.fingerprint, model.fingerprint)
-    return json.dumps(request(cfg, tokenized, model, out, out / "result.json", key,
-                              continuation_key(cfg, tokenized, model)))
+def prepare_data(data, out: Path, refresh: bool = False):
+    from loraflow import store
+    from loraflow.stages import data as stage
+
+    return store.build(out, store.data_key(data), refresh, lambda folder: stage.run(data, folder))
+
+
+def tokenize_data(data, prompt, tokenizer, out: Path, refresh: bool = False, cache_dir: str | None = None):
+    """`tokenizer`: a model folder or the model config."""
+    from loraflow import store
+    from loraflow.config import ModelConfig
+    from loraflow.stages import tokenize as stage
+    from loraflow.store.sources import source_identity
+
+    model = tokenizer if isinstance(tokenizer, ModelConfig) else ModelConfig(name_or_path=str(Path(tokenizer).resolve()))
+    key = store.tokenize_key(data.fingerprint, prompt, source_identity(model.name_or_path, model.revision))
+    return store.build(out, key, refresh, lambda folder: stage.run(data, prompt, model, folder, cache_dir))
+
+
+def build_model(model, quant, lora, out: Path, cache_dir: str | None = None, refresh: bool = False):
+    from loraflow import store
+    from loraflow.hardware import resolve_quantization
+    from loraflow.stages import model as stage
+
+    quant = resolve_quantization(quant)
+    return store.build(out, store.model_key(model, quant, lora), refresh,
+                       lambda folder: stage.run(model, quant, lora, folder, cache_dir), stage.INFO)
+
+
+def train_key(cfg, tokenized, model):
+    from loraflow import store
+    from loraflow.hardware import resolve
+
+    return store.train_key(resolve(cfg), tokenized.fingerprint, model.fingerprint)
+
+
+def train_adapter(cfg, tokenized, model, out: Path, **kw):
+    """In this process (`train.stage.train_adapter`); `kw`: its callbacks, stop_requested, process."""
+    from loraflow.hardware import resolve
+    from loraflow.stages.train.stage import train_adapter as train
+
+    return train(resolve(cfg), tokenized, model, out, train_key(cfg, tokenized, model), **kw)
+
+
+def run_train_worker(cfg, tokenized, model, out: Path, on_progress=None):
+    """In the training process, as the train task starts it (`train.launch.run_train_worker`)."""
+    from loraflow.hardware import resolve
+    from loraflow.stages.train.launch import run_train_worker as launch
+
+    return launch(resolve(cfg), tokenized, model, out, train_key(cfg, tokenized, model), on_progress)
+
+
+def evaluate_adapter(cfg, tokenized, model, trained, out: Path):
+    from loraflow import store
+    from loraflow.hardware import resolve
+    from loraflow.stages import evaluate as stage
+
+    cfg = resolve(cfg)
+    key = store.evaluate_key(cfg, tokenized.fingerprint, model.fingerprint, trained.fingerprint)
+    return store.build(out, key, cfg.run.refreshes("evaluate"),
+                       lambda folder: stage.run(cfg, tokenized, model, trained, folder), stage.INFO)
+
+
+def export_adapter(cfg, tokenized, model, trained, scores, out: Path):
+    from loraflow import store
+    from loraflow.hardware import resolve
+    from loraflow.stages import export as stage
+
+    cfg = resolve(cfg)
+    return store.build(out, store.export_key(cfg, scores.fingerprint), cfg.run.refreshes("export"),
+                       lambda folder: stage.run(cfg, tokenized, model, trained, scores, folder), stage.INFO)
+
+
+def worker_request(cfg, tokenized, model, out: Path) -> str:
+    """The JSON request `python -m loraflow.stages.train.worker` reads, as the launcher writes it (its key as a run
+    computes it)."""
+    from loraflow.hardware import resolve
+    from loraflow.stages.train.launch import worker_request as request
+
+    return json.dumps(request(resolve(cfg), tokenized, model, out, out / "result.json", train_key(cfg, tokenized, model)))
 
 
 def free_port() -> int:

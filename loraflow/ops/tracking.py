@@ -3,7 +3,7 @@
 The flow opens the run (`flow_run_tracking`) before any stage and logs the resolved config as params and
 the Prefect flow run's id and URL as tags; a Prefect link artifact points back at the MLflow run. The
 training child gets the run id in its request (`handoff`) and logs the curves live (loss, learning rate,
-grad norm, validation metrics) with `curves_callback`. After the stages the flow logs the ROUGE scores
+grad norm, validation metrics) with `loraflow.stages.train.callbacks.mlflow_curves`. After the stages the flow logs the ROUGE scores
 with their 95% intervals and n, the adapter, and the export when there is one. A stage that was a cache
 hit is listed in the `loraflow.cached_stages` tag; when train was one, its logged curves are replayed from
 `trainer_state.json`, and a run whose every stage was cached is tagged `cached=true`.
@@ -214,26 +214,6 @@ def handoff() -> dict[str, str] | None:
     """What the training child needs to log its curves into this flow run's MLflow run."""
     tracker = current()
     return {"uri": tracker.uri, "run_id": tracker.run_id} if tracker else None
-
-
-def curves_callback(spec: dict[str, str]):
-    """A Trainer callback logging every `on_log` number to the MLflow run `spec` names (the training child)."""
-    from mlflow.entities import Metric
-    from transformers import TrainerCallback
-
-    c = client(spec["uri"])
-
-    class Curves(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            now = int(time.time() * 1000)
-            batch = [Metric(k, float(v), now, state.global_step) for k, v in logs.items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"]
-            if batch:
-                c.log_batch(spec["run_id"], metrics=batch)
-
-    return Curves()
 
 
 # -- the champion in the MLflow Model Registry (promotion.registry: mlflow) --------------------------------

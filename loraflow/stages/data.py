@@ -10,9 +10,9 @@ Output folder `<output_dir>/data/<key>/`:
                     references (list[str]: every reference, what ROUGE scores against),
                     cluster (str: rows with one key share a split and are resampled together),
                     plus the source's other string columns (so templates can use e.g. {aspect}).
-    info.json       {n_train, n_validation, n_test, source, dropped} (also the Handle's info)
+    info.json       {n_train, n_validation, n_test, source, dropped, format}: what `run` returns, the Handle's info
     splits.json     where each split came from, e.g. {"train": "train", "validation": "train (hash < 0.1)"}
-    manifest.json   file checksums (artifacts.atomic_dir) + the data config
+    manifest.json   file checksums, the stage and its key (`store.build`)
 
 The key (`store.data_key`: data config, source content (`sources.source_fingerprint`), code, libraries): editing a local file in place,
 upgrading the aclsum package, a hub branch that moved, editing this stage's code or upgrading a
@@ -29,9 +29,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from loraflow import store
-from loraflow.store.artifacts import Handle, atomic_dir, write_json
-from loraflow.config import DataConfig, section_dict
+from loraflow.config import DataConfig
+from loraflow.store.artifacts import Handle, write_json
 from loraflow.store.sources import FORMATS, DataError, is_local, local_files
 from loraflow.stages.splits import carve, smallest_hash_first
 
@@ -350,29 +349,20 @@ def build_splits(cfg: DataConfig, cache_dir: str | Path | None = None) -> tuple[
     return out, dropped, origin
 
 
-def prepare_data(cfg: DataConfig, output_dir: str | Path, refresh: bool = False, key: store.StageKey | None = None) -> Handle:
-    """Load, map, validate and split the source into `<output_dir>/data/<key>/dataset`; reuse it if complete
-    (unless `refresh`: then recompute and replace it). `key`: the run's (`store.chain`), else computed here."""
-    sk = key or store.data_key(cfg)
-    final = store.build(output_dir, sk, refresh, lambda folder: _build(cfg, folder))
-    info = json.loads((final / "info.json").read_text())
+def run(cfg: DataConfig, out: Path) -> dict[str, Any]:
+    """Load, map, validate and split the source into `out/dataset`; returns the summary (`info.json`)."""
+    scratch = out / "scratch"
+    splits, dropped, origin = build_splits(cfg, scratch)
+    if dropped:
+        log.warning("data: dropped %d rows with an empty input or target", dropped)
+    info = {"n_train": len(splits["train"]), "n_validation": len(splits["validation"]),
+            "n_test": len(splits["test"]), "source": cfg.source, "dropped": dropped, "format": cfg.format}
+    splits.save_to_disk(str(out / "dataset"))
+    write_json(out / "splits.json", origin)
+    del splits  # memory-maps files in scratch/
+    shutil.rmtree(scratch, ignore_errors=True)  # parsed copies of local files: not part of the artifact
     log.info("data: %d train / %d validation / %d test rows", info["n_train"], info["n_validation"], info["n_test"])
-    return Handle(stage="data", path=str(final), fingerprint=sk.key, info=info)
-
-
-def _build(cfg: DataConfig, final: Path) -> None:
-    with atomic_dir(final, {"stage": "data", "config": section_dict(cfg)}) as tmp:
-        scratch = tmp / "scratch"
-        splits, dropped, origin = build_splits(cfg, scratch)
-        if dropped:
-            log.warning("data: dropped %d rows with an empty input or target", dropped)
-        info = {"n_train": len(splits["train"]), "n_validation": len(splits["validation"]),
-                "n_test": len(splits["test"]), "source": cfg.source, "dropped": dropped, "format": cfg.format}
-        splits.save_to_disk(str(tmp / "dataset"))
-        write_json(tmp / "info.json", info)
-        write_json(tmp / "splits.json", origin)
-        del splits  # memory-maps files in scratch/
-        shutil.rmtree(scratch, ignore_errors=True)  # parsed copies of local files: not part of the artifact
+    return info
 
 
 def load_split(handle: Handle | str | Path, split: str):
@@ -382,7 +372,7 @@ def load_split(handle: Handle | str | Path, split: str):
     path = Path(handle.path if isinstance(handle, Handle) else handle)
     folder = path if (path / "dataset_dict.json").is_file() else path / "dataset"
     if not (folder / "dataset_dict.json").is_file():
-        raise DataError(f"no data stage output at '{path}': run prepare_data (the data stage) first")
+        raise DataError(f"no data stage output at '{path}': run the data stage first")
     splits = datasets.load_from_disk(str(folder))
     if split not in splits:
         raise DataError(f"the data stage at '{path}' has no split '{split}': use one of {', '.join(splits)}")

@@ -26,13 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loraflow import store
-from loraflow.store.artifacts import Handle, atomic_dir, write_json
+from loraflow.store.artifacts import Handle, write_json
 from loraflow.config import EvalConfig, PipelineConfig
 from loraflow.stages.generation import generate
-from loraflow.hardware import resolve_quantization
 
 log = logging.getLogger("loraflow")
+INFO = "metrics.json"  # the stage's summary, the Handle's info (`store.build` writes what `run` returns)
 
 
 def use_dequantized(ev: EvalConfig, quantized: bool) -> bool:
@@ -61,19 +60,10 @@ def scored_model(cfg: PipelineConfig, base_dir: str | Path, adapter_dir: str | P
     return model, dequantized
 
 
-def evaluate_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, output_dir: str | Path,
-                     key: store.StageKey | None = None) -> Handle:
-    """Score the fine-tuned adapter (and the base model) with ROUGE; writes predictions.jsonl + metrics.json.
-    `key`: the run's (`store.chain`), else computed here."""
-    cfg = cfg.model_copy(update={"quantization": resolve_quantization(cfg.quantization)})  # 'auto' -> this machine's
-    sk = key or store.evaluate_key(cfg, tokenized.fingerprint, model_handle.fingerprint, trained.fingerprint)
-    final = store.build(output_dir, sk, cfg.run.refreshes("evaluate"),
-                        lambda folder: _run_eval(cfg, tokenized, model_handle, trained, folder))
-    metrics = json.loads((final / "metrics.json").read_text())
-    return Handle(stage="evaluate", path=str(final), fingerprint=sk.key, info=metrics)
-
-
-def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, final: Path) -> None:
+def run(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, out: Path) -> dict[str, Any]:
+    """Score the fine-tuned adapter (and the base model) with ROUGE into `out`: predictions.jsonl,
+    validation_predictions.jsonl, the parity reference; returns the scores (`metrics.json`, the Handle's info).
+    `cfg` is resolved (`hardware.resolve`): its compute dtype is the one the adapter was trained in."""
     import datasets
     import torch
 
@@ -118,14 +108,13 @@ def _run_eval(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trai
         "generation_s": round(seconds, 3),
         "dequantized": dequantized,
         "merged": merged,  # false: the adapter beside the base weights, as trained (eval.merge)
-        "compute_dtype": cfg.quantization.compute_dtype,  # resolved by evaluate_adapter
+        "compute_dtype": cfg.quantization.compute_dtype,  # resolved (hardware.resolve)
         "stop_token_ids": stops,
     }
-    with atomic_dir(final, {"stage": "evaluate"}) as tmp:
-        write_predictions(tmp / "predictions.jsonl", test, systems, per)
-        write_predictions(tmp / "validation_predictions.jsonl", validation, {"finetuned": val_preds}, val_per)
-        write_json(tmp / "metrics.json", metrics)
-        write_json(tmp / parity.REFERENCE, reference)
+    write_predictions(out / "predictions.jsonl", test, systems, per)
+    write_predictions(out / "validation_predictions.jsonl", validation, {"finetuned": val_preds}, val_per)
+    write_json(out / parity.REFERENCE, reference)
+    return metrics
 
 
 def write_predictions(path: Path, rows, systems: dict[str, list[str]], per: dict[str, dict[str, list[float]]]) -> None:

@@ -27,15 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loraflow import store
-from loraflow.store.artifacts import Handle, atomic_dir, write_json
+from loraflow.store.artifacts import Handle, Rejected, write_json
 from loraflow.config import ExportConfig, ParityThresholds, PipelineConfig
-from loraflow.hardware import export_dtype, resolve_compute_dtype, resolve_quantization
 
 log = logging.getLogger("loraflow")
+INFO = "export.json"  # the stage's summary, the Handle's info (`store.build` writes what `run` returns)
 
 
-class ExportParityError(ValueError):
+class ExportParityError(Rejected):
     """An export does not reproduce the evaluated model; nothing was published. The message names the worst prompt."""
 
 
@@ -57,17 +56,6 @@ def thresholds(export: ExportConfig, fmt: str) -> ParityThresholds | None:
     return export.parity_q8_0 if fmt == "gguf" and export.gguf_type == "q8_0" else export.parity_merged
 
 
-def export_adapter(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, scores: Handle,
-                   output_dir: str | Path, key: store.StageKey | None = None) -> Handle:
-    """Merge, write, check parity and publish the export of `trained` (see the module docstring). `key`: the
-    run's (`flows.pipeline.export_stage`), else computed here."""
-    cfg = cfg.model_copy(update={"quantization": resolve_quantization(cfg.quantization)})
-    sk = key or store.export_key(cfg, scores.fingerprint)
-    final = store.build(output_dir, sk, cfg.run.refreshes("export"),
-                        lambda folder: _run_export(cfg, tokenized, model_handle, trained, scores, folder))
-    return Handle(stage="export", path=str(final), fingerprint=sk.key, info=json.loads((final / "export.json").read_text()))
-
-
 def merged_model(cfg: PipelineConfig, model_handle: Handle, adapter: Path):
     """The adapter merged into its base (export.base), in the export dtype, on this process's device."""
     import torch
@@ -77,7 +65,7 @@ def merged_model(cfg: PipelineConfig, model_handle: Handle, adapter: Path):
     from loraflow.store.buildlock import MODEL_BUILD
     from loraflow.stages.model import load_base
 
-    dtype = getattr(torch, export_dtype(cfg.export.dtype, cfg.quantization.compute_dtype))
+    dtype = getattr(torch, cfg.export.dtype)
     with MODEL_BUILD:
         if cfg.export.base == "original" or cfg.quantization.mode == "none":
             base = AutoModelForCausalLM.from_pretrained(model_handle.info["base_dir"], dtype=dtype,
@@ -92,8 +80,11 @@ def merged_model(cfg: PipelineConfig, model_handle: Handle, adapter: Path):
     return merged.eval()
 
 
-def _run_export(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, scores: Handle,
-                final: Path) -> None:
+def run(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, trained: Handle, scores: Handle,
+        out: Path) -> dict[str, Any]:
+    """Merge, write, check parity and publish the export of `trained` into `out` (see the module docstring);
+    returns what was written and the parity checks (`export.json`, the Handle's info). `cfg` is resolved
+    (`hardware.resolve`)."""
     import datasets
 
     from loraflow.stages.parity import REFERENCE, parity_rows
@@ -118,43 +109,41 @@ def _run_export(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, tr
 
         check_supported(AutoConfig.from_pretrained(model_handle.info["base_dir"]), adapter)
     merged = merged_model(cfg, model_handle, adapter)
-    info: dict[str, Any] = {"format": cfg.export.format, "base": cfg.export.base, "dtype": export_dtype(cfg.export.dtype, cfg.quantization.compute_dtype),
+    info: dict[str, Any] = {"format": cfg.export.format, "base": cfg.export.base, "dtype": cfg.export.dtype,
                             "gguf_type": cfg.export.gguf_type if "gguf" in fmts else None, "files": {}, "size_mb": {}}
     checks = []
-    with atomic_dir(final, {"stage": "export"}) as tmp, tempfile.TemporaryDirectory() as scratch:
-        tok_dir = tmp / "merged" if "merged" in fmts else Path(scratch)
+    with tempfile.TemporaryDirectory() as scratch:
+        tok_dir = out / "merged" if "merged" in fmts else Path(scratch)
         _save_tokenizer(tokenizer, tok_dir)
         if "merged" in fmts:
-            _save_merged(merged, stops, tokenizer, tmp / "merged")
+            _save_merged(merged, stops, tokenizer, out / "merged")
             info["files"]["merged"] = "merged"
-            info["size_mb"]["merged"] = _size_mb(tmp / "merged", "*.safetensors")
+            info["size_mb"]["merged"] = _size_mb(out / "merged", "*.safetensors")
         if "gguf" in fmts:
             from loraflow.stages.gguf import write_gguf
 
             name = f"{cfg.run.name}-{cfg.export.gguf_type}.gguf"
-            (tmp / "gguf").mkdir()
-            write_gguf(merged, tokenizer, tok_dir, tmp / "gguf" / name, cfg.export.gguf_type, cfg.run.name)
-            (tmp / "gguf" / "Modelfile").write_text(modelfile(name, tokenizer, stops))
+            (out / "gguf").mkdir()
+            write_gguf(merged, tokenizer, tok_dir, out / "gguf" / name, cfg.export.gguf_type, cfg.run.name)
+            (out / "gguf" / "Modelfile").write_text(modelfile(name, tokenizer, stops))
             info["files"]["gguf"] = f"gguf/{name}"
-            info["size_mb"]["gguf"] = _size_mb(tmp / "gguf", "*.gguf")
+            info["size_mb"]["gguf"] = _size_mb(out / "gguf", "*.gguf")
         del merged
         for fmt in fmts:
-            checks.append(_check(cfg, fmt, tmp, info["files"][fmt], tokenizer, rows, reference, stops))
-        parity = parity_summary(cfg.export.format, checks)
-        if not parity["passed"]:
-            write_json(final.with_name(f"{final.name}.rejected.json"), parity)
-            bad = next(c for c in checks if not c["passed"])
-            raise ExportParityError(
-                f"export parity failed for {bad['label']} vs the evaluated model on {bad['n']} validation rows: "
-                f"{'; '.join(bad['failures'])}; {bad['worst_line']}: nothing published "
-                f"(report: {final.with_name(final.name + '.rejected.json')}){rounding_fix(cfg, bad, adapter)}")
-        info["parity"] = parity
-        info["seconds"] = round(time.perf_counter() - t0, 1)
-        write_json(tmp / "parity.json", parity)
-        write_json(tmp / "export.json", info)
-    final.with_name(f"{final.name}.rejected.json").unlink(missing_ok=True)
+            checks.append(_check(cfg, fmt, out, info["files"][fmt], tokenizer, rows, reference, stops))
+    parity = parity_summary(cfg.export.format, checks)
+    if not parity["passed"]:
+        bad = next(c for c in checks if not c["passed"])
+        raise ExportParityError(
+            f"export parity failed for {bad['label']} vs the evaluated model on {bad['n']} validation rows: "
+            f"{'; '.join(bad['failures'])}; {bad['worst_line']}: nothing published{rounding_fix(cfg, bad, adapter)}",
+            parity)
+    info["parity"] = parity
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(out / "parity.json", parity)
     log.info("export: %s", ", ".join(f"{c['label']} top-1 {c['top1_agreement']:.3f} greedy {c['greedy_exact_match']:.2f}"
                                      for c in checks))
+    return info
 
 
 def rounding_fix(cfg: PipelineConfig, check: dict[str, Any], adapter: Path | str) -> str:
@@ -209,8 +198,8 @@ def _check(cfg: PipelineConfig, fmt: str, tmp: Path, file: str, tokenizer, rows,
 
     label = "merged" if fmt == "merged" else f"gguf {cfg.export.gguf_type}"
     # compared in the dtype the reference was computed in (a GGUF loads as fp32 otherwise)
-    model, loaded_tok = load_export(tmp, file, export_dtype(cfg.export.dtype, cfg.quantization.compute_dtype) if fmt == "merged" else
-                                    resolve_compute_dtype(cfg.quantization.compute_dtype))
+    model, loaded_tok = load_export(tmp, file, cfg.export.dtype if fmt == "merged" else
+                                    cfg.quantization.compute_dtype)
     result = compare(model, tokenizer, rows, reference, cfg.eval, stops)
     result.update(tokenizer_agreement(tokenizer, loaded_tok, rows))
     gate = thresholds(cfg.export, fmt)

@@ -7,19 +7,18 @@ initialised adapter, so training starts from a known, seeded point and tests can
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from loraflow import store
-from loraflow.store.artifacts import Handle, atomic_dir, write_json
+from loraflow.store.artifacts import Handle
 from loraflow.store.buildlock import MODEL_BUILD
 from loraflow.config import LoraConfig, ModelConfig, QuantizationConfig
-from loraflow.hardware import resolve_compute_dtype, resolve_quantization
+from loraflow.hardware import resolve_compute_dtype
 from loraflow.store.sources import resolve_model_dir
 
 log = logging.getLogger("loraflow")
+INFO = "model.json"  # the stage's summary, the Handle's info (`store.build` writes what `run` returns)
 
 
 class ModelError(ValueError):
@@ -139,26 +138,10 @@ def parameter_counts(model) -> dict[str, int]:
     return {"trainable_params": trainable, "total_params": total}
 
 
-def build_model(
-    model: ModelConfig,
-    quant: QuantizationConfig,
-    lora: LoraConfig,
-    output_dir: str | Path,
-    cache_dir: str | None = None,
-    refresh: bool = False,
-    key: store.StageKey | None = None,
-) -> Handle:
-    """Resolve the base model, load it quantized with LoRA, save the initial adapter and report sizes. `key`: the
-    run's (`store.chain`), else computed here."""
+def run(model: ModelConfig, quant: QuantizationConfig, lora: LoraConfig, out: Path, cache_dir: str | None = None) -> dict[str, Any]:
+    """Resolve the base model, load it quantized with LoRA, save the initial adapter to `out/adapter_init`;
+    returns the sizes (`model.json`, the Handle's info). `quant` is resolved (`hardware.resolve`)."""
     model_dir = resolve_model_dir(model.name_or_path, model.revision, cache_dir, model.allow_pickle_weights)
-    quant = resolve_quantization(quant)
-    sk = key or store.model_key(model, quant, lora)
-    final = store.build(output_dir, sk, refresh, lambda folder: _build(model, quant, lora, model_dir, folder))
-    info = json.loads((final / "model.json").read_text())
-    return Handle(stage="model", path=str(final), fingerprint=sk.key, info=info)
-
-
-def _build(model: ModelConfig, quant: QuantizationConfig, lora: LoraConfig, model_dir: Path, final: Path) -> None:
     base = load_base(model_dir, model, quant)
     peft_model = attach_lora(base, lora, quantized=quant.mode != "none")
     info = {
@@ -170,14 +153,13 @@ def _build(model: ModelConfig, quant: QuantizationConfig, lora: LoraConfig, mode
         **parameter_counts(peft_model),
     }
     info["trainable_percent"] = round(100 * info["trainable_params"] / info["total_params"], 3)
-    with atomic_dir(final) as tmp:
-        peft_model.save_pretrained(tmp / "adapter_init")
-        write_json(tmp / "model.json", info)
+    peft_model.save_pretrained(out / "adapter_init")
     log.info(
         "model: %s, %s, %d trainable of %d params (%.2f%%), %.1f MiB",
         model_dir.name, quant.mode, info["trainable_params"], info["total_params"],
         info["trainable_percent"], info["memory_footprint_mb"],
     )
+    return info
 
 
 def upcasts(upcast_frozen: bool | str, compute_dtype_name: str) -> bool:

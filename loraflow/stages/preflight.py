@@ -83,10 +83,10 @@ def histogram(values: list[int], bins: int = 8, width: int = 30) -> list[str]:
 
 def run_checks(cfg: PipelineConfig, checked_as: str, sample: int = SAMPLE_ROWS, probe: bool = False) -> Report:
     """Every check that needs no weights (and, with `probe`, one real training step); stops early where a later
-    check has nothing to read."""
-    from loraflow.hardware import resolve_quantization
+    check has nothing to read. `cfg` as given by `loraflow validate`, or the run's, already resolved."""
+    from loraflow.hardware import resolve
 
-    cfg = cfg.model_copy(update={"quantization": resolve_quantization(cfg.quantization)})
+    cfg = resolve(cfg)
     report = Report(checked_as)
     with tempfile.TemporaryDirectory(prefix="loraflow-preflight-") as scratch:
         splits = _data(cfg, report, scratch)

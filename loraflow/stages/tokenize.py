@@ -13,21 +13,21 @@ Output folder `<output_dir>/tokenize/<key>/`:
   dataset/    DatasetDict: train (input_ids, labels); validation and test (input_ids, labels, prompt_ids,
               references, input, target, cluster and the data stage's other text columns); unpadded.
   stats.json  per split: n, truncated, dropped, mean/max prompt and target tokens, label_tokens.
+  info.json   n, truncated and dropped per split: what `run` returns, the Handle's info.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
-from loraflow import store
-from loraflow.store.artifacts import Handle, atomic_dir, content_digest, write_json
+from loraflow.store.artifacts import Handle, content_digest, write_json
 from loraflow.stages.prompts import IGNORE_INDEX
-from loraflow.config import ModelConfig, PromptConfig, section_dict
-from loraflow.store.sources import resolve_model_dir, source_identity
+from loraflow.config import ModelConfig, PromptConfig
+from loraflow.store.sources import resolve_model_dir
 from loraflow.stages.prompts import PromptError, check_template, end_of_turn, render_prompt
 
 log = logging.getLogger("loraflow")
@@ -144,29 +144,19 @@ def encode_example(row: dict[str, Any], prompt: PromptConfig, tokenizer) -> dict
     return {k: v[0] for k, v in batch.items()}
 
 
-def tokenize_data(data: Handle, prompt: PromptConfig, tokenizer: str | Path | ModelConfig, output_dir: str | Path,
-                  refresh: bool = False, cache_dir: str | None = None, key: store.StageKey | None = None) -> Handle:
-    """Tokenize the data stage's splits with `tokenizer` (a model folder, or the model config: resolved only
-    when the stage computes); reuses a complete folder with the same key unless `refresh`. `key`: the run's
-    (`store.chain`), else computed here."""
+def run(data: Handle, prompt: PromptConfig, model: ModelConfig, out: Path, cache_dir: str | None = None) -> dict[str, Any]:
+    """Tokenize the data stage's splits with `model`'s tokenizer (resolved only here, when the stage computes)
+    into `out`; returns the summary (`info.json`): n, truncated and dropped per split."""
     if prompt.max_target_length >= prompt.max_length:
         raise PromptError(
             f"prompt.max_target_length ({prompt.max_target_length}) leaves no room for the prompt in "
             f"prompt.max_length ({prompt.max_length}): raise max_length or lower max_target_length"
         )
-    model = tokenizer if isinstance(tokenizer, ModelConfig) else ModelConfig(name_or_path=str(Path(tokenizer).resolve()))
-    sk = key or store.tokenize_key(data.fingerprint, prompt, source_identity(model.name_or_path, model.revision))
-
-    def make(final: Path) -> None:
-        local = Path(model.name_or_path).expanduser()  # a folder is read as it is (the model stage checks weights)
-        tokenizer_dir = local.resolve() if local.is_dir() else resolve_model_dir(
-            model.name_or_path, model.revision, cache_dir, model.allow_pickle_weights)
-        tokenizer_digest(tokenizer_dir)  # a folder without tokenizer files fails here, naming them
-        _run(data, prompt, tokenizer_dir, final, sk.key)
-
-    final = store.build(output_dir, sk, refresh, make)
-    stats = json.loads((final / "stats.json").read_text())
-    return Handle(stage="tokenize", path=str(final), fingerprint=sk.key, info=_summary(stats))
+    local = Path(model.name_or_path).expanduser()  # a folder is read as it is (the model stage checks weights)
+    tokenizer_dir = local.resolve() if local.is_dir() else resolve_model_dir(
+        model.name_or_path, model.revision, cache_dir, model.allow_pickle_weights)
+    tokenizer_digest(tokenizer_dir)  # a folder without tokenizer files fails here, naming them
+    return _summary(_run(data, prompt, tokenizer_dir, out))
 
 
 def _summary(stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -187,7 +177,7 @@ def _stats(prompt_lens: list[int], target_lens: list[int], truncated: int, dropp
     }
 
 
-def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, final: Path, key: str) -> None:
+def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, out: Path) -> dict[str, dict[str, Any]]:
     import datasets
 
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -198,7 +188,7 @@ def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, final: Path, k
         check_template(prompt.template, splits["train"].column_names)
     if prompt.system and prompt.style == "template":
         log.warning("tokenize: prompt.system is ignored with prompt.style=template; put it in prompt.template")
-    out, stats = {}, {}
+    splits_out, stats = {}, {}
     for name in SPLITS:
         ds = splits[name]
         if len(ds) == 0:
@@ -207,7 +197,7 @@ def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, final: Path, k
         # datasets' hashing of the closure, which pickles the whole tokenizer (seconds per call).
         started = time.perf_counter()
         enc = ds.map(lambda rows: encode(rows, prompt, tokenizer, prefix), batched=True, batch_size=1000,
-                     keep_in_memory=True, new_fingerprint=f"{key}-{name}", desc=f"tokenize {name}")
+                     keep_in_memory=True, new_fingerprint=f"{uuid.uuid4().hex}-{name}", desc=f"tokenize {name}")
         seconds = time.perf_counter() - started
         labels = enc["labels"]
         target_lens = [sum(1 for x in lab if x != IGNORE_INDEX) for lab in labels]
@@ -236,11 +226,10 @@ def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, final: Path, k
         log.info("tokenize: %s: %d examples, %d with the input cut to fit prompt.max_length=%d",
                  name, stats[name]["n"], stats[name]["truncated"], prompt.max_length)
         extra = [c for c in ds.column_names if c not in TEST_COLUMNS]  # e.g. aspect, id: to trace predictions
-        out[name] = enc.select_columns(TRAIN_COLUMNS if name == "train" else TEST_COLUMNS + extra)
-    meta = {"stage": "tokenize", "data": data.fingerprint, "prompt": section_dict(prompt), "tokenizer": str(tokenizer_dir)}
-    with atomic_dir(final, meta) as tmp:
-        datasets.DatasetDict(out).save_to_disk(str(tmp / "dataset"))
-        write_json(tmp / "stats.json", stats)
+        splits_out[name] = enc.select_columns(TRAIN_COLUMNS if name == "train" else TEST_COLUMNS + extra)
+    datasets.DatasetDict(splits_out).save_to_disk(str(out / "dataset"))
+    write_json(out / "stats.json", stats)
+    return stats
 
 
 def _nothing_fits(row: dict[str, Any], prompt: PromptConfig, tokenizer, prefix: list[int], split: str, n: int) -> str:

@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from loraflow.store.artifacts import Handle, fingerprint, is_complete, stage_dir, verify, write_json
+from loraflow.store.artifacts import Handle, Rejected, atomic_dir, fingerprint, is_complete, stage_dir, verify, write_json
 from loraflow.store.codehash import code_identity
 from loraflow.config import DataConfig, LoraConfig, ModelConfig, PipelineConfig, PromptConfig, QuantizationConfig, flatten, key_fields
 from loraflow.procs import gone, identity
 from loraflow.store.remote import download, is_url, local_path, local_root, remote_folder, upload
 
 STAGES = ("data", "tokenize", "model", "train", "evaluate", "export")  # export: optional, after evaluate
+INFO = "info.json"  # a stage folder's summary: its handle's `info` (`build`)
 
 
 @dataclass(frozen=True)
@@ -64,41 +65,43 @@ def tokenize_key(data_key_: str, prompt: PromptConfig, tokenizer_source: str) ->
 
 
 def model_key(model: ModelConfig, quant: QuantizationConfig, lora: LoraConfig) -> StageKey:
-    from loraflow.hardware import resolve_quantization
+    """`quant` resolved (`hardware.resolve`), as in every key below: 'auto' never reaches a key."""
     from loraflow.store.sources import source_identity
 
-    # 'auto' and the dtype it stands for on this machine are one setting: one key, one folder.
-    return _make("model", {"model": key_fields(model), "quantization": key_fields(resolve_quantization(quant)),
+    return _make("model", {"model": key_fields(model), "quantization": key_fields(_resolved(quant, "compute_dtype")),
                            "lora": key_fields(lora), "model source": source_identity(model.name_or_path, model.revision)})
 
 
-def train_key(cfg: PipelineConfig, tokenized: str, model: str, without: tuple[str, ...] = ()) -> StageKey:
-    """`without`: train fields left out (`stages.train.stage.continuation_key` drops the run's length)."""
-    from loraflow.hardware import resolve_compute_dtype, resolve_processes
+def train_key(cfg: PipelineConfig, tokenized: str, model: str) -> StageKey:
+    return _make("train", {"upstream tokenize": tokenized, "upstream model": model,
+                           "train": key_fields(_resolved(cfg.train, "num_processes")),
+                           "quantization.compute_dtype": _resolved(cfg.quantization, "compute_dtype").compute_dtype})
 
-    # 'auto' processes and the number it stands for here are one setting: the same folder, the same checkpoints.
-    train = {**key_fields(cfg.train), "num_processes": resolve_processes(cfg.train.num_processes)}
-    for name in without:
-        train.pop(name, None)
-    return _make("train", {"upstream tokenize": tokenized, "upstream model": model, "train": train,
-                           "quantization.compute_dtype": resolve_compute_dtype(cfg.quantization.compute_dtype)})
+
+def continuation(sk: StageKey) -> str:
+    """The train key `sk` without its length: runs that differ only in `max_steps` / `num_train_epochs` share it
+    (`stages.train.stage.seed_continuation` continues the longest shorter one)."""
+    train = {k: v for k, v in sk.parts["train"].items() if k not in ("max_steps", "num_train_epochs")}
+    return fingerprint("train", {**sk.parts, "train": train})
 
 
 def evaluate_key(cfg: PipelineConfig, tokenized: str, model: str, trained: str) -> StageKey:
-    from loraflow.hardware import resolve_compute_dtype
-
     # export.parity_samples: the rows whose logits and greedy outputs the stage records (`loraflow.stages.parity`)
     return _make("evaluate", {"upstream tokenize": tokenized, "upstream model": model, "upstream train": trained,
                               "eval": key_fields(cfg.eval), "export.parity_samples": cfg.export.parity_samples,
-                              "quantization.compute_dtype": resolve_compute_dtype(cfg.quantization.compute_dtype)})
+                              "quantization.compute_dtype": _resolved(cfg.quantization, "compute_dtype").compute_dtype})
 
 
 def export_key(cfg: PipelineConfig, evaluated: str) -> StageKey:
     """`evaluated`: the evaluate key, which holds the adapter's (train), the base's (model) and the reference's."""
-    from loraflow.hardware import export_dtype
+    return _make("export", {"upstream evaluate": evaluated, "export": key_fields(_resolved(cfg.export, "dtype"))})
 
-    return _make("export", {"upstream evaluate": evaluated, "export": key_fields(cfg.export),
-                            "export.dtype": export_dtype(cfg.export.dtype, cfg.quantization.compute_dtype)})
+
+def _resolved(section, name: str):
+    """`section`, refused when its `name` is still 'auto': keys are made of a resolved config only."""
+    if getattr(section, name) == "auto":
+        raise ValueError(f"a stage key was asked for with {name}: auto; resolve the config first (hardware.resolve)")
+    return section
 
 
 def chain(cfg: PipelineConfig) -> dict[str, StageKey]:
@@ -199,18 +202,29 @@ def remember(output_dir: str | Path, sk: StageKey) -> None:
               {"stage": sk.stage, "key": sk.key, "parts": sk.parts, "created": time.time(), "made_by": _made_by()})
 
 
-def build(output_dir: str | Path, sk: StageKey, refresh: bool, make: Callable[[Path], object]) -> Path:
-    """The one hit/miss protocol of a stage's folder: a complete folder for `sk` is reused and marked as used,
-    unless `refresh`; else `make(folder)` builds it (writing through `artifacts.atomic_dir`: a temporary folder
-    renamed into place, so a crash leaves nothing half-written) and `sk` is recorded. Returns the folder."""
+def build(output_dir: str | Path, sk: StageKey, refresh: bool, run: Callable[[Path], dict[str, Any]],
+          info_file: str = INFO) -> Handle:
+    """The one hit/miss protocol of a stage's folder, and the stage's handle: a complete folder for `sk` is reused
+    and marked as used, unless `refresh`; else `run(folder)` builds the stage into a temporary folder and returns
+    its summary, which is written to `info_file`; the folder is renamed into place with its manifest
+    (`artifacts.atomic_dir`: a crash leaves nothing half-written) and `sk` is recorded. The stage never sees its
+    key or the final folder."""
     final = folder(output_dir, sk.stage, sk.key)
     if not refresh and is_complete(final):
         logging.getLogger("loraflow").info("%s: reusing %s", sk.stage, final)
         touch(output_dir, sk.stage, sk.key)
     else:
-        make(final)
+        report = final.with_name(f"{final.name}.rejected.json")
+        try:
+            with atomic_dir(final, {"stage": sk.stage, "key": sk.key}) as tmp:
+                write_json(tmp / info_file, run(tmp))
+        except Rejected as err:
+            write_json(report, err.report)
+            err.args = (f"{err.args[0]} (report: {report})",)
+            raise
+        report.unlink(missing_ok=True)
         remember(output_dir, sk)
-    return final
+    return Handle(stage=sk.stage, path=str(final), fingerprint=sk.key, info=json.loads((final / info_file).read_text()))
 
 
 def touch(output_dir: str | Path, stage: str, key: str) -> None:

@@ -109,6 +109,15 @@ def is_complete(path: str | Path) -> bool:
     return verify(path) is None
 
 
+class Rejected(ValueError):
+    """A stage refused its own result (an export that fails its parity gate): nothing is published, and `store.build`
+    keeps `report` beside the stage's folder as `<key>.rejected.json`, named at the end of the message."""
+
+    def __init__(self, message: str, report: dict[str, Any]):
+        super().__init__(message)
+        self.report = report
+
+
 @contextmanager
 def atomic_dir(final: str | Path, meta: dict[str, Any] | None = None) -> Iterator[Path]:
     """Yield a scratch folder; on success write a manifest and rename it to `final`.

@@ -15,11 +15,8 @@ import pytest
 import torch
 
 from loraflow.config import build_config
-from loraflow.stages.data import prepare_data
-from loraflow.stages.train.launch import run_train_worker
-from loraflow.stages.model import build_model, load_base, load_for_training
-from loraflow.stages.tokenize import tokenize_data
-from tests_support import write_examples
+from tests_support import build_model, prepare_data, run_train_worker, tokenize_data, write_examples
+from loraflow.stages.model import load_base, load_for_training
 
 pytestmark = pytest.mark.gpu
 STEPS = 40
@@ -29,7 +26,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu only under LORAFL
 @pytest.fixture(scope="module")
 def stages(tiny_llama_dir, tmp_path_factory):
     """data -> tokenize -> model -> train (the worker process) -> evaluate, on the GPU."""
-    from loraflow.stages.evaluate import evaluate_adapter
+    from tests_support import evaluate_adapter
 
     root = tmp_path_factory.mktemp("gpu")
     cfg = build_config({

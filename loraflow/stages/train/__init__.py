@@ -4,7 +4,8 @@
 - trainer.py: CompletionTrainer (the loss at label positions only, the length-grouped sampler)
 - collators.py: padding a batch
 - launch.py: the training process started with the run, its request, its errors
-- worker.py: the training process itself (`python -m loraflow.stages.train.worker`), its callbacks
+- callbacks.py: every TrainerCallback the stage adds (throughput, last step saved, save-and-stop, progress, MLflow)
+- worker.py: the training process itself (`python -m loraflow.stages.train.worker`): its signals and request
 - memory.py: the memory estimate behind `gradient_checkpointing: auto` and the pre-flight check
 - distributed.py: several processes through torchrun (DDP)
 """

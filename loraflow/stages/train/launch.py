@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from loraflow.store.artifacts import Handle
 from loraflow.config import PipelineConfig
 from loraflow.stages.train.distributed import ERROR_MARK, worker_command
-from loraflow.hardware import resolve_processes
-from loraflow.stages.train.worker import PROGRESS_MARK, WAIT_FLAG
+from loraflow.stages.train.callbacks import PROGRESS_MARK
+from loraflow.stages.train.worker import WAIT_FLAG
 
 if TYPE_CHECKING:
     from loraflow.store import StageKey
@@ -94,7 +94,7 @@ def _early_key(cfg: PipelineConfig, output_dir: str | Path, train_key: str) -> s
     from loraflow.store.artifacts import is_complete
     from loraflow.store.remote import is_url
 
-    if not cfg.train.early_start or is_url(cfg.run.output_dir) or resolve_processes(cfg.train.num_processes) != 1:
+    if not cfg.train.early_start or is_url(cfg.run.output_dir) or cfg.train.num_processes != 1:
         return None
     return train_key if cfg.run.refreshes("train") or not is_complete(store.folder(output_dir, "train", train_key)) else None
 
@@ -158,52 +158,45 @@ def _claim(key: str, request: Path) -> subprocess.Popen | None:
 
 
 def worker_request(cfg: PipelineConfig, tokenized: Handle, model: Handle, output_dir: str | Path, result: Path,
-                   key: StageKey, continuation: str, tracking: dict | None = None) -> dict:
-    """What `python -m loraflow.stages.train.worker REQUEST` reads: the run's config, its inputs, its train key and continuation
-    key (the worker computes neither), where to write, and the MLflow run to log to."""
+                   key: StageKey, tracking: dict | None = None) -> dict:
+    """What `python -m loraflow.stages.train.worker REQUEST` reads: the run's config (resolved), its inputs, its
+    train key (the worker computes no key), where to write, and the MLflow run to log to."""
     return {"cfg": cfg.model_dump(mode="json"), "tokenized": tokenized.model_dump(), "model": model.model_dump(),
             "output_dir": str(output_dir), "result": str(result), "tracking": tracking,
-            "key": {"stage": key.stage, "parts": key.parts}, "continuation_key": continuation}
+            "key": {"stage": key.stage, "parts": key.parts}}
 
 
-def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, output_dir: str | Path,
-                     on_progress: Callable[[dict], None] | None = None, key: StageKey | None = None) -> Handle:
+def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, output_dir: str | Path, key: StageKey,
+                     on_progress: Callable[[dict], None] | None = None) -> Handle:
     """Train in `python -m loraflow.stages.train.worker` (through torchrun with train.num_processes > 1); returns
     the train handle or raises WorkerFailed naming the first rank's error.
 
-    `on_progress` gets {"step", "max_steps", "loss"} at every logging step. `key`: the run's train key
-    (`store.chain`), else computed here; the training process receives it, and the continuation key
-    computed here, in its request."""
-    processes = resolve_processes(cfg.train.num_processes)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_processes": processes})})
+    `key`: the run's train key (`store.chain`), handed to the training process in its request; `cfg` is resolved
+    (`hardware.resolve`). `on_progress` gets {"step", "max_steps", "loss"} at every logging step."""
     from loraflow import store
     from loraflow.ops.tracking import handoff
-    from loraflow.stages.train.stage import continuation_key, finished_train
+    from loraflow.stages.train.stage import finished_train, seed_continuation
 
-    sk = key or store.train_key(cfg, tokenized.fingerprint, model.fingerprint)
-    done = finished_train(cfg, tokenized, model, output_dir, sk.key)
+    processes = cfg.train.num_processes
+    done = finished_train(cfg, output_dir, key.key)
     if done is not None:  # e.g. Prefect's records were cleared: no worker
         log.info("train: reusing %s", done.path)
         return done
-    continuation = continuation_key(cfg, tokenized, model)
     if cfg.run.refreshes("train"):  # from scratch: the old checkpoints are set aside, not resumed from
-        work = store.work_dir(output_dir, sk.key)
+        work = store.work_dir(output_dir, key.key)
         if work.exists():
             aside = work.with_name(f"{work.name}.set-aside-{int(time.time())}")
             work.rename(aside)
             log.info("train: refresh: checkpoints set aside in %s", aside)
     else:
-        from loraflow.stages.train.stage import seed_continuation
-
-        seed_continuation(cfg, tokenized, model, output_dir, sk.key, continuation)
+        seed_continuation(cfg, output_dir, key)
     with tempfile.TemporaryDirectory(prefix="loraflow-train-") as tmp:
         request = Path(tmp) / "request.json"
         result = Path(tmp) / "result.json"
-        request.write_text(json.dumps(worker_request(cfg, tokenized, model, output_dir, result, sk, continuation,
-                                                     handoff())))
+        request.write_text(json.dumps(worker_request(cfg, tokenized, model, output_dir, result, key, handoff())))
         if processes > 1:
             log.info("train: %d processes (DDP) through torchrun", processes)
-        proc = _claim(sk.key, request) or _spawn(worker_command(processes, str(request)))
+        proc = _claim(key.key, request) or _spawn(worker_command(processes, str(request)))
         tail: deque[str] = deque(maxlen=20)
         errors: list[dict] = []  # {"at": time, "error": "rank N: Type: message"} from each failing rank
         try:

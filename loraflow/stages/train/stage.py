@@ -18,7 +18,6 @@ from loraflow import store
 from loraflow.store.artifacts import Handle, atomic_dir, is_complete, write_json
 from loraflow.config import SET_BY_LORAFLOW, PipelineConfig, TrainConfig
 from loraflow.stages.train.distributed import ddp_backend, gather_from_ranks, rank, sum_over_ranks
-from loraflow.hardware import resolve_compute_dtype
 
 log = logging.getLogger("loraflow")
 MODEL_COLUMNS = ["input_ids", "labels"]
@@ -111,38 +110,6 @@ def make_collator(train: TrainConfig, pad_token_id: int):
     return CompletionCollator(pad_token_id=pad_token_id)
 
 
-def throughput_callback():
-    """Wall-clock marks of the training loop: start, first optimizer step, end (time.time(), for the benchmark)."""
-    import time
-
-    from transformers import TrainerCallback
-
-    class Throughput(TrainerCallback):
-        def __init__(self) -> None:
-            self.marks: dict[str, float] = {}
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.marks.update(begin=time.time(), begin_step=state.global_step)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.marks.setdefault("first_step_at", time.time())
-            self.marks["end"] = time.time()
-
-    return Throughput()
-
-
-def save_last_step():
-    """Checkpoint the final step too (not only every save_steps), so a longer run can continue from it."""
-    from transformers import TrainerCallback
-
-    class SaveLast(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= state.max_steps:
-                control.should_save = True
-
-    return SaveLast()
-
-
 def peak_memory_mb() -> dict[str, float | None]:
     """Peak resident memory of this process, and peak CUDA memory allocated (None without a GPU)."""
     import resource
@@ -227,17 +194,6 @@ def stopping_generation_config(model, tokenizer, cfg: PipelineConfig):
     return config
 
 
-def train_key(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle) -> str:
-    """The train stage's key (`store.train_key`): its folder is `<output_dir>/train/<key>`."""
-    return store.train_key(cfg, tokenized.fingerprint, model_handle.fingerprint).key
-
-
-def continuation_key(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle) -> str:
-    """The train key without its length: runs that differ only in `max_steps` / `num_train_epochs` share it."""
-    return store.train_key(cfg, tokenized.fingerprint, model_handle.fingerprint,
-                           without=("max_steps", "num_train_epochs")).key
-
-
 def _shorter(info: dict[str, Any], train: TrainConfig) -> bool:
     """Whether a finished run (its train_metrics) is a shorter run of this one: fewer steps when this run
     counts steps, fewer epochs when both count epochs."""
@@ -247,8 +203,7 @@ def _shorter(info: dict[str, Any], train: TrainConfig) -> bool:
     return length.get("max_steps", 0) <= 0 and length.get("num_train_epochs", float("inf")) < train.num_train_epochs
 
 
-def seed_continuation(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, output_dir: str | Path,
-                      key: str | None = None, continuation: str | None = None) -> Path | None:
+def seed_continuation(cfg: PipelineConfig, output_dir: str | Path, key: store.StageKey) -> Path | None:
     """Continue, not restart, when only the run's length grew (`max_steps`, or `num_train_epochs` when both
     runs count epochs): copy the final checkpoint of the longest shorter finished run with the same
     continuation key into this run's work folder, so training resumes from its last step (weights,
@@ -257,14 +212,13 @@ def seed_continuation(cfg: PipelineConfig, tokenized: Handle, model_handle: Hand
     The schedule is this run's: Trainer rebuilds it for the new total and resumes at the step reached.
     `constant` / `constant_with_warmup` then continue exactly as an uninterrupted run would; a decaying
     schedule (`cosine`, `linear`) jumps from the shorter run's final learning rate to the longer
-    schedule's value at that step (it is not a new warm-up). `key`, `continuation`: the run's train key and
-    continuation key (`loraflow.stages.train.launch`), else computed here."""
-    key = key or train_key(cfg, tokenized, model_handle)
-    work = store.work_dir(output_dir, key)
+    schedule's value at that step (it is not a new warm-up). `key`: the run's train key (`store.chain`); the
+    continuation key is derived from it (`store.continuation`)."""
+    work = store.work_dir(output_dir, key.key)
     if last_checkpoint(work / "checkpoints") is not None:
         return None
-    wanted, best = continuation or continuation_key(cfg, tokenized, model_handle), None
-    for metrics_file in store.folder(output_dir, "train", key).parent.glob("*/train_metrics.json"):
+    wanted, best = store.continuation(key), None
+    for metrics_file in store.folder(output_dir, "train", key.key).parent.glob("*/train_metrics.json"):
         try:
             info = json.loads(metrics_file.read_text())
         except (OSError, ValueError):
@@ -312,35 +266,33 @@ def train_adapter(
     tokenized: Handle,
     model_handle: Handle,
     output_dir: str | Path,
+    key: store.StageKey,
     callbacks: list | None = None,
     stop_requested: Callable[[], bool] | None = None,
     process: dict[str, Any] | None = None,
-    key: store.StageKey | None = None,
-    continuation: str | None = None,
 ) -> Handle | None:
-    """Fine-tune the LoRA adapter; returns a handle to the folder holding adapter/, logs/ and metrics
-    (None on the other ranks of a multi-process run). `process` is recorded in the metrics as it is
-    (how the training process was started).
+    """Fine-tune the LoRA adapter into `<output_dir>/train/<key>`; returns a handle to the folder holding adapter/,
+    logs/ and metrics (None on the other ranks of a multi-process run). `key`: the run's train key (`store.chain`,
+    handed to the training process in its request); `cfg` is resolved (`hardware.resolve`). `process` is recorded
+    in the metrics as it is (how the training process was started).
 
-    `stop_requested` (checked after training) turns an early stop into `Preempted`, leaving the
-    checkpoint in the work folder for the rerun instead of publishing a half-trained adapter.
-
-    `key`, `continuation`: the train key and the continuation key the launcher computed (`loraflow.stages.train.launch`,
-    from the run's keys), else computed here.
+    Training has its own folder protocol, not `store.build`'s: it checkpoints into `<key>.work` (kept across a
+    crash, to resume from) and writes the stage folder at the end. `stop_requested` (checked after training) turns
+    an early stop into `Preempted`, leaving the checkpoint in the work folder for the rerun instead of publishing
+    a half-trained adapter.
     """
-    sk = key or store.train_key(cfg, tokenized.fingerprint, model_handle.fingerprint)
-    done = finished_train(cfg, tokenized, model_handle, output_dir, sk.key)
+    done = finished_train(cfg, output_dir, key.key)
     if done is not None:
         return done
-    final = store.folder(output_dir, "train", sk.key)
-    work = store.work_dir(output_dir, sk.key)  # survives crashes: holds the checkpoints to resume from
+    final = store.folder(output_dir, "train", key.key)
+    work = store.work_dir(output_dir, key.key)  # survives crashes: holds the checkpoints to resume from
     _run_training(cfg, tokenized, model_handle, final, work, callbacks or [], stop_requested, process or {},
-                  continuation or continuation_key(cfg, tokenized, model_handle))
+                  store.continuation(key))
     if rank() != 0:
         return None  # under DDP, rank 0 writes the stage folder and returns the handle
-    store.remember(output_dir, sk)
+    store.remember(output_dir, key)
     metrics = json.loads((final / "train_metrics.json").read_text())
-    return Handle(stage="train", path=str(final), fingerprint=sk.key, info=metrics)
+    return Handle(stage="train", path=str(final), fingerprint=key.key, info=metrics)
 
 
 def resolve_checkpointing(cfg: PipelineConfig, base_dir: str, stats_file: Path) -> bool:
@@ -375,12 +327,9 @@ def longest_batch_estimate(cfg: PipelineConfig, base_dir: str, stats_file: Path,
                                            checkpointing), budget, where)
 
 
-def finished_train(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, output_dir: str | Path,
-                   key: str | None = None) -> Handle | None:
-    """The train stage's handle when its folder is complete and no refresh is asked for (marked as used),
-    else None: the one check both the training process and its launcher make (`key`: the train key, else
-    computed here)."""
-    key = key or train_key(cfg, tokenized, model_handle)
+def finished_train(cfg: PipelineConfig, output_dir: str | Path, key: str) -> Handle | None:
+    """The train stage's handle when its folder (train key `key`) is complete and no refresh is asked for (marked
+    as used), else None: the one check both the training process and its launcher make."""
     final = store.folder(output_dir, "train", key)
     if cfg.run.refreshes("train") or not is_complete(final):
         return None
@@ -412,7 +361,9 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
     before = frozen_checksum(model)
 
     args = training_arguments(cfg.train, work / "checkpoints", has_eval=eval_ds is not None)
-    timer = throughput_callback()
+    from loraflow.stages.train.callbacks import save_last_step, throughput
+
+    timer = throughput()
     callbacks = [timer, save_last_step(), *extra_callbacks]
     if cfg.train.early_stopping_patience and eval_ds is not None:
         from transformers import EarlyStoppingCallback
@@ -475,7 +426,7 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         "base_weights_unchanged": before == after,
         "resumed_from": resume,
         "device": str(args.device),
-        "compute_dtype": resolve_compute_dtype(cfg.quantization.compute_dtype),
+        "compute_dtype": cfg.quantization.compute_dtype,
         "continuation_key": continuation,
         "length": {"max_steps": cfg.train.max_steps, "num_train_epochs": cfg.train.num_train_epochs},
     }

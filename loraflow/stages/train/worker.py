@@ -38,35 +38,6 @@ class Preemption:
         signal.signal(signal.SIGINT, handler)
 
 
-def preemption_callback():
-    from transformers import TrainerCallback
-
-    class SaveAndStopOnSigterm(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if Preemption.requested:
-                control.should_save = True
-                control.should_training_stop = True
-            return control
-
-    return SaveAndStopOnSigterm()
-
-
-PROGRESS_MARK = "loraflow-progress "
-
-
-def progress_callback():
-    """Print one machine-readable line per logging step; the parent turns it into a progress artifact."""
-    from transformers import TrainerCallback
-
-    class ReportProgress(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs and "loss" in logs:
-                line = {"step": state.global_step, "max_steps": state.max_steps, "loss": logs["loss"]}
-                print(PROGRESS_MARK + json.dumps(line), flush=True)
-
-    return ReportProgress()
-
-
 WAIT_FLAG = "--wait"  # started early (`launch.early_start`): import, then read the request path on stdin
 
 
@@ -113,16 +84,16 @@ def _train(argv: list[str], process: dict) -> int:
 
     request = json.loads(Path(argv[0]).read_text())
     cfg = PipelineConfig.model_validate(request["cfg"])
-    callbacks = [preemption_callback(), progress_callback()]
-    if request.get("tracking"):  # the flow run's MLflow run: the curves are logged there as they come
-        from loraflow.ops.tracking import curves_callback
+    from loraflow.stages.train import callbacks as cb
 
-        callbacks.append(curves_callback(request["tracking"]))
+    callbacks = [cb.stop_on_request(lambda: Preemption.requested), cb.progress()]
+    if request.get("tracking"):  # the flow run's MLflow run: the curves are logged there as they come
+        callbacks.append(cb.mlflow_curves(request["tracking"]))
     try:
         handle = train_adapter(
             cfg, Handle(**request["tokenized"]), Handle(**request["model"]), request["output_dir"],
-            callbacks=callbacks, stop_requested=lambda: Preemption.requested,
-            process=process, key=StageKey(**request["key"]), continuation=request["continuation_key"],
+            StageKey(**request["key"]), callbacks=callbacks, stop_requested=lambda: Preemption.requested,
+            process=process,
         )
     except Preempted as err:
         print(f"train worker: {err}", file=sys.stderr, flush=True)
