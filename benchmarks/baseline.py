@@ -31,7 +31,7 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-from script_args import common_parser, step_timer, stop_ids  # noqa: E402 - a sibling: this runs as a script
+from script_args import checkpointing_args, common_parser, step_timer, stop_ids  # noqa: E402 - a sibling: this runs as a script
 
 
 def main() -> None:
@@ -117,7 +117,8 @@ def main() -> None:
             output_dir=args.output_dir, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
             learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=args.warmup_steps,
             optim="paged_adamw_8bit" if cuda else "adamw_torch", bf16=cuda and torch.cuda.is_bf16_supported(),
-            logging_steps=1, save_strategy="no", report_to="none", seed=args.seed),
+            logging_steps=1, save_strategy="no", report_to="none", seed=args.seed,
+            **checkpointing_args(args.gradient_checkpointing)),  # TrainingArguments' default: off
         train_dataset=train_tok,
         data_collator=collator,
         callbacks=[step_timer(marks)],
@@ -157,6 +158,7 @@ def main() -> None:
         "mean_prediction_words": round(sum(len(p.split()) for p in predictions) / len(predictions), 2),
         "mean_train_tokens": round(sum(lengths) / len(lengths), 1),
         "train_peak_rss_mb": train_peak,
+        "gradient_checkpointing": trainer.args.gradient_checkpointing,
         "train_peak_gpu_mb": None if train_gpu_peak is None else round(train_gpu_peak, 1),
         "eval_examples_per_second": round(len(test) / eval_s, 4),
         "eval_s": round(eval_s, 2),

@@ -24,11 +24,12 @@ from pathlib import Path
 from benchmarks.data import INSTRUCTIONS, REPO, write_examples
 
 
-def _load(model_dir: str, dequantize: bool = False, upcast: bool = True):
+def _load(model_dir: str, dequantize: bool = False, upcast: bool = True, checkpointing: bool = False):
     """SmolLM2 in NF4 with LoRA r16 all-linear, in this machine's compute dtype. `upcast`: peft's
     prepare_model_for_kbit_training (frozen non-4-bit weights to fp32), else they stay in the compute dtype
     (loraflow's train.upcast_frozen=auto in bf16). `dequantize`: the base dequantized to the compute dtype,
-    no adapter (for evaluation: merged into it afterwards)."""
+    no adapter (for evaluation: merged into it afterwards). `checkpointing`: activation checkpointing on, as
+    loraflow turns it on (`loraflow.stages.model.enable_checkpointing`: non-reentrant), in training mode."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -44,6 +45,11 @@ def _load(model_dir: str, dequantize: bool = False, upcast: bool = True):
         return model.dequantize()
     if upcast:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if checkpointing:
+        from loraflow.stages.model import enable_checkpointing
+
+        enable_checkpointing(model)
+        return _with_lora(model).train()  # checkpointing acts in training mode only
     return _with_lora(model)
 
 
@@ -85,6 +91,7 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
     from loraflow.stages.train.trainer import body_and_head, label_only_loss
 
     models = {"upcast": _load(model_dir), "kept": _load(model_dir, upcast=False),
+              "checkpointed": _load(model_dir, upcast=False, checkpointing=True),
               "dequantized": _with_lora(_load(model_dir, dequantize=True))}
     pad = CompletionCollator(pad_token_id=0)
     to_512 = CompletionCollator(pad_token_id=0, pad_to_multiple_of=max_length)
@@ -96,7 +103,7 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
     pool = sorted(sum(rand, []), key=lambda e: len(e["input_ids"]))
     grouped = [pool[i * batch:(i + 1) * batch] for i in range(steps)]
     dtype = resolve_compute_dtype("auto")
-    up, kept, deq = models["upcast"], models["kept"], models["dequantized"]
+    up, kept, deq, ckpt = models["upcast"], models["kept"], models["dequantized"], models["checkpointed"]
     cases = [  # (name, model, batches, collate, loss)
         ("plain script: pad to max_length, loss and logits on every token", up, rand, lambda b: everything(to_512(b)),
          full(up)),
@@ -105,6 +112,8 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
         ("+ length-grouped batches", up, grouped, pad, label_only(up)),
         (f"+ frozen weights kept in {dtype}, not upcast to fp32 (loraflow default)", kept, grouped, pad,
          label_only(kept)),
+        ("+ activation checkpointing, non-reentrant (`train.gradient_checkpointing: true`)", ckpt, grouped, pad,
+         label_only(ckpt)),
         (f"+ frozen weights dequantized to {dtype} once (no NF4 in the step)", deq, grouped, pad, label_only(deq)),
         ("packed, padding-free, logits only at labels", up, rand, DataCollatorWithFlattening(), label_only(up)),
     ]

@@ -139,7 +139,28 @@ def summary(report: dict) -> dict:
             "rougeL_vs_baseline": paired(d, "loraflow", "baseline"),
             "rougeL_vs_trl": paired(d, "loraflow", "trl"),
         }
+        like = like_for_like(d)
+        if like:
+            out[name]["like_for_like_peak_rss_sum_mb"] = like
+            out[name]["loraflow_over_trl_like_for_like"] = {
+                f"peak_rss_sum_mb_checkpointing_{s}": _share(like[s], "loraflow", "trl") for s in like}
+            out[name]["loraflow_over_baseline_like_for_like"] = {
+                f"peak_rss_sum_mb_checkpointing_{s}": _share(like[s], "loraflow", "baseline") for s in like}
     return out
+
+
+def like_for_like(d: dict) -> dict[str, dict[str, float]]:
+    """{"on"|"off": {side: mean peak RSS summed over the run's processes, MB}}: every side with gradient
+    checkpointing forced on, then off (`benchmarks.run --like-for-like`)."""
+    def peak(side: str, r: dict) -> float:
+        return (r["cold"] if side == "loraflow" else r)["peak_rss_sum_mb"]
+
+    return {setting: {side: round(sum(peak(side, r) for r in rs) / len(rs), 1) for side, rs in sides.items() if rs}
+            for setting, sides in (d.get("like_for_like") or {}).items()}
+
+
+def _share(row: dict[str, float], a: str, b: str) -> float | None:
+    return round(row[a] / row[b], 3) if row.get(a) and row.get(b) else None
 
 
 def losses(d: dict) -> list[str]:
@@ -203,6 +224,17 @@ def markdown(report: dict) -> str:
                          f"{100 * lf['cached_wall_s']['median'] / lf['wall_s']['median']:.1f}% of cold | – | – |")
             lines.append(f"| orchestration overhead (flow run − Σ stage runs), s | – | – | {_cell(lf['overhead_s'], 2)} "
                          "| – | – | – |")
+        like = like_for_like(d)
+        if like:
+            n = min(len(rs) for sides in d["like_for_like"].values() for rs in sides.values() if rs)
+            lines += ["", f"{name}: like-for-like memory, peak RSS summed over the run's processes, MB (mean of {n} "
+                      "seed(s)), gradient checkpointing forced on every side:", "",
+                      "| checkpointing | baseline (fair) | TRL SFTTrainer | loraflow | loraflow / baseline | loraflow / TRL |",
+                      "|---|---|---|---|---|---|"]
+            for setting, row in like.items():
+                r_base, r_trl = _share(row, "loraflow", "baseline"), _share(row, "loraflow", "trl")
+                lines.append(f"| {setting} | {row.get('baseline', '–')} | {row.get('trl', '–')} | {row.get('loraflow', '–')} "
+                             f"| {f'{r_base:.2f}x' if r_base else '–'} | {f'{r_trl:.2f}x' if r_trl else '–'} |")
         curve = losses(d)
         if curve:
             lines += ["", f"{name}: training loss per step, mean over seeds:", "", *curve]

@@ -98,11 +98,16 @@ with get_client(sync_client=True) as c:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def loraflow_side(name: str, data_dir: Path, out: Path, a: argparse.Namespace, env: dict[str, str], seed: int) -> dict:
+def loraflow_side(name: str, data_dir: Path, out: Path, a: argparse.Namespace, env: dict[str, str], seed: int,
+                  checkpointing: str = "default") -> dict:
+    """`checkpointing`: loraflow's default (`auto`), or forced "on" / "off" (the like-for-like memory rows)."""
     shutil.rmtree(out / "runs", ignore_errors=True)
     shutil.rmtree(out / "results", ignore_errors=True)
     cfg_path = out / f"loraflow-{seed}.yaml"
-    cfg_path.write_text(yaml.safe_dump(bench_config(name, data_dir, out, a, seed), sort_keys=False))
+    cfg = bench_config(name, data_dir, out, a, seed)
+    if checkpointing != "default":
+        cfg["train"]["gradient_checkpointing"] = checkpointing == "on"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [sys.executable, "-m", "loraflow.cli.main", "run", str(cfg_path)]
     cold = run_measured(cmd, env, out / f"loraflow-{seed}-cold.log")  # its temporary processes included (training child)
     cold["timings"] = flow_timings(env)
@@ -173,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a `loraflow run --set` override for the loraflow side (repeatable)")
     p.add_argument("--carve-validation", action="store_true",
                    help="write no validation.jsonl: loraflow carves its validation split out of train (the old setup)")
+    p.add_argument("--like-for-like", type=int, default=1, metavar="N",
+                   help="memory rows with gradient checkpointing forced on, then off, on every side, over the first N "
+                        "seeds (0: none); summary.json's loraflow_over_trl_like_for_like")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     a = p.parse_args(argv)
@@ -218,8 +226,20 @@ def main(argv: list[str] | None = None) -> int:
                     runs[side].append(result)
                     wall = result["cold"]["wall_s"] if side == "loraflow" else result["wall_s"]
                     print(f"{name}: {side} (seed {seed}) done in {wall} s", flush=True)
+            like: dict[str, dict[str, list]] = {}
+            for setting in ("on", "off") if a.like_for_like else ():
+                like[setting] = {side: [] for side in a.sides}
+                for r, seed in enumerate(a.seeds[:a.like_for_like]):
+                    for side in a.sides[r % len(a.sides):] + a.sides[:r % len(a.sides)]:
+                        result = (loraflow_side(name, data_dir, out, a, env, seed, setting) if side == "loraflow" else
+                                  script_side(f"{'baseline' if side == 'baseline' else 'trl_peer'}.py",
+                                              f"{side}-{seed}-checkpointing-{setting}", data_dir, out, model_dir, name,
+                                              a, env, seed, "--gradient-checkpointing", setting,
+                                              *(["--eval-batch-size", str(a.eval_batch_size)] if side == "trl" else [])))
+                        like[setting][side].append(result)
+                        print(f"{name}: {side} (seed {seed}, checkpointing {setting}) done", flush=True)
             test = [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()]
-            report["datasets"][name] = {"data": stats, "seeds": a.seeds, **runs,
+            report["datasets"][name] = {"data": stats, "seeds": a.seeds, **runs, "like_for_like": like,
                                         "references": [r["target"] for r in test], "clusters": [r["input"][:200] for r in test]}
     finally:
         server.terminate()

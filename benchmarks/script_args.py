@@ -21,7 +21,18 @@ def common_parser(output_dir: str) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--output-dir", default=output_dir)
+    p.add_argument("--gradient-checkpointing", choices=["default", "on", "off"], default="default",
+                   help="the side's own default, or forced on / off (the like-for-like memory rows)")
     return p
+
+
+def checkpointing_args(choice: str) -> dict:
+    """TrainingArguments' checkpointing for `choice`: nothing for the side's own default, else forced on
+    (non-reentrant, as a competent user sets it) or off."""
+    if choice == "default":
+        return {}
+    on = choice == "on"
+    return {"gradient_checkpointing": on, **({"gradient_checkpointing_kwargs": {"use_reentrant": False}} if on else {})}
 
 
 def stop_ids(model_dir: str, tokenizer) -> list[int]:

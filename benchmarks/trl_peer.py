@@ -18,7 +18,7 @@ import resource
 import time
 
 
-from script_args import common_parser, step_timer, stop_ids  # noqa: E402 - a sibling: this runs as a script
+from script_args import checkpointing_args, common_parser, step_timer, stop_ids  # noqa: E402 - a sibling: this runs as a script
 
 
 def main() -> None:
@@ -67,7 +67,7 @@ def main() -> None:
         max_steps=args.steps, learning_rate=args.learning_rate, lr_scheduler_type="cosine",
         warmup_steps=args.warmup_steps, optim="paged_adamw_8bit" if cuda else "adamw_torch",
         bf16=cuda and torch.cuda.is_bf16_supported(), logging_steps=1, save_strategy="no", report_to="none",
-        seed=args.seed)
+        seed=args.seed, **checkpointing_args(args.gradient_checkpointing))  # SFTConfig's default: on
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)  # SFTTrainer builds the LoRA model before Trainer seeds anything: seed its init here
     trainer = Counting(model=model, args=config, train_dataset=train, processing_class=tokenizer,
@@ -110,6 +110,7 @@ def main() -> None:
         "seed": args.seed,
         **counted,
         "train_peak_rss_mb": train_peak,
+        "gradient_checkpointing": trainer.args.gradient_checkpointing,
         "eval_examples_per_second": round(len(test) / eval_s, 4),
         "eval_s": round(eval_s, 2),
         "stop_rate": round(sum(stopped) / len(stopped), 4),

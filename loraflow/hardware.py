@@ -183,3 +183,24 @@ def local_rank() -> int | None:
     """This process's rank on the machine under torchrun (LOCAL_RANK: its GPU), None in a single process."""
     value = os.environ.get("LOCAL_RANK")
     return None if value is None else int(value)
+
+
+def return_freed_memory() -> bool:
+    """Hand the memory Python and torch have freed back to the OS (glibc's `malloc_trim`), so the process's RSS
+    shrinks to what it holds. glibc keeps freed heap blocks for reuse: after a 4-bit model is loaded and its
+    full-precision weights dropped, ~0.4-0.5 GB stays resident otherwise (benchmarks/memory.py). False where
+    there is no glibc (nothing to do)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return False
+    trim(0)
+    return True

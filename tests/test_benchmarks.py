@@ -101,3 +101,61 @@ def test_the_report_pairs_sides_by_training_seed_and_keeps_the_seed_spread():
     assert paired(d, "loraflow", "baseline")["ci95"][0] >= 0
     table = losses({"baseline": [{"losses": [3.0, 2.0]}], "loraflow": [{"losses": [3.0, 1.0]}, {"losses": [2.0, 2.0]}]})
     assert table[2:] == ["| 1 | 3.000 | – | 2.500 |", "| 2 | 2.000 | – | 1.500 |"]
+
+
+def test_the_like_for_like_memory_rows_are_per_setting_means_and_ratios():
+    """`benchmarks.run --like-for-like`: each side's peak summed RSS with checkpointing forced on, then off, averaged
+    over its seeds; summary.json holds loraflow ÷ TRL per setting (loraflow's from its cold run)."""
+    from benchmarks.report import like_for_like, summary
+
+    like = {"on": {"baseline": [{"peak_rss_sum_mb": 3000.0}, {"peak_rss_sum_mb": 3200.0}],
+                   "trl": [{"peak_rss_sum_mb": 2000.0}, {"peak_rss_sum_mb": 2200.0}],
+                   "loraflow": [{"cold": {"peak_rss_sum_mb": 2100.0}}, {"cold": {"peak_rss_sum_mb": 2100.0}}]},
+            "off": {"baseline": [{"peak_rss_sum_mb": 6000.0}], "trl": [{"peak_rss_sum_mb": 5000.0}],
+                    "loraflow": [{"cold": {"peak_rss_sum_mb": 5500.0}}]}}
+    assert like_for_like({"like_for_like": like}) == {"on": {"baseline": 3100.0, "trl": 2100.0, "loraflow": 2100.0},
+                                                      "off": {"baseline": 6000.0, "trl": 5000.0, "loraflow": 5500.0}}
+    report = {"date": "2026-12-04", "machine": {"cpu": "x", "compute_dtype_auto": "bfloat16"}, "model_shape": {},
+              "matmul_peaks": {"bfloat16_gflops": 1.0}, "datasets": {"aclsum": {"like_for_like": like}}}
+    out = summary(report)["aclsum"]
+    assert out["loraflow_over_trl_like_for_like"] == {"peak_rss_sum_mb_checkpointing_on": 1.0,
+                                                      "peak_rss_sum_mb_checkpointing_off": 1.1}
+    assert out["loraflow_over_baseline_like_for_like"]["peak_rss_sum_mb_checkpointing_on"] == round(2100 / 3100, 3)
+    assert "like_for_like_peak_rss_sum_mb" not in summary({**report, "datasets": {"aclsum": {}}})["aclsum"]
+
+
+def test_the_memory_breakdown_measures_every_phase_and_kind_of_a_real_training_process(tmp_path, tiny_llama_dir):
+    """`benchmarks.memory`'s training process: the real train stage on the tiny model (NF4, 3 steps) with the phase
+    callback; every phase is marked in order, each kind is counted, and the peak is the largest phase's."""
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks.data import REPO
+    from loraflow.hardware import resolve
+    from test_flow_e2e import tiny_config
+    from tests_support import build_model, prepare_data, tokenize_data, train_key, write_examples
+
+    cfg = resolve(tiny_config(tmp_path, write_examples(tmp_path / "toy.jsonl"), tiny_llama_dir, max_steps=3,
+                              save_steps=3, gradient_checkpointing=True))
+    out = tmp_path / "runs"
+    data = prepare_data(cfg.data, out)
+    tokenized = tokenize_data(data, cfg.prompt, cfg.model, out)
+    model = build_model(cfg.model, cfg.quantization, cfg.lora, out)
+    request = {"cfg": cfg.model_dump(mode="json"), "tokenized": tokenized.model_dump(), "model": model.model_dump(),
+               "output_dir": str(tmp_path / "train"), "key": {"stage": "train", "parts": train_key(cfg, tokenized, model).parts},
+               "checkpointing": "on"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--child", "train", json.dumps(request)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [p["phase"] for p in run["phases"]] == [
+        "Python and the libraries imported", "model loaded, Trainer built", "step 1: forward", "step 1: backward",
+        "step 1: optimizer step", "steps 2 and later", "after the last step (evaluation, saving)"]
+    assert run["peak_rss_mb"] == max(p["peak"] for p in run["phases"]) > run["phases"][0]["end"] > 0
+    kinds = run["kinds_bytes"]
+    for kind in ("frozen weights, 4-bit packed", "LoRA weights", "LoRA gradients", "optimizer state",
+                 "saved for backward (activations)", "logits (the LM head's output)"):
+        assert kinds[kind] > 0, (kind, kinds)
+    assert kinds["LoRA gradients"] == kinds["LoRA weights"] and kinds["optimizer state"] >= 2 * kinds["LoRA weights"]
+    assert run["train_metrics"]["gradient_checkpointing"] is True and run["preflight_estimate_mb"] > 0

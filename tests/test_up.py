@@ -28,3 +28,56 @@ def test_serving_beyond_loopback_without_a_login_is_refused_naming_the_fix():
     check_host("0.0.0.0", {"PREFECT_SERVER_API_AUTH_STRING": "ana:secret"})
     for host in ("127.0.0.1", "localhost", "::1"):
         check_host(host, {})
+
+
+SIGTERM_AT = r"""
+import os, signal, subprocess, sys, time
+import loraflow.ops.up as up
+
+def start(host, port, pool, started):
+    started.append(subprocess.Popen(["sleep", "300"], start_new_session=True, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL))
+    print(f"child {started[-1].pid}", file=sys.stderr, flush=True)
+    if sys.argv[1] == "during start-up":
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+def message(*args, **kw):  # the line saying the UI is up: the signal arrives while it is printed
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+
+up.start = start
+if sys.argv[1] == "as the UI line is printed":
+    up.print = message
+sys.exit(up.main("127.0.0.1", 4200, "loraflow"))
+"""
+
+
+@pytest.mark.parametrize("moment", ["during start-up", "as the UI line is printed", "while serving"])
+def test_sigterm_at_any_moment_stops_what_up_started_and_exits_cleanly(moment):
+    """SIGTERM (kill, systemd, docker stop) wherever `loraflow up` is: it stops every process it started and
+    exits 0. (Before: a SIGTERM during start-up re-raised, and one that came as the UI line was printed escaped the
+    handler, left the server running and ended `up` by SIGINT: the slow tier's
+    test_interrupts.py::test_loraflow_up_stops_everything_it_started_on_sigterm saw exit code -2.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from loraflow.procs import alive
+
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_AT, moment], stderr=subprocess.PIPE, text=True)
+    child = int(proc.stderr.readline().split()[1])
+    if moment == "while serving":
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
+        deadline = time.time() + 10
+        while alive(child) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not alive(child), f"up left the process it started running ({moment})"
+    finally:
+        if alive(child):
+            os.killpg(child, signal.SIGKILL)

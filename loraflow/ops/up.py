@@ -140,19 +140,17 @@ def main(host: str, port: int, pool: str) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)
     processes: list[subprocess.Popen] = []
+    # One try from the moment SIGTERM is ours: wherever Ctrl-C or SIGTERM lands (start-up, the message, serving),
+    # everything started is stopped, and `up` exits 0; a failed start-up also leaves nothing running.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         start(host, port, pool, started=processes)
-    except BaseException:  # a failed or interrupted start-up leaves nothing running
-        stop(processes)
-        raise
-    print(f"Prefect UI: http://{host}:{port}  (work pool '{pool}', logs in runs/prefect-up/)\n"
-          f"Trigger a run:  PREFECT_API_URL=http://{host}:{port}/api prefect deployment run "
-          "loraflow-finetune/finetune --params '{\"cfg\": {\"train\": {\"max_steps\": 8}}}'\n"
-          f"New .jsonl files in {WATCHED}/ start the retraining deployment (watcher log: runs/prefect-up/watch.log).\n"
-          "Ctrl-C (or SIGTERM) stops the watcher, the worker and the server.", flush=True)
-    try:
+        print(f"Prefect UI: http://{host}:{port}  (work pool '{pool}', logs in runs/prefect-up/)\n"
+              f"Trigger a run:  PREFECT_API_URL=http://{host}:{port}/api prefect deployment run "
+              "loraflow-finetune/finetune --params '{\"cfg\": {\"train\": {\"max_steps\": 8}}}'\n"
+              f"New .jsonl files in {WATCHED}/ start the retraining deployment (watcher log: runs/prefect-up/watch.log).\n"
+              "Ctrl-C (or SIGTERM) stops the watcher, the worker and the server.", flush=True)
         while all(p.poll() is None for p in processes):
             time.sleep(1)
         print("error: the server or the worker exited: see runs/prefect-up/*.log", file=sys.stderr)
@@ -160,4 +158,5 @@ def main(host: str, port: int, pool: str) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stopping short
         stop(processes)

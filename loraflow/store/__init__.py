@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 from loraflow.store.artifacts import Handle, Rejected, atomic_dir, fingerprint, is_complete, stage_dir, verify, write_json
 from loraflow.store.codehash import code_identity
+from loraflow.hardware import return_freed_memory
 from loraflow.config import DataConfig, LoraConfig, ModelConfig, PipelineConfig, PromptConfig, QuantizationConfig, flatten, key_fields
 from loraflow.procs import gone, identity
 from loraflow.store.remote import download, is_url, local_path, local_root, remote_folder, upload
@@ -222,6 +223,8 @@ def build(output_dir: str | Path, sk: StageKey, refresh: bool, run: Callable[[Pa
             write_json(report, err.report)
             err.args = (f"{err.args[0]} (report: {report})",)
             raise
+        finally:
+            return_freed_memory()  # the stage's temporaries (a model's full-precision weights): not kept resident
         report.unlink(missing_ok=True)
         remember(output_dir, sk)
     return Handle(stage=sk.stage, path=str(final), fingerprint=sk.key, info=json.loads((final / info_file).read_text()))

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from loraflow import store
 from loraflow.store.artifacts import Handle, atomic_dir, is_complete, write_json
 from loraflow.config import SET_BY_LORAFLOW, PipelineConfig, TrainConfig
+from loraflow.hardware import return_freed_memory
 from loraflow.stages.train.distributed import ddp_backend, gather_from_ranks, rank, sum_over_ranks
 
 log = logging.getLogger("loraflow")
@@ -382,6 +383,7 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         label_only_logits=cfg.train.label_only_logits,
         rouge_eval=validation_rouge(cfg, data["validation"], tokenizer) if cfg.train.eval_generate_samples else None,
     )
+    return_freed_memory()  # what loading the model freed (its full-precision weights) stays out of the peak
     resume = resumable_checkpoint(work / "checkpoints", args.max_steps)
     if resume:
         log.info("train: resuming from %s", resume)
