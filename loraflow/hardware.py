@@ -190,17 +190,22 @@ def return_freed_memory() -> bool:
     shrinks to what it holds. glibc keeps freed heap blocks for reuse: after a 4-bit model is loaded and its
     full-precision weights dropped, ~0.4-0.5 GB stays resident otherwise (benchmarks/memory.py). False where
     there is no glibc (nothing to do)."""
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
+    trim = _malloc_trim()
     if trim is None:
         return False
     trim(0)
     return True
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's `malloc_trim` from the symbols already in this process (no library search, no subprocess), or None."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None

@@ -383,7 +383,8 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         label_only_logits=cfg.train.label_only_logits,
         rouge_eval=validation_rouge(cfg, data["validation"], tokenizer) if cfg.train.eval_generate_samples else None,
     )
-    return_freed_memory()  # what loading the model freed (its full-precision weights) stays out of the peak
+    return_freed_memory()  # what loading the model freed (~0.45 GB) leaves RSS; the step's peak is not lower for it
+    # (benchmarks/memory.py: the allocations of the first steps come back on top)
     resume = resumable_checkpoint(work / "checkpoints", args.max_steps)
     if resume:
         log.info("train: resuming from %s", resume)
