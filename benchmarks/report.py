@@ -178,6 +178,26 @@ def losses(d: dict) -> list[str]:
     return lines + [f"| {i + 1} | {cell('baseline', i)} | {cell('trl', i)} | {cell('loraflow', i)} |" for i in range(steps)]
 
 
+def timeline(run: dict) -> list[tuple[str, float, float | None]]:
+    """A loraflow cold run as (what, start, end) in seconds from its launch: the flow run, each stage's task run,
+    the training process (started, its imports done, the model stage asked of it, the train request) and the end of
+    the first training step. Empty for a run recorded before the timeline was (2026-12-04)."""
+    cold, tr = run["cold"], run["train"]
+    at = cold["timings"].get("stages_at")
+    if not at:
+        return []
+    t0, process = cold["launched_at"], tr.get("process") or {}
+    rows = [("flow run", *cold["timings"]["flow_at"])]
+    rows += [(f"stage: {stage}", *span) for stage, span in sorted(at.items(), key=lambda kv: kv[1][0])]
+    marks = [("training process: started", "started_at"), ("training process: imports done", "imported_at"),
+             ("training process: model stage asked of it", "model_request_at"),
+             ("training process: train request", "request_at")]
+    rows += [(what, process[k], None) for what, k in marks if process.get(k)]
+    rows.append(("first training step done", tr["first_step_at"], None))
+    rows.sort(key=lambda r: r[1])
+    return [(what, start - t0, None if end is None else end - t0) for what, start, end in rows]
+
+
 def _cell(s: dict | None, digits: int, center: str = "median") -> str:
     if not s:
         return "–"
@@ -235,6 +255,11 @@ def markdown(report: dict) -> str:
                 r_base, r_trl = _share(row, "loraflow", "baseline"), _share(row, "loraflow", "trl")
                 lines.append(f"| {setting} | {row.get('baseline', '–')} | {row.get('trl', '–')} | {row.get('loraflow', '–')} "
                              f"| {f'{r_base:.2f}x' if r_base else '–'} | {f'{r_trl:.2f}x' if r_trl else '–'} |")
+        steps = timeline(d["loraflow"][0]) if d.get("loraflow") else []
+        if steps:
+            lines += ["", f"{name}: loraflow's cold run (seed {d['loraflow'][0]['seed']}), s from launch:", "",
+                      "| what | start | end |", "|---|---|---|",
+                      *(f"| {what} | {start:.1f} | {'' if end is None else f'{end:.1f}'} |" for what, start, end in steps)]
         curve = losses(d)
         if curve:
             lines += ["", f"{name}: training loss per step, mean over seeds:", "", *curve]

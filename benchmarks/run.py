@@ -80,7 +80,8 @@ def bench_config(name: str, data_dir: Path, out: Path, a: argparse.Namespace, se
 
 
 def flow_timings(api_env: dict[str, str]) -> dict:
-    """Flow-run time and the sum of its task runs' time, from the Prefect API (the newest flow run)."""
+    """Flow-run time, its task runs' times and their start/end (epoch seconds: the cold run's timeline), from the
+    Prefect API (the newest flow run)."""
     code = r"""
 import json
 from prefect.client.orchestration import get_client
@@ -90,7 +91,9 @@ with get_client(sync_client=True) as c:
     fr = c.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
     trs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))
     stages = {t.name.split("-")[0]: t.total_run_time.total_seconds() for t in trs}
-    print(json.dumps({"flow_s": fr.total_run_time.total_seconds(), "stages_s": stages}))
+    at = {t.name.split("-")[0]: [t.start_time.timestamp(), t.end_time.timestamp()] for t in trs if t.start_time and t.end_time}
+    print(json.dumps({"flow_s": fr.total_run_time.total_seconds(), "stages_s": stages, "stages_at": at,
+                      "flow_at": [fr.start_time.timestamp(), fr.end_time.timestamp()]}))
 """
     done = subprocess.run([sys.executable, "-c", code], env=api_env, capture_output=True, text=True)
     if done.returncode != 0:

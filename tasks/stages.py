@@ -162,14 +162,18 @@ def tokenize_task(data: Handle, prompt: PromptConfig, model: ModelConfig, run: R
 
 @task(**_options("model", retries=1))
 def model_task(model: ModelConfig, quantization: QuantizationConfig, lora: LoraConfig, run: RunConfig,
-               key: store.StageKey) -> Handle:
-    """Load the base model in 4 bits, attach LoRA, save the initial adapter."""
+               key: store.StageKey, train_key: str | None = None) -> Handle:
+    """Load the base model in 4 bits, attach LoRA, save the initial adapter: in the training process started
+    early for `train_key` when there is one (`launch.build_model`: loaded once per run), else here."""
     from loraflow.stages import model as stage
+    from loraflow.stages.train.launch import build_model
+
+    def build(out: Path) -> dict:
+        return (build_model(train_key, key.key, model, quantization, lora, out, run.cache_dir)
+                or stage.run(model, quantization, lora, out, run.cache_dir))
 
     with stage_logs("model", workspace(run)):
-        return published(store.build(workspace(run), key, run.refreshes("model"),
-                                     lambda out: stage.run(model, quantization, lora, out, run.cache_dir), stage.INFO),
-                         run)
+        return published(store.build(workspace(run), key, run.refreshes("model"), build, stage.INFO), run)
 
 
 @task(**_options("train", tags=["gpu"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -102,8 +103,12 @@ def test_bad_input_fails_in_one_line_and_publishes_nothing(case, tmp_path, tiny_
     for item in overrides:
         value = str(item(tmp_path)) if callable(item) else item.replace("{tmp}", str(tmp_path))
         args.append(value if "=" in value else f"data.source={value}")
-    if case == "4-bit without bitsandbytes":
+    if case == "4-bit without bitsandbytes":  # here, and in the training process (which builds the model stage)
         monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+        broken = tmp_path / "broken" / "bitsandbytes"
+        broken.mkdir(parents=True)
+        (broken / "__init__.py").write_text("raise ImportError('no native library for this platform')\n")
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(broken.parent), os.environ.get("PYTHONPATH")])))
     argv = ["run"]
     for a in args:
         argv += ["--set", a]

@@ -36,7 +36,7 @@ def trained_adapter(tiny_llama_dir, tmp_path_factory):
     greedy choices are far from ties and must not depend on the dtype path."""
     tokenizer = load_tokenizer(tiny_llama_dir)
     base = load_base(tiny_llama_dir, ModelConfig(), QuantizationConfig(mode="nf4", compute_dtype="float32"), training=True)
-    model = attach_lora(base, LoraConfig(r=16, alpha=32, dropout=0.0), quantized=True)
+    model = attach_lora(base, LoraConfig(r=16, alpha=32, dropout=0.0))
     target = tokenizer(ANSWER)["input_ids"] + [tokenizer.eos_token_id]
     train_briefly(model, tokenizer, [prompt_text(i) for i in range(120)], target)
     out = tmp_path_factory.mktemp("adapter")
@@ -153,7 +153,7 @@ def test_an_adapter_below_bf16_resolution_still_changes_the_scored_logits(tiny_l
 
     quant = QuantizationConfig(mode="nf4", compute_dtype="bfloat16")
     model = attach_lora(load_base(tiny_llama_dir, ModelConfig(), quant, training=True),
-                        LoraConfig(r=4, alpha=8, dropout=0.0), quantized=True)
+                        LoraConfig(r=4, alpha=8, dropout=0.0))
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():

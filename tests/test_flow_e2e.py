@@ -63,7 +63,8 @@ def test_flow_trains_and_scores_tiny_model(tmp_path, tiny_llama_dir, prefect_har
     assert train["last_logged_loss"] < 0.8 * train["first_logged_loss"], train
     assert train["base_weights_unchanged"] is True
     assert train["compute_dtype"] == resolve_compute_dtype("auto")  # what 'auto' means on this CPU
-    assert train["process"]["started_early"] is True  # its imports overlapped the data/tokenize/model stages
+    assert train["process"]["started_early"] is True  # its imports overlapped the pre-flight and the stages before it
+    assert train["process"]["model_built_here"] is True  # the model stage ran in it: the base is loaded once per run
 
     adapter = Path(result["adapter"])
     assert (adapter / "adapter_model.safetensors").is_file()

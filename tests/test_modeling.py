@@ -139,3 +139,35 @@ def test_models_built_in_parallel_threads_leave_transformers_intact(tiny_llama_d
     assert PreTrainedModel.tie_weights is tie and torch.nn.init.normal_ is init
     model = load_base(tiny_llama_dir, cfg, quant)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as the checkpoint says
+
+
+def test_the_model_stage_built_in_the_early_training_process_is_the_one_built_here(built, tiny_llama_dir, tmp_path):
+    """`launch.build_model`: with a training process started early, the model stage is built there (and training
+    goes on with that model: loaded once per run). What it writes is what the stage writes in the flow process."""
+    from safetensors.torch import load_file
+
+    from loraflow.config import build_config
+    from loraflow.hardware import resolve
+    from loraflow.stages.train import launch
+
+    cfg = resolve(build_config({"model": {"name_or_path": str(tiny_llama_dir)}, "lora": {"r": 4},
+                                "quantization": {"mode": "nf4", "compute_dtype": "float32"},
+                                "run": {"output_dir": str(tmp_path / "runs")}}))
+    assert launch.build_model(None, "k", cfg.model, cfg.quantization, cfg.lora, tmp_path, None) is None  # none started
+    ahead, asked = tmp_path / "built-ahead", tmp_path / "built-when-asked"
+    ahead.mkdir(), asked.mkdir()
+    with launch.early_start(cfg, tmp_path / "runs", "a-train-key"):
+        proc = launch._EARLY["a-train-key"]
+        launch.start_model_build(cfg, tmp_path / "runs", "a-train-key", "a-model-key")  # as the flow does
+        staging = launch._BUILDING["a-train-key"][1]
+        summaries = [launch.build_model("a-train-key", "a-model-key", cfg.model, cfg.quantization, cfg.lora, ahead, None),
+                     launch.build_model("a-train-key", "a-model-key", cfg.model, cfg.quantization, cfg.lora, asked, None)]
+        assert proc.poll() is None  # it waits for its train request
+    assert not staging.exists()
+    here = built["nf4"]
+    here_init = load_file(Path(here.path) / "adapter_init" / "adapter_model.safetensors")
+    for summary, out in zip(summaries, (ahead, asked)):
+        assert summary == here.info
+        there_init = load_file(out / "adapter_init" / "adapter_model.safetensors")
+        assert there_init.keys() == here_init.keys() and all((there_init[k] == here_init[k]).all() for k in here_init)
+    assert proc.returncode is not None and not launch._EARLY  # no train request came: ended with the block

@@ -40,7 +40,7 @@ def test_a_good_config_reports_sizes_lengths_and_what_it_checked_as(tmp_path, ti
     assert "ok       data: 78 train / 8 validation / 10 test rows" in out  # 96 rows, by the split hashes
     assert "template reads {input}" in out and "prefix of the full conversation, as text and as tokens" in out
     assert "prompt tokens, 78 sampled training rows:" in out and "#" in out  # the histograms
-    assert "memory: train, batch 4 x 57 tokens, gradient checkpointing off (auto)" in out
+    assert "memory: train, batch 4 x 57 tokens, gradient checkpointing on (auto)" in out  # on a CPU
     assert out.rstrip().endswith("result: 0 errors, 0 warnings")
     assert not (tmp_path / "runs").exists()
 
@@ -197,7 +197,7 @@ def test_a_run_over_the_memory_budget_says_how_to_fit(tmp_path, tiny_llama_dir, 
     assert got == code and says in out, out
 
 
-def test_auto_checkpointing_turns_on_only_over_the_budget(tmp_path, tiny_llama_dir, monkeypatch):
+def test_auto_checkpointing_is_on_on_a_cpu_and_on_a_gpu_only_over_the_budget(tmp_path, tiny_llama_dir, monkeypatch):
     from loraflow.stages.train import memory
     from loraflow.config import load_config
     from loraflow.stages.train.stage import resolve_checkpointing
@@ -205,9 +205,12 @@ def test_auto_checkpointing_turns_on_only_over_the_budget(tmp_path, tiny_llama_d
     cfg = load_config(write_config(tmp_path, tiny_llama_dir, tmp_path / "unused.jsonl"))
     stats = tmp_path / "stats.json"
     stats.write_text(json.dumps({"train": {"max_prompt_tokens": 40, "max_target_tokens": 12}}))
-    assert resolve_checkpointing(cfg, str(tiny_llama_dir), stats) is False  # GBs free here
-    monkeypatch.setattr(memory, "available", lambda cuda: (1e6, "RAM"))
-    assert resolve_checkpointing(cfg, str(tiny_llama_dir), stats) is True
+    assert resolve_checkpointing(cfg, str(tiny_llama_dir), stats) is True  # this process's device: the CPU
+    assert resolve_checkpointing(cfg, str(tiny_llama_dir), stats, cuda=False) is True  # GBs free here, on anyway
+    monkeypatch.setattr(memory, "available", lambda cuda: (80e9, "GPU memory"))
+    assert resolve_checkpointing(cfg, str(tiny_llama_dir), stats, cuda=True) is False
+    monkeypatch.setattr(memory, "available", lambda cuda: (1e6, "GPU memory"))
+    assert resolve_checkpointing(cfg, str(tiny_llama_dir), stats, cuda=True) is True
     fixed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": False})})
     assert resolve_checkpointing(fixed, str(tiny_llama_dir), stats) is False
 

@@ -52,7 +52,7 @@ def test_generation_stops_on_the_end_of_turn(chatml_model_dir):
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert stops == [tok.eos_token_id, im_end] and end_of_turn(tok, CHAT) == "<|im_end|>\n"
     base = load_base(chatml_model_dir, ModelConfig(), QuantizationConfig(mode="none", compute_dtype="float32"))
-    model = attach_lora(base, LoraConfig(r=16, alpha=32, dropout=0.0), quantized=False)
+    model = attach_lora(base, LoraConfig(r=16, alpha=32, dropout=0.0))
     answer = tok(" once upon a time", add_special_tokens=False)["input_ids"] + tok(end_of_turn(tok, CHAT))["input_ids"]
     prompts = [f"<|im_start|>user\nSummarize: text {i}<|im_end|>\n<|im_start|>assistant\n" for i in range(8)]
     train_briefly(model, tok, prompts, answer)

@@ -3,6 +3,8 @@
 `load_base` and `attach_lora` are shared with train and evaluate, which reload the model from
 the handles (a model never travels between Prefect tasks). The stage itself saves the freshly
 initialised adapter, so training starts from a known, seeded point and tests can compare against it.
+When the train stage will run in a process started with the run, the stage is built there (`build`, through
+`loraflow.stages.train.launch.build_model`) and training goes on with the model as built: loaded once.
 """
 
 from __future__ import annotations
@@ -112,10 +114,11 @@ def peft_config(lora: LoraConfig):
     )
 
 
-def attach_lora(base, lora: LoraConfig, quantized: bool):
-    """Wrap the base with fresh LoRA adapters (seeded), checking the target modules exist."""
+def attach_lora(base, lora: LoraConfig):
+    """Wrap the base with fresh LoRA adapters (seeded), checking the target modules exist. The base is used as
+    it is (training upcasts its frozen weights first where `upcasts` says so; the adapter is fp32 either way)."""
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     if lora.target_modules != "all-linear":
         names = {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__}
@@ -126,8 +129,6 @@ def attach_lora(base, lora: LoraConfig, quantized: bool):
                 "or use 'all-linear'"
             )
     with MODEL_BUILD:
-        if quantized:
-            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         torch.manual_seed(lora.seed)
         return get_peft_model(base, peft_config(lora))
 
@@ -141,15 +142,23 @@ def parameter_counts(model) -> dict[str, int]:
 def run(model: ModelConfig, quant: QuantizationConfig, lora: LoraConfig, out: Path, cache_dir: str | None = None) -> dict[str, Any]:
     """Resolve the base model, load it quantized with LoRA, save the initial adapter to `out/adapter_init`;
     returns the sizes (`model.json`, the Handle's info). `quant` is resolved (`hardware.resolve`)."""
+    return build(model, quant, lora, out, cache_dir)[1]
+
+
+def build(model: ModelConfig, quant: QuantizationConfig, lora: LoraConfig, out: Path, cache_dir: str | None = None,
+          training: bool = False) -> tuple[Any, dict[str, Any]]:
+    """`run`, returning the model as well: (the peft model, the summary). `training`: loaded as training loads it
+    (`load_base`), so the training process that built the stage trains this very model."""
     model_dir = resolve_model_dir(model.name_or_path, model.revision, cache_dir, model.allow_pickle_weights)
-    base = load_base(model_dir, model, quant)
-    peft_model = attach_lora(base, lora, quantized=quant.mode != "none")
+    base = load_base(model_dir, model, quant, training=training)
+    footprint = base.get_memory_footprint()  # the frozen base alone
+    peft_model = attach_lora(base, lora)
     info = {
         "base_dir": str(model_dir),
         "device": device_type(),
         "quantization": quant.mode,
         "compute_dtype": quant.compute_dtype,
-        "memory_footprint_mb": round(base.get_memory_footprint() / 2**20, 1),
+        "memory_footprint_mb": round(footprint / 2**20, 1),
         **parameter_counts(peft_model),
     }
     info["trainable_percent"] = round(100 * info["trainable_params"] / info["total_params"], 3)
@@ -159,7 +168,7 @@ def run(model: ModelConfig, quant: QuantizationConfig, lora: LoraConfig, out: Pa
         model_dir.name, quant.mode, info["trainable_params"], info["total_params"],
         info["trainable_percent"], info["memory_footprint_mb"],
     )
-    return info
+    return peft_model, info
 
 
 def upcasts(upcast_frozen: bool | str, compute_dtype_name: str) -> bool:
@@ -177,6 +186,16 @@ def load_for_training(model_handle: Handle, model: ModelConfig, quant: Quantizat
                                 gradient_checkpointing, upcast_frozen)
     with MODEL_BUILD:
         return PeftModel.from_pretrained(base, Path(model_handle.path) / "adapter_init", is_trainable=True)
+
+
+def ready_for_training(built, quant: QuantizationConfig, gradient_checkpointing: bool, upcast_frozen: bool | str):
+    """The model `build(training=True)` returned, made what `load_for_training` would load; None where it cannot
+    be: frozen weights to upcast (`upcasts`) must be upcast before LoRA wraps them."""
+    if quant.mode != "none" and upcasts(upcast_frozen, quant.compute_dtype):
+        return None
+    if gradient_checkpointing:
+        enable_checkpointing(built.get_base_model())
+    return built
 
 
 def prepare_for_training(base, quant: QuantizationConfig, gradient_checkpointing: bool, upcast_frozen: bool | str):

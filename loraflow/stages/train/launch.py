@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,10 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from loraflow.store.artifacts import Handle
-from loraflow.config import PipelineConfig
+from loraflow.config import LoraConfig, ModelConfig, PipelineConfig, QuantizationConfig
 from loraflow.stages.train.distributed import ERROR_MARK, worker_command
 from loraflow.stages.train.callbacks import PROGRESS_MARK
-from loraflow.stages.train.worker import WAIT_FLAG
+from loraflow.stages.train.worker import MODEL_MARK, WAIT_FLAG
 
 if TYPE_CHECKING:
     from loraflow.store import StageKey
@@ -52,10 +53,16 @@ def _die_with_parent() -> None:
         pass  # not Linux: cancellation still terminates the child through the finally block
 
 
-def _forward(stream, tail: deque, errors: list[dict], on_progress: Callable[[dict], None] | None = None) -> None:
+def _forward(stream, tail: deque, errors: list[dict], on_progress: Callable[[dict], None] | None = None,
+             until: str | None = None) -> dict | None:
+    """Copy the training process's output to our stderr and its lines to our log, until it ends; or, with `until`,
+    until a line with that mark (returns the JSON after it; None if the output ended first)."""
     buf = b""
     while chunk := stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096):
-        sys.stderr.buffer.write(chunk)
+        if hasattr(sys.stderr, "buffer"):
+            sys.stderr.buffer.write(chunk)
+        else:  # a text-only stderr (redirected)
+            sys.stderr.write(chunk.decode(errors="replace"))
         sys.stderr.flush()
         buf += chunk
         *lines, buf = buf.split(b"\n")
@@ -63,6 +70,8 @@ def _forward(stream, tail: deque, errors: list[dict], on_progress: Callable[[dic
             line = raw.decode(errors="replace").split("\r")[-1].rstrip()
             # A progress bar drawn without a newline may precede our marked lines on the same line.
             progress, error = line.find(PROGRESS_MARK), line.find(ERROR_MARK)
+            if until is not None and (at := line.find(until)) >= 0:
+                return json.loads(line[at + len(until):])  # the process now waits for its next request
             if progress >= 0:
                 if on_progress is not None:
                     try:
@@ -80,6 +89,8 @@ def _forward(stream, tail: deque, errors: list[dict], on_progress: Callable[[dic
 
 # Training processes started early, by train key, until the train stage claims its own (loraflow.stages.train.launch.early_start).
 _EARLY: dict[str, subprocess.Popen] = {}
+# The model stage each is building ahead of the model task (`start_model_build`), by train key: (model key, folder).
+_BUILDING: dict[str, tuple[str, Path]] = {}
 _EARLY_LOCK = threading.Lock()
 
 
@@ -100,12 +111,12 @@ def _early_key(cfg: PipelineConfig, output_dir: str | Path, train_key: str) -> s
 
 
 @contextmanager
-def early_start(cfg: PipelineConfig, output_dir: str | Path, train_key: str) -> Iterator[None]:
+def early_start(cfg: PipelineConfig, output_dir: str | Path, train_key: str | None) -> Iterator[None]:
     """Start the training process now if the train stage (key `train_key`) will run, so its imports (torch,
     transformers, peft: ~10-20 s on a small CPU) overlap the stages before it; `run_train_worker` hands it the
     request. A process nobody claimed is ended when the block exits (the run failed or stopped before training)."""
     try:
-        key = _early_key(cfg, output_dir, train_key)
+        key = _early_key(cfg, output_dir, train_key) if train_key else None
     except Exception as err:  # noqa: BLE001 - the stage that needs the input reports it properly
         log.debug("train: not started early (%s)", err)
         key = None
@@ -120,8 +131,11 @@ def early_start(cfg: PipelineConfig, output_dir: str | Path, train_key: str) -> 
     finally:
         with _EARLY_LOCK:
             proc = _EARLY.pop(key, None) if key is not None else None
+            building = _BUILDING.pop(key, None) if key is not None else None
         if proc is not None:
             _retire(proc)
+        if building is not None:  # built ahead, never collected (the run stopped, or the stage was a hit)
+            shutil.rmtree(building[1], ignore_errors=True)
 
 
 def _retire(proc: subprocess.Popen) -> None:
@@ -136,6 +150,85 @@ def _retire(proc: subprocess.Popen) -> None:
         proc.wait()
     finally:
         proc.stdout.close()
+
+
+def _ask_for_model(proc: subprocess.Popen, model_key: str, model: ModelConfig, quant: QuantizationConfig,
+                   lora: LoraConfig, out: Path, cache_dir: str | None) -> bool:
+    """Send the early-started process a model request (built into `out`); False if it is gone."""
+    request = {"kind": "model", "key": model_key, "model": model.model_dump(mode="json"),
+               "quantization": quant.model_dump(mode="json"), "lora": lora.model_dump(mode="json"),
+               "out": str(out), "cache_dir": cache_dir}
+    fd, path = tempfile.mkstemp(prefix="loraflow-model-request-", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(request, fh)
+    try:
+        proc.stdin.write(f"{path}\n".encode())
+        proc.stdin.flush()
+    except OSError:
+        Path(path).unlink(missing_ok=True)
+        return False
+    return True
+
+
+def start_model_build(cfg: PipelineConfig, output_dir: str | Path, train_key: str | None, model_key: str) -> None:
+    """Have the training process started early for `train_key` build the model stage (key `model_key`) now, if it
+    will run, into a folder of its own; the model task collects it (`build_model`). Called once the pre-flight has
+    passed: the model loads while the data and tokenize stages run."""
+    from loraflow import store
+    from loraflow.store.artifacts import is_complete
+
+    with _EARLY_LOCK:
+        proc = _EARLY.get(train_key) if train_key else None
+        if proc is None or train_key in _BUILDING or proc.poll() is not None:
+            return
+        if not cfg.run.refreshes("model") and is_complete(store.folder(output_dir, "model", model_key)):
+            return  # a hit: training loads the stage's adapter as before
+        folder = Path(tempfile.mkdtemp(prefix="loraflow-model-"))
+        if _ask_for_model(proc, model_key, cfg.model, cfg.quantization, cfg.lora, folder / "stage", cfg.run.cache_dir):
+            _BUILDING[train_key] = (model_key, folder)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def build_model(train_key: str | None, model_key: str, model: ModelConfig, quant: QuantizationConfig,
+                lora: LoraConfig, out: Path, cache_dir: str | None) -> dict | None:
+    """The model stage's `run`, in the training process started early for `train_key` (`early_start`), if there is
+    one: it builds the stage (or has built it, `start_model_build`) and keeps the model, which training then uses
+    as built (the base is loaded and quantized once per run); what it wrote is moved into `out`. Returns the stage's
+    summary, or None when there is no such process (the caller builds the stage itself). A failure is raised as the
+    stage's own error (a ModelError names its fix)."""
+    with _EARLY_LOCK:
+        proc = _EARLY.get(train_key) if train_key else None
+        building = _BUILDING.pop(train_key, None) if proc is not None else None
+    if building is not None and building[0] != model_key:
+        shutil.rmtree(building[1], ignore_errors=True)
+        building = None
+    if proc is None or (building is None and (proc.poll() is not None or not _ask_for_model(
+            proc, model_key, model, quant, lora, out, cache_dir))):
+        return None
+    log.info("model: built in the training process started with the run (training then uses it as built)")
+    tail: deque[str] = deque(maxlen=20)
+    errors: list[dict] = []
+    try:
+        summary = _forward(proc.stdout, tail, errors, until=MODEL_MARK)
+        if summary is not None and building is not None:
+            for item in (building[1] / "stage").iterdir():
+                shutil.move(str(item), out / item.name)
+    finally:
+        if building is not None:
+            shutil.rmtree(building[1], ignore_errors=True)
+    if summary is not None:
+        return summary
+    with _EARLY_LOCK:
+        _EARLY.pop(train_key, None)
+    code = proc.wait()
+    proc.stdout.close()
+    if errors and errors[0].get("type") == "ModelError":
+        from loraflow.stages.model import ModelError
+
+        raise ModelError(errors[0]["message"])
+    last = errors[0]["error"] if errors else (tail[-1] if tail else "")
+    raise WorkerFailed(f"model: the training process building it (exit code {code}) failed: {last}")
 
 
 def _claim(key: str, request: Path) -> subprocess.Popen | None:

@@ -271,11 +271,14 @@ def train_adapter(
     callbacks: list | None = None,
     stop_requested: Callable[[], bool] | None = None,
     process: dict[str, Any] | None = None,
+    built: Any = None,
 ) -> Handle | None:
     """Fine-tune the LoRA adapter into `<output_dir>/train/<key>`; returns a handle to the folder holding adapter/,
     logs/ and metrics (None on the other ranks of a multi-process run). `key`: the run's train key (`store.chain`,
     handed to the training process in its request); `cfg` is resolved (`hardware.resolve`). `process` is recorded
-    in the metrics as it is (how the training process was started).
+    in the metrics as it is (how the training process was started). `built`: the model as the model stage built
+    it in this process (`stages.model.build`, in the training process started with the run), trained as it is
+    instead of loading the base and the initial adapter again.
 
     Training has its own folder protocol, not `store.build`'s: it checkpoints into `<key>.work` (kept across a
     crash, to resume from) and writes the stage folder at the end. `stop_requested` (checked after training) turns
@@ -288,7 +291,7 @@ def train_adapter(
     final = store.folder(output_dir, "train", key.key)
     work = store.work_dir(output_dir, key.key)  # survives crashes: holds the checkpoints to resume from
     _run_training(cfg, tokenized, model_handle, final, work, callbacks or [], stop_requested, process or {},
-                  store.continuation(key))
+                  store.continuation(key), built)
     if rank() != 0:
         return None  # under DDP, rank 0 writes the stage folder and returns the handle
     store.remember(output_dir, key)
@@ -296,23 +299,32 @@ def train_adapter(
     return Handle(stage="train", path=str(final), fingerprint=key.key, info=metrics)
 
 
-def resolve_checkpointing(cfg: PipelineConfig, base_dir: str, stats_file: Path) -> bool:
-    """train.gradient_checkpointing, with 'auto' = on when the memory estimate for the longest batch (from the
-    tokenize stage's stats) exceeds what is free now (`loraflow.stages.train.memory`); the reason is logged."""
+def resolve_checkpointing(cfg: PipelineConfig, base_dir: str, stats_file: Path, cuda: bool | None = None) -> bool:
+    """train.gradient_checkpointing, with 'auto' as `memory.checkpointing` decides it: on on a CPU; on a GPU (`cuda`,
+    default: this process's device), on when the memory estimate for the longest batch (from the tokenize stage's
+    stats) exceeds what is free now. The reason is logged."""
     value = cfg.train.gradient_checkpointing
     if value != "auto":
         return bool(value)
     from loraflow.stages.train import memory
 
-    need = longest_batch_estimate(cfg, base_dir, stats_file, checkpointing=False)
-    on = memory.checkpointing(value, need.total, need.budget)
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        log.info("train: gradient checkpointing on (auto, on a CPU: about half the memory for ~1.13x the time)")
+        return True
+    need = longest_batch_estimate(cfg, base_dir, stats_file, checkpointing=False, cuda=cuda)
+    on = memory.checkpointing(value, need.total, need.budget, cuda)
     log.info("train: gradient checkpointing %s (auto): %s", "on" if on else "off", need.line("estimate without it"))
     return on
 
 
-def longest_batch_estimate(cfg: PipelineConfig, base_dir: str, stats_file: Path, checkpointing: bool):
+def longest_batch_estimate(cfg: PipelineConfig, base_dir: str, stats_file: Path, checkpointing: bool,
+                           cuda: bool | None = None):
     """`loraflow.stages.train.memory`'s training estimate for the longest batch the tokenize stage's stats allow, against what
-    is free now on this process's device (a `memory.Estimate`)."""
+    is free now on `cuda`'s device (default: this process's), as a `memory.Estimate`."""
     import torch
     from transformers import AutoConfig
 
@@ -320,7 +332,7 @@ def longest_batch_estimate(cfg: PipelineConfig, base_dir: str, stats_file: Path,
 
     stats = json.loads(stats_file.read_text())["train"]
     length = min(cfg.prompt.max_length, stats["max_prompt_tokens"] + stats["max_target_tokens"])
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     batch = cfg.train.per_device_train_batch_size
     shapes = memory.shapes(AutoConfig.from_pretrained(base_dir, trust_remote_code=cfg.model.trust_remote_code))
     budget, where = memory.available(cuda)
@@ -342,12 +354,10 @@ def finished_train(cfg: PipelineConfig, output_dir: str | Path, key: str) -> Han
 
 def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, final: Path, work: Path,
                   extra_callbacks: list, stop_requested: Callable[[], bool] | None, process: dict[str, Any],
-                  continuation: str) -> None:
+                  continuation: str, built: Any = None) -> None:
     import datasets
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers.integrations import TensorBoardCallback
 
-    from loraflow.stages.model import load_for_training
+    from loraflow.stages.model import load_for_training, ready_for_training
     from loraflow.stages.tokenize import load_tokenizer
     from loraflow.stages.train.trainer import CompletionTrainer
 
@@ -357,7 +367,10 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
     tokenizer = load_tokenizer(model_handle.info["base_dir"])
 
     checkpointing = resolve_checkpointing(cfg, model_handle.info["base_dir"], Path(tokenized.path) / "stats.json")
-    model = load_for_training(model_handle, cfg.model, cfg.quantization, checkpointing, cfg.train.upcast_frozen)
+    model = built and ready_for_training(built, cfg.quantization, checkpointing, cfg.train.upcast_frozen)
+    process["model_built_here"] = model is not None  # loaded once (the model stage ran in this process)
+    if model is None:
+        model = load_for_training(model_handle, cfg.model, cfg.quantization, checkpointing, cfg.train.upcast_frozen)
     model.config.use_cache = False
     before = frozen_checksum(model)
 
@@ -370,7 +383,10 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    if "tensorboard" in cfg.train.report_to:
+    if "tensorboard" in cfg.train.report_to:  # imported only then (~1 s before the first step otherwise)
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(work / "logs"))))
     trainer = CompletionTrainer(
         model=model,
