@@ -162,14 +162,20 @@ def train_child(request: dict) -> dict:
     from loraflow.config import PipelineConfig
     from loraflow.store import StageKey
     from loraflow.store.artifacts import Handle
+    from loraflow.stages import model as model_stage
     from loraflow.stages.train.stage import train_adapter
 
     libraries = rss_bytes()[0]
     sampler.mark("model loaded, Trainer built")
     kinds: dict[str, int] = {}
     cfg = PipelineConfig.model_validate(request["cfg"])
+    # As a run trains on a miss: the model stage is built in this process, and training goes on with that model
+    # (`launch.build_model`); its folder here is scratch.
+    built, _ = model_stage.build(cfg.model, cfg.quantization, cfg.lora, Path(request["output_dir"]) / "model-scratch",
+                                 cfg.run.cache_dir, training=True)
     handle = train_adapter(cfg, Handle(**request["tokenized"]), Handle(**request["model"]), request["output_dir"],
-                           StageKey(**request["key"]), callbacks=[phase_callback(sampler, kinds)])
+                           StageKey(**request["key"]), callbacks=[phase_callback(sampler, kinds)], built=built)
+    del built
     phases = sampler.stop()
     peak = max(p["peak"] for p in phases)
     from loraflow.stages.train.stage import longest_batch_estimate
@@ -212,9 +218,11 @@ def flow_child(request: dict) -> dict:
     rows.append(("+ the data stage run (datasets)", rss_bytes()[0]))
     store.build(out, keys["tokenize"], True, lambda f: tokenize.run(d, cfg.prompt, cfg.model, f, cfg.run.cache_dir))
     rows.append(("+ the tokenize stage run (transformers' tokenizer)", rss_bytes()[0]))
+    # The model stage runs in the training process on a miss (`launch.build_model`); here only where no training
+    # process was started early (train.early_start false, several processes, a remote output_dir).
     store.build(out, keys["model"], True,
                 lambda f: model.run(cfg.model, cfg.quantization, cfg.lora, f, cfg.run.cache_dir), model.INFO)
-    rows.append(("+ the model stage run (torch, the 4-bit model loaded and saved)", rss_bytes()[0]))
+    rows.append(("+ the model stage run here (only without an early-started training process)", rss_bytes()[0]))
     return {"rows": [(name, round(b * MB, 1)) for name, b in rows]}
 
 

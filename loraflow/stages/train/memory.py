@@ -13,9 +13,9 @@
 Evaluation holds the weights (on a CPU dequantized to the compute dtype, `eval.dequantize`), the adapter beside
 them (fp32; merged into them only with `eval.merge`) and one generation batch's cache.
 
-It is an estimate. The CPU training runtime constant is calibrated on two measured peaks of the training
-process (2-core CPU, bf16, SmolLM2-135M, 2026-12-01): the demo (5.05 GiB; estimate 4.3) and the SciTLDR
-benchmark (5.7 GiB; estimate 5.4). The GPU and evaluation constants are not measured yet. `loraflow validate
+It is an estimate. The CPU training runtime constant is calibrated on measured peaks of the training process
+(2-core CPU, bf16, SmolLM2-135M; docs/benchmarks.md, "Where the memory goes"): with checkpointing, as `auto` trains
+on a CPU since 2026-12-04, and without. The GPU and evaluation constants are not measured yet. `loraflow validate
 --probe` measures one real step instead. The model is built on torch's meta device (shapes, no memory, no
 weights read).
 """
@@ -29,9 +29,9 @@ from typing import Any
 from loraflow.config import PipelineConfig
 
 GIB = 2**30
-# A CPU training process beyond the counted parts: imports (~0.9 GiB), the dataset, the Trainer and the allocator's
-# cache of freed blocks of varying shapes; calibrated on the two peaks named above (the gap was 2.2-2.7 GiB).
-RUNTIME_CPU_TRAIN = 2.8 * GIB
+# A CPU training process beyond the counted parts: imports (~0.9 GiB), the dataset, the Trainer, temporaries and the
+# allocator's cache of freed blocks (~1 GB at the peak, with or without checkpointing: benchmarks/memory.py).
+RUNTIME_CPU_TRAIN = 2.0 * GIB
 RUNTIME_CPU = 0.9 * GIB  # a process's RSS after its imports (evaluation, in the flow process)
 RUNTIME_GPU = 0.6 * GIB  # CUDA context + kernels (not measured here)
 
