@@ -159,3 +159,20 @@ def test_the_memory_breakdown_measures_every_phase_and_kind_of_a_real_training_p
         assert kinds[kind] > 0, (kind, kinds)
     assert kinds["LoRA gradients"] == kinds["LoRA weights"] and kinds["optimizer state"] >= 2 * kinds["LoRA weights"]
     assert run["train_metrics"]["gradient_checkpointing"] is True and run["preflight_estimate_mb"] > 0
+
+
+def test_the_cold_run_timeline_orders_stages_and_the_training_process_from_launch():
+    from benchmarks.report import timeline
+
+    t0 = 0.0  # seconds since the epoch, in a real run
+    run = {"cold": {"launched_at": t0, "timings": {"flow_at": [t0 + 2, t0 + 60], "stages_at": {
+               "train": [t0 + 14, t0 + 40], "preflight": [t0 + 3, t0 + 9], "model": [t0 + 11, t0 + 13]}}},
+           "train": {"first_step_at": t0 + 23, "process": {"started_early": True, "started_at": t0 + 2.5,
+                                                           "imported_at": t0 + 8, "model_request_at": t0 + 9.5,
+                                                           "request_at": t0 + 14.2}}}
+    assert timeline(run) == [("flow run", 2, 60), ("training process: started", 2.5, None),
+                             ("stage: preflight", 3, 9), ("training process: imports done", 8, None),
+                             ("training process: model stage asked of it", 9.5, None), ("stage: model", 11, 13),
+                             ("stage: train", 14, 40), ("training process: train request", 14.2, None),
+                             ("first training step done", 23, None)]
+    assert timeline({"cold": {"launched_at": t0, "timings": {"flow_s": 1}}, "train": {}}) == []  # recorded before
