@@ -313,7 +313,7 @@ def resolve_checkpointing(cfg: PipelineConfig, base_dir: str, stats_file: Path, 
 
         cuda = torch.cuda.is_available()
     if not cuda:
-        log.info("train: gradient checkpointing on (auto, on a CPU: about half the memory for ~1.13x the time)")
+        log.info("train: gradient checkpointing on (auto, on a CPU: about half the memory for 1.13-1.34x the time)")
         return True
     need = longest_batch_estimate(cfg, base_dir, stats_file, checkpointing=False, cuda=cuda)
     on = memory.checkpointing(value, need.total, need.budget, cuda)
