@@ -323,7 +323,7 @@ def _memory(cfg: PipelineConfig, report: Report, config, rows: list[dict]) -> No
     saved = memory.Estimate(memory.training(cfg, shapes, batch, length, labels, cuda, True), budget, where)
     report.facts.update(train_bytes=plain.total, train_checkpointed_bytes=saved.total, budget_bytes=budget)
     setting = cfg.train.gradient_checkpointing
-    on = memory.checkpointing(setting, plain.total, budget, cuda)
+    on = memory.checkpointing(setting, cuda, lambda: plain)
     need = saved if on else plain
     what = f"memory: train, batch {batch} x {length} tokens, gradient checkpointing {'on' if on else 'off'} ({setting})"
     if need.total <= budget:

@@ -99,15 +99,21 @@ def _spawn(command: list[str], **kw) -> subprocess.Popen:
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent, **kw)
 
 
-def _early_key(cfg: PipelineConfig, output_dir: str | Path, train_key: str) -> str | None:
-    """`train_key` when the train stage will run in one local process, else None."""
+def _will_run(cfg: PipelineConfig, output_dir: str | Path, stage: str, key: str) -> bool:
+    """Whether stage `stage` (key `key`) will compute: a refresh is asked for, or its folder is not complete."""
     from loraflow import store
     from loraflow.store.artifacts import is_complete
+
+    return cfg.run.refreshes(stage) or not is_complete(store.folder(output_dir, stage, key))
+
+
+def _early_key(cfg: PipelineConfig, output_dir: str | Path, train_key: str) -> str | None:
+    """`train_key` when the train stage will run in one local process, else None."""
     from loraflow.store.remote import is_url
 
     if not cfg.train.early_start or is_url(cfg.run.output_dir) or cfg.train.num_processes != 1:
         return None
-    return train_key if cfg.run.refreshes("train") or not is_complete(store.folder(output_dir, "train", train_key)) else None
+    return train_key if _will_run(cfg, output_dir, "train", train_key) else None
 
 
 @contextmanager
@@ -174,14 +180,11 @@ def start_model_build(cfg: PipelineConfig, output_dir: str | Path, train_key: st
     """Have the training process started early for `train_key` build the model stage (key `model_key`) now, if it
     will run, into a folder of its own; the model task collects it (`build_model`). Called once the pre-flight has
     passed: the model loads while the data and tokenize stages run."""
-    from loraflow import store
-    from loraflow.store.artifacts import is_complete
-
     with _EARLY_LOCK:
         proc = _EARLY.get(train_key) if train_key else None
         if proc is None or train_key in _BUILDING or proc.poll() is not None:
             return
-        if not cfg.run.refreshes("model") and is_complete(store.folder(output_dir, "model", model_key)):
+        if not _will_run(cfg, output_dir, "model", model_key):
             return  # a hit: training loads the stage's adapter as before
         folder = Path(tempfile.mkdtemp(prefix="loraflow-model-"))
         if _ask_for_model(proc, model_key, cfg.model, cfg.quantization, cfg.lora, folder / "stage", cfg.run.cache_dir):
@@ -203,9 +206,11 @@ def build_model(train_key: str | None, model_key: str, model: ModelConfig, quant
     if building is not None and building[0] != model_key:
         shutil.rmtree(building[1], ignore_errors=True)
         building = None
-    if proc is None or (building is None and (proc.poll() is not None or not _ask_for_model(
-            proc, model_key, model, quant, lora, out, cache_dir))):
+    if proc is None:
         return None
+    if building is None and (proc.poll() is not None or not _ask_for_model(proc, model_key, model, quant, lora, out,
+                                                                            cache_dir)):
+        return None  # it is gone: the caller builds the stage, and the train stage starts a new process (`_claim`)
     log.info("model: built in the training process started with the run (training then uses it as built)")
     tail: deque[str] = deque(maxlen=20)
     errors: list[dict] = []
@@ -227,8 +232,15 @@ def build_model(train_key: str | None, model_key: str, model: ModelConfig, quant
         from loraflow.stages.model import ModelError
 
         raise ModelError(errors[0]["message"])
-    last = errors[0]["error"] if errors else (tail[-1] if tail else "")
-    raise WorkerFailed(f"model: the training process building it (exit code {code}) failed: {last}")
+    raise WorkerFailed(f"model: the training process building it (exit code {code}) failed: {_cause(errors, tail)}")
+
+
+def _cause(errors: list[dict], tail: deque) -> str:
+    """The line that explains a failed training process: the earliest rank's reported error, else the last output
+    line that mentions an error, else its last line."""
+    if errors:
+        return min(errors, key=lambda e: e["at"])["error"]
+    return next((line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "")
 
 
 def _claim(key: str, request: Path) -> subprocess.Popen | None:
@@ -309,9 +321,7 @@ def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, outp
                 except subprocess.TimeoutExpired:
                     proc.kill()
         if code != 0:
-            last = min(errors, key=lambda e: e["at"])["error"] if errors else next(
-                (line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "")
             what = "was stopped (SIGTERM) after saving a checkpoint; rerun to resume" if code == 143 else (
-                "was killed (out of memory?)" if code in (-9, 137) else f"failed: {last}")
+                "was killed (out of memory?)" if code in (-9, 137) else f"failed: {_cause(errors, tail)}")
             raise WorkerFailed(f"train: the training process (exit code {code}) {what}")
         return Handle.model_validate_json(result.read_text())

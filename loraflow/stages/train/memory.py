@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from loraflow.config import PipelineConfig
 
@@ -51,14 +51,17 @@ class Estimate:
         return f"{what}: ~{self.total / GIB:.1f} GiB ({parts}) of {self.budget / GIB:.1f} GiB free {self.where}"
 
 
-def checkpointing(setting: bool | str, without: float, budget: float, cuda: bool) -> bool:
+def checkpointing(setting: bool | str, cuda: bool, without: Callable[[], Estimate]) -> bool:
     """train.gradient_checkpointing resolved. 'auto' = on on a CPU, where it was measured (benchmarks/memory.py and
-    the like-for-like rows of docs/benchmarks.md, 2-core bf16): it halves the training process's peak (~5.0 -> ~2.5
-    GB on aclsum) for 1.13x (AMD EPYC) to 1.34x (Intel Xeon with AMX) the training loop's time. On a GPU (not measured yet), on when training without it
-    needs more than `budget` bytes."""
+    docs/benchmarks.md, 2-core bf16): it halves the training process's peak (~4.9 -> ~2.2 GB on aclsum) for 1.13x
+    (AMD EPYC) to 1.34x (Intel Xeon with AMX) the training loop's time. On a GPU (not measured yet), on when the
+    estimate for training without it (`without()`, computed only then) exceeds its budget."""
     if setting != "auto":
         return bool(setting)
-    return without > budget if cuda else True
+    if not cuda:
+        return True
+    need = without()
+    return need.total > need.budget
 
 
 def available(cuda: bool) -> tuple[float, str]:

@@ -312,12 +312,15 @@ def resolve_checkpointing(cfg: PipelineConfig, base_dir: str, stats_file: Path, 
         import torch
 
         cuda = torch.cuda.is_available()
-    if not cuda:
-        log.info("train: gradient checkpointing on (auto, on a CPU: about half the memory for 1.13-1.34x the time)")
-        return True
-    need = longest_batch_estimate(cfg, base_dir, stats_file, checkpointing=False, cuda=cuda)
-    on = memory.checkpointing(value, need.total, need.budget, cuda)
-    log.info("train: gradient checkpointing %s (auto): %s", "on" if on else "off", need.line("estimate without it"))
+    estimated: list = []  # the estimate, where `memory.checkpointing` reads one (on a GPU)
+
+    def without():
+        estimated.append(longest_batch_estimate(cfg, base_dir, stats_file, checkpointing=False, cuda=cuda))
+        return estimated[-1]
+
+    on = memory.checkpointing(value, cuda, without)
+    log.info("train: gradient checkpointing %s (auto): %s", "on" if on else "off",
+             estimated[-1].line("estimate without it") if estimated else "on a CPU")
     return on
 
 
@@ -367,7 +370,8 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
     tokenizer = load_tokenizer(model_handle.info["base_dir"])
 
     checkpointing = resolve_checkpointing(cfg, model_handle.info["base_dir"], Path(tokenized.path) / "stats.json")
-    model = built and ready_for_training(built, cfg.quantization, checkpointing, cfg.train.upcast_frozen)
+    model = None if built is None else ready_for_training(built, cfg.quantization, checkpointing,
+                                                          cfg.train.upcast_frozen)
     process["model_built_here"] = model is not None  # loaded once (the model stage ran in this process)
     if model is None:
         model = load_for_training(model_handle, cfg.model, cfg.quantization, checkpointing, cfg.train.upcast_frozen)
