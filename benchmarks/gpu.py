@@ -101,11 +101,11 @@ def measure(side: str, model_dir: Path, rows: list[dict], out: Path, a: argparse
 
 
 def estimate_gib(model_dir: Path, batches: list[dict], a: argparse.Namespace) -> float:
-    """loraflow's pre-flight training estimate (`loraflow.stages.train.memory`) for the longest batch this side saw."""
+    """loraflow's pre-flight training estimate (`loraflow.stages.memory`) for the longest batch this side saw."""
     import torch
     from transformers import AutoConfig
 
-    from loraflow.stages.train import memory
+    from loraflow.stages import memory
     from loraflow.config import PipelineConfig
 
     longest = max(batches, key=lambda b: b["length"])

@@ -217,9 +217,11 @@ def flow_child(request: dict) -> dict:
     d = store.build(out, keys["data"], True, lambda f: data.run(cfg.data, f))
     rows.append(("+ the data stage run (datasets)", rss_bytes()[0]))
     store.build(out, keys["tokenize"], True, lambda f: tokenize.run(d, cfg.prompt, cfg.model, f, cfg.run.cache_dir))
-    rows.append(("+ the tokenize stage run (transformers' tokenizer)", rss_bytes()[0]))
-    # The model stage runs in the training process on a miss (`launch.build_model`); here only where no training
-    # process was started early (train.early_start false, several processes, a remote output_dir).
+    rows.append(("+ the tokenize stage run here (transformers' tokenizer imports torch; only without an early-started "
+                 "training process)", rss_bytes()[0]))
+    # The pre-flight, tokenize and model stages run in the training process when one was started early
+    # (`launch.ask`); here only where none was (train.early_start false, several processes, a remote output_dir,
+    # or a train stage that is a hit).
     store.build(out, keys["model"], True,
                 lambda f: model.run(cfg.model, cfg.quantization, cfg.lora, f, cfg.run.cache_dir), model.INFO)
     rows.append(("+ the model stage run here (only without an early-started training process)", rss_bytes()[0]))
@@ -254,7 +256,7 @@ def markdown(report: dict) -> str:
                  + " |")
     lines.append("| of which mapped files' resident pages (libraries, data), at most | "
                  + " | ".join(f"{r['resident_file_pages_peak_mb']:.0f}" for r in runs) + " |")
-    lines.append("| pre-flight estimate (`stages/train/memory.py`), MB, and ÷ the measured peak | "
+    lines.append("| pre-flight estimate (`stages/memory.py`), MB, and ÷ the measured peak | "
                  + " | ".join(f"{r['preflight_estimate_mb']:.0f} ({r['estimate_over_peak']:.2f}x)" for r in runs) + " |")
     lines.append("| training examples/s (these few steps) | "
                  + " | ".join(f"{r['train_metrics']['train_examples_per_second']}" for r in runs) + " |")

@@ -12,7 +12,7 @@ from loraflow import store
 from loraflow.config import PipelineConfig, build_config, check_run_overrides, deep_merge, default_config, over_defaults
 from loraflow.hardware import resolve, why_dtype
 from loraflow.ops import tracking
-from loraflow.stages.train.launch import early_start, start_model_build
+from loraflow.stages.launch import early_start, start_model_build
 from loraflow.store.artifacts import Handle, ensure_writable
 from loraflow.store.remote import check_writable, is_url
 from tasks.stages import (data_task, evaluate_task, export_task, for_run, model_task, preflight_task, tokenize_task,
@@ -121,17 +121,18 @@ def run_stages(cfg: PipelineConfig) -> Stages:
     except Exception as err:  # noqa: BLE001 - an input that cannot be read: the pre-flight checks say which, and how
         keys, unreadable = None, err
     preflight = store.preflight_key(cfg, keys["evaluate"].key) if keys else None
-    # A train that will run starts its process now: its imports overlap the pre-flight and the stages before it
-    # (it writes nothing, and a failed pre-flight ends it).
-    with early_start(cfg, workspace(cfg.run), keys["train"].key if keys else None):
-        preflight_task.with_options(result_storage=storage)(cfg, preflight)  # errors fail the run here, before any stage writes
+    # A train that will run starts its process now: its imports overlap the flow's start, and the stages before
+    # training that need torch run in it (pre-flight, tokenize, model), so this process imports torch only after
+    # training. It writes nothing before the pre-flight passes, and a failed pre-flight ends it. `early`: its train
+    # key, or None (no process, or another run of this config in this process started it and asks it).
+    with early_start(cfg, workspace(cfg.run), keys["train"].key if keys else None) as early:
+        preflight_task.with_options(result_storage=storage)(cfg, preflight, early)  # errors fail the run here
         if keys is None:
             raise unreadable
-        start_model_build(cfg, workspace(cfg.run), keys["train"].key, keys["model"].key)  # loads while data, tokenize run
+        start_model_build(cfg, workspace(cfg.run), early, keys["model"].key)  # loads while data, tokenize run
         data = stage(data_task, cfg, storage, cfg.data, cfg.run, keys["data"])
-        tokenized = stage(tokenize_task, cfg, storage, data, cfg.prompt, cfg.model, cfg.run, keys["tokenize"])
-        model = stage(model_task, cfg, storage, cfg.model, cfg.quantization, cfg.lora, cfg.run, keys["model"],
-                      keys["train"].key)  # built in the early-started training process, if there is one
+        tokenized = stage(tokenize_task, cfg, storage, data, cfg.prompt, cfg.model, cfg.run, keys["tokenize"], early)
+        model = stage(model_task, cfg, storage, cfg.model, cfg.quantization, cfg.lora, cfg.run, keys["model"], early)
         trained = stage(train_task, cfg, storage, cfg, tokenized, model, keys["train"])
     scores = stage(evaluate_task, cfg, storage, cfg, tokenized, model, trained, keys["evaluate"])
     return Stages(data, tokenized, model, trained, scores, storage)

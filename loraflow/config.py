@@ -188,7 +188,7 @@ class TrainConfig(Section):
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="Recompute activations in the backward pass instead of keeping them: less memory, ~30% "
         "slower steps, the same gradients (run-only). 'auto' = on on a CPU (measured there: half the memory for "
-        "1.13-1.34x the time, by CPU); on a GPU, on only when the training memory estimate (loraflow.stages.train.memory) "
+        "1.13-1.34x the time, by CPU); on a GPU, on only when the training memory estimate (loraflow.stages.memory) "
         "exceeds the GPU memory free when training starts.",
     )
     batching: Literal["length_grouped", "random", "packed"] = Field(

@@ -4,7 +4,7 @@ Each task receives its stage's key (`key`: computed once per run by `flows.pipel
 store once (`store.build`: a hit is reused; a miss runs the stage's plain `run(config sections, inputs, out)`
 into a temporary folder that becomes the key's folder), and returns a small `Handle`; models, tokenizers and
 datasets never travel between tasks. The train stage keeps checkpoints to resume from, so it has its own folder
-protocol (`loraflow.stages.train.launch`), given its key the same way.
+protocol (`loraflow.stages.launch`), given its key the same way.
 """
 
 from __future__ import annotations
@@ -115,15 +115,19 @@ def _preflight_key(_ctx: Any, parameters: dict[str, Any]) -> str | None:
 
 @task(name="preflight", cache_policy=CacheKeyFnPolicy(cache_key_fn=_preflight_key), persist_result=True,
       result_serializer="json")
-def preflight_task(cfg: PipelineConfig, key: store.StageKey | None) -> list[str]:
+def preflight_task(cfg: PipelineConfig, key: store.StageKey | None, train_key: str | None = None) -> list[str]:
     """The checks `loraflow validate` makes, before any stage: fail in seconds, publish the report as an
     artifact. It reads the data, the tokenizer and the model's config, never weights; a pass is cached under
-    everything it read (`store.preflight_key`), a failure is not."""
+    everything it read (`store.preflight_key`), a failure is not. In the training process started early for
+    `train_key` when there is one (`launch.ask`: this process imports no torch before training), else here."""
     from prefect.artifacts import create_markdown_artifact
 
-    from loraflow.stages.preflight import run_checks
+    from loraflow.stages.preflight import Report, run_checks
+    from loraflow.stages.launch import ask
 
-    report = run_checks(cfg, checked_as=f"the config of flow run {flow_run_name()}")
+    checked_as = f"the config of flow run {flow_run_name()}"
+    asked = ask(train_key, "preflight", {"cfg": cfg.model_dump(mode="json"), "checked_as": checked_as})
+    report = Report(**asked) if asked is not None else run_checks(cfg, checked_as=checked_as)
     create_markdown_artifact(report.markdown(), key="pre-flight", description=f"Pre-flight checks: {report.summary()}")
     logger = get_run_logger()
     for level, text in report.lines:
@@ -151,13 +155,22 @@ def data_task(data: DataConfig, run: RunConfig, key: store.StageKey) -> Handle:
 
 
 @task(**_options("tokenize"))
-def tokenize_task(data: Handle, prompt: PromptConfig, model: ModelConfig, run: RunConfig, key: store.StageKey) -> Handle:
-    """Render prompts, tokenize, mask the prompt out of the labels."""
+def tokenize_task(data: Handle, prompt: PromptConfig, model: ModelConfig, run: RunConfig, key: store.StageKey,
+                  train_key: str | None = None) -> Handle:
+    """Render prompts, tokenize, mask the prompt out of the labels: in the training process started early for
+    `train_key` when there is one (`launch.ask`: the tokenizer imports torch, which this process then never does
+    before training), else here."""
     from loraflow.stages import tokenize as stage
+    from loraflow.stages.launch import ask
+
+    def build(out: Path) -> dict:
+        request = {"data": data.model_dump(), "prompt": prompt.model_dump(mode="json"),
+                   "model": model.model_dump(mode="json"), "out": str(out), "cache_dir": run.cache_dir}
+        asked = ask(train_key, "tokenize", request)
+        return asked if asked is not None else stage.run(data, prompt, model, out, run.cache_dir)
 
     with stage_logs("tokenize", workspace(run)):
-        return published(store.build(workspace(run), key, run.refreshes("tokenize"),
-                                     lambda out: stage.run(data, prompt, model, out, run.cache_dir)), run)
+        return published(store.build(workspace(run), key, run.refreshes("tokenize"), build), run)
 
 
 @task(**_options("model", retries=1))
@@ -166,7 +179,7 @@ def model_task(model: ModelConfig, quantization: QuantizationConfig, lora: LoraC
     """Load the base model in 4 bits, attach LoRA, save the initial adapter: in the training process started
     early for `train_key` when there is one (`launch.build_model`: loaded once per run), else here."""
     from loraflow.stages import model as stage
-    from loraflow.stages.train.launch import build_model
+    from loraflow.stages.launch import build_model
 
     def build(out: Path) -> dict:
         return (build_model(train_key, key.key, model, quantization, lora, out, run.cache_dir)
@@ -179,7 +192,7 @@ def model_task(model: ModelConfig, quantization: QuantizationConfig, lora: LoraC
 @task(**_options("train", tags=["gpu"]))
 def train_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, key: store.StageKey) -> Handle:
     """Fine-tune the LoRA adapter with transformers.Trainer, in a child process (given `key`)."""
-    from loraflow.stages.train.launch import run_train_worker
+    from loraflow.stages.launch import run_train_worker
     from tasks.reporting import progress_reporter
 
     with stage_logs("train", workspace(cfg.run)), holding():

@@ -13,7 +13,7 @@ import pytest
 from loraflow.config import build_config
 from tests_support import build_model, prepare_data, run_train_worker, tokenize_data, train_key, worker_request, write_examples
 from loraflow.stages.train.distributed import worker_command
-from loraflow.stages.train.launch import WorkerFailed
+from loraflow.stages.launch import WorkerFailed
 from loraflow.stages.train.stage import last_checkpoint
 
 # 128 examples, 16 held out: each rank gets 56 training examples, 14 optimizer steps per epoch exactly.
@@ -136,9 +136,9 @@ def test_auto_processes_follow_the_visible_gpus(monkeypatch, visible, expected):
 
 def test_several_processes_launch_through_torchrun():
     one, two = worker_command(1, "req.json"), worker_command(2, "req.json")
-    assert one[1:] == ["-m", "loraflow.stages.train.worker", "req.json"]
+    assert one[1:] == ["-m", "loraflow.stages.worker", "req.json"]
     assert two[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc-per-node=2" in two
-    assert two[-3:] == ["-m", "loraflow.stages.train.worker", "req.json"]
+    assert two[-3:] == ["-m", "loraflow.stages.worker", "req.json"]
 
 
 def test_bad_process_count_is_one_line_naming_the_fix():

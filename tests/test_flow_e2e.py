@@ -102,10 +102,67 @@ def test_flow_trains_and_scores_tiny_model(tmp_path, tiny_llama_dir, prefect_har
     assert metrics["finetuned"]["rougeL_fmeasure"] > metrics["base"]["rougeL_fmeasure"]
 
 
+# Run in a process of its own (pytest's has torch already): record the stack of the first `import torch` that executes.
+FIRST_TORCH_IMPORT = """
+import importlib.abc, importlib.machinery, json, sys, traceback
+first = []
+
+class Spy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch" or first:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:  # transformers' find_spec probes execute nothing
+            execute = spec.loader.exec_module
+            def exec_module(module):
+                first.append([f"{f.filename}:{f.name}" for f in traceback.extract_stack()])
+                execute(module)
+            spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, Spy())
+from flows.finetune import finetune
+from loraflow.config import PipelineConfig
+
+result = finetune(PipelineConfig.model_validate_json(open(sys.argv[1]).read()))
+repo = sys.argv[2]
+print(json.dumps({"process": result["train"]["process"],
+                  "first_torch_import": [f[len(repo):] for f in (first[0] if first else [])
+                                         if f.startswith(repo) and not f.startswith(repo + "/.venv")]}))
+"""
+
+
+def test_the_flow_process_imports_torch_only_after_training(tmp_path, tiny_llama_dir, prefect_harness):
+    """With a train stage to run, the pre-flight, tokenize and model stages run in the training process started with
+    the run: the flow process (Prefect, ~0.2 GB) imports torch, transformers and the tokenizer (~0.6 GB) only for
+    the evaluate stage, after the training process has ended, so the two never hold torch side by side. Before,
+    the pre-flight's meta-device model imported torch within seconds of the flow's start."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    repo = str(Path(__file__).resolve().parents[1])
+    cfg = tiny_config(tmp_path, write_examples(tmp_path / "toy.jsonl"), tiny_llama_dir, max_steps=2, save_steps=2)
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "prefect-storage")}
+    done = subprocess.run([sys.executable, "-c", FIRST_TORCH_IMPORT, str(tmp_path / "cfg.json"), repo], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["process"]["started_early"] and found["process"]["model_built_here"]
+    assert {"preflight_request_at", "tokenize_request_at", "model_request_at"} <= found["process"].keys()
+    stack = found["first_torch_import"]
+    assert any(frame.startswith("/loraflow/stages/evaluate.py") for frame in stack), stack
+    assert not any(name in frame for frame in stack for name in ("preflight", "tokenize", "/model.py", "/train/")), stack
+
+
 def early_spawns(monkeypatch) -> list:
     """The training processes started early (real ones: the spy only records them)."""
-    from loraflow.stages.train import launch
-    from loraflow.stages.train.worker import WAIT_FLAG
+    from loraflow.stages import launch
+    from loraflow.stages.worker import WAIT_FLAG
 
     started, spawn = [], launch._spawn
 
@@ -223,7 +280,7 @@ def _task_states(flow_state) -> dict[str, set[str]]:
 def test_a_run_that_fails_before_training_ends_its_early_training_process(tmp_path, tiny_llama_dir, prefect_harness,
                                                                           monkeypatch):
     from flows.finetune import finetune
-    from loraflow.stages.train import launch
+    from loraflow.stages import launch
 
     cfg = tiny_config(tmp_path, write_examples(tmp_path / "toy.jsonl"), tiny_llama_dir)
     cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"target_modules": ["no_such_proj"]})})

@@ -167,7 +167,7 @@ def test_a_gpu_slot_and_a_server_left_by_a_killed_run_are_released_by_the_next(t
 def test_the_worker_takes_ctrl_c_as_save_and_stop():
     """A Ctrl-C reaches the training child too: the first SIGINT asks it to checkpoint at the step's end, a second
     one stops it at once."""
-    code = ("import os, signal\nfrom loraflow.stages.train.worker import Preemption\nPreemption.install()\n"
+    code = ("import os, signal\nfrom loraflow.stages.worker import Preemption\nPreemption.install()\n"
             "os.kill(os.getpid(), signal.SIGINT)\nassert Preemption.requested\n"
             "try:\n    os.kill(os.getpid(), signal.SIGINT)\nexcept KeyboardInterrupt:\n    print('stopped')\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

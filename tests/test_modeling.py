@@ -148,7 +148,7 @@ def test_the_model_stage_built_in_the_early_training_process_is_the_one_built_he
 
     from loraflow.config import build_config
     from loraflow.hardware import resolve
-    from loraflow.stages.train import launch
+    from loraflow.stages import launch
 
     cfg = resolve(build_config({"model": {"name_or_path": str(tiny_llama_dir)}, "lora": {"r": 4},
                                 "quantization": {"mode": "nf4", "compute_dtype": "float32"},

@@ -148,7 +148,7 @@ def test_known_harmless_library_warnings_are_silenced_once_and_others_still_show
 def test_the_memory_estimate_counts_what_each_setting_changes(tiny_llama_dir):
     from transformers import AutoConfig
 
-    from loraflow.stages.train import memory
+    from loraflow.stages import memory
     from loraflow.config import build_config
 
     shapes = memory.shapes(AutoConfig.from_pretrained(tiny_llama_dir))
@@ -182,7 +182,7 @@ def test_the_memory_estimate_counts_what_each_setting_changes(tiny_llama_dir):
 ])
 def test_a_run_over_the_memory_budget_says_how_to_fit(tmp_path, tiny_llama_dir, capsys, monkeypatch, setting, code,
                                                        says):
-    from loraflow.stages.train import memory
+    from loraflow.stages import memory
     from loraflow.config import load_config
     from loraflow.stages.preflight import run_checks
 
@@ -198,7 +198,7 @@ def test_a_run_over_the_memory_budget_says_how_to_fit(tmp_path, tiny_llama_dir, 
 
 
 def test_auto_checkpointing_is_on_on_a_cpu_and_on_a_gpu_only_over_the_budget(tmp_path, tiny_llama_dir, monkeypatch):
-    from loraflow.stages.train import memory
+    from loraflow.stages import memory
     from loraflow.config import load_config
     from loraflow.stages.train.stage import resolve_checkpointing
 

@@ -16,7 +16,7 @@ import pytest
 
 from loraflow.config import build_config
 from tests_support import build_model, prepare_data, run_train_worker, tokenize_data, train_key, worker_request, write_examples
-from loraflow.stages.train.launch import WorkerFailed
+from loraflow.stages.launch import WorkerFailed
 from loraflow.stages.train.stage import last_checkpoint
 
 STEPS, SAVE = 30, 5
@@ -48,7 +48,7 @@ def _start_worker(cfg, tokenized, model, out: Path) -> tuple[subprocess.Popen, P
     request = out / "request.json"
     out.mkdir(parents=True, exist_ok=True)
     request.write_text(worker_request(cfg, tokenized, model, out))
-    proc = subprocess.Popen([sys.executable, "-m", "loraflow.stages.train.worker", str(request)],
+    proc = subprocess.Popen([sys.executable, "-m", "loraflow.stages.worker", str(request)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return proc, out / "train" / f"{train_key(cfg, tokenized, model).key}.work" / "checkpoints"
 
@@ -106,7 +106,7 @@ def test_failing_worker_fails_with_its_error(stages, tmp_path):
 
 def test_a_finished_train_folder_is_reused_without_starting_a_worker(stages, uninterrupted, monkeypatch):
     # e.g. Prefect's cache records were cleared: the folder named by the key is complete, so no ~20 s worker start
-    import loraflow.stages.train.launch as launch
+    import loraflow.stages.launch as launch
 
     cfg, tokenized, model = stages
 

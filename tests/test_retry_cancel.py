@@ -66,7 +66,7 @@ def _descendants(pid: int) -> list[int]:
 def _training_child(root_pid: int) -> int | None:
     for pid in _descendants(root_pid):
         try:
-            if b"loraflow.stages.train.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"loraflow.stages.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return pid
         except OSError:
             pass

@@ -186,6 +186,41 @@ def test_stage_fails_in_one_line_when_nothing_fits(tmp_path, gpt2_tokenizer_dir)
     assert not (tmp_path / "out" / "tokenize").exists() or not any((tmp_path / "out" / "tokenize").iterdir())
 
 
+def test_the_stage_asked_of_the_early_training_process_writes_what_it_writes_here_and_raises_its_errors(
+        tmp_path, gpt2_tokenizer_dir):
+    """The flow's tokenize task, when the run started its training process early, runs the stage there
+    (`launch.ask`: the flow process then never imports torch before training). Same files, same summary; the
+    stage's own error is raised here as that error, and the process goes on waiting for training."""
+    import datasets
+
+    from loraflow.config import ModelConfig, build_config
+    from loraflow.hardware import resolve
+    from loraflow.stages import tokenize
+    from loraflow.stages import launch
+
+    data, prompt = _data_handle(tmp_path, n_long=3), template(max_length=96, max_target_length=16)
+    model = ModelConfig(name_or_path=str(gpt2_tokenizer_dir))
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+
+    def request(out: Path, config: PromptConfig) -> dict:
+        return {"data": data.model_dump(), "prompt": config.model_dump(mode="json"),
+                "model": model.model_dump(mode="json"), "out": str(out), "cache_dir": None}
+
+    cfg = resolve(build_config({"model": {"name_or_path": str(gpt2_tokenizer_dir)},
+                                "run": {"output_dir": str(tmp_path / "runs")}}))
+    nothing_fits = PromptConfig(style="template", template="x " * 40 + "{input}", max_length=32, max_target_length=8)
+    with launch.early_start(cfg, tmp_path / "runs", "a-train-key") as early:
+        assert early == "a-train-key" and launch.ask(None, "tokenize", request(here, prompt)) is None
+        summary = launch.ask(early, "tokenize", request(there, prompt))
+        with pytest.raises(PromptError, match="none of the 8 train examples fits.*raise prompt.max_length"):
+            launch.ask(early, "tokenize", request(tmp_path / "never", nothing_fits))
+        assert launch._EARLY[early].poll() is None
+    assert summary == tokenize.run(data, prompt, model, here)
+    ours, theirs = (datasets.load_from_disk(str(folder / "dataset")) for folder in (here, there))
+    assert all(ours[split].to_list() == theirs[split].to_list() for split in ("train", "validation", "test"))
+
+
 @pytest.mark.parametrize(("cfg", "match"), [
     (PromptConfig(style="template", template="{title}: {input}"), r"uses \{title\}.*use one of \{input\}, \{id\}"),
     (PromptConfig(style="template", max_length=64, max_target_length=64), "leaves no room for the prompt"),

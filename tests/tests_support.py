@@ -73,9 +73,9 @@ def train_adapter(cfg, tokenized, model, out: Path, **kw):
 
 
 def run_train_worker(cfg, tokenized, model, out: Path, on_progress=None):
-    """In the training process, as the train task starts it (`train.launch.run_train_worker`)."""
+    """In the training process, as the train task starts it (`launch.run_train_worker`)."""
     from loraflow.hardware import resolve
-    from loraflow.stages.train.launch import run_train_worker as launch
+    from loraflow.stages.launch import run_train_worker as launch
 
     return launch(resolve(cfg), tokenized, model, out, train_key(cfg, tokenized, model), on_progress)
 
@@ -102,10 +102,10 @@ def export_adapter(cfg, tokenized, model, trained, scores, out: Path):
 
 
 def worker_request(cfg, tokenized, model, out: Path) -> str:
-    """The JSON request `python -m loraflow.stages.train.worker` reads, as the launcher writes it (its key as a run
+    """The JSON request `python -m loraflow.stages.worker` reads, as the launcher writes it (its key as a run
     computes it)."""
     from loraflow.hardware import resolve
-    from loraflow.stages.train.launch import worker_request as request
+    from loraflow.stages.launch import worker_request as request
 
     return json.dumps(request(resolve(cfg), tokenized, model, out, out / "result.json", train_key(cfg, tokenized, model)))
 
@@ -155,7 +155,7 @@ def live_stack(home: Path, watch: bool = True) -> Iterator[dict]:
 # process only, each training step after `hold` waits while the gate file exists, until the worker is asked to stop.
 _GATE = """
 import os, sys, time
-if "loraflow.stages.train.worker" in sys.orig_argv:
+if "loraflow.stages.worker" in sys.orig_argv:
     from loraflow.stages.train.trainer import CompletionTrainer
 
     step = CompletionTrainer.training_step

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update=update)})
     _prefect_defaults()
     from flows.finetune import finetune
-    from loraflow.stages.train.launch import WorkerFailed
+    from loraflow.stages.launch import WorkerFailed
 
     try:
         with prefect_api(), ctrl_c_stops():

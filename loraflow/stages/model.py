@@ -4,7 +4,7 @@
 the handles (a model never travels between Prefect tasks). The stage itself saves the freshly
 initialised adapter, so training starts from a known, seeded point and tests can compare against it.
 When the train stage will run in a process started with the run, the stage is built there (`build`, through
-`loraflow.stages.train.launch.build_model`) and training goes on with the model as built: loaded once.
+`loraflow.stages.launch.build_model`) and training goes on with the model as built: loaded once.
 """
 
 from __future__ import annotations

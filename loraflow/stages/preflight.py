@@ -306,7 +306,7 @@ def _chat_consistency(report: Report, pairs: list[tuple[str, str]], tokenizer) -
 
 def _memory(cfg: PipelineConfig, report: Report, config, rows: list[dict]) -> None:
     """Training and evaluation memory against what is free here, with the fix when over."""
-    from loraflow.stages.train import memory
+    from loraflow.stages import memory
     from loraflow.stages.prompts import IGNORE_INDEX
 
     cuda = memory.cuda_visible()

@@ -24,10 +24,10 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
                  "loraflow.store.sources"),  # sources: GGUF -> tokenizer
     "model": ("loraflow.stages.model", "loraflow.store.sources", "loraflow.hardware"),
     "train": ("loraflow.stages.train.stage", "loraflow.stages.train.trainer", "loraflow.stages.train.collators",
-              "loraflow.stages.train.launch", "loraflow.stages.train.worker", "loraflow.stages.train.callbacks",
+              "loraflow.stages.launch", "loraflow.stages.worker", "loraflow.stages.train.callbacks",
               "loraflow.stages.model",
               "loraflow.stages.generation", "loraflow.stages.tokenize", "loraflow.stages.prompts"),
-    "preflight": ("loraflow.stages.preflight", "loraflow.stages.train.memory"),  # and, through the evaluate key, every stage's
+    "preflight": ("loraflow.stages.preflight", "loraflow.stages.memory"),  # and, through the evaluate key, every stage's
     "evaluate": ("loraflow.stages.evaluate", "loraflow.stages.generation", "loraflow.stages.parity",
                  "loraflow.stages.model", "loraflow.stages.prompts", "loraflow.stages.tokenize", "loraflow.metrics.rouge",
                  "loraflow.metrics.scoring", "loraflow.metrics.bootstrap"),

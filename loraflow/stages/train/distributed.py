@@ -1,7 +1,7 @@
 """Several training processes on one machine: PyTorch DDP launched by torchrun.
 
 `train.num_processes` > 1 starts the train worker as `torchrun --standalone --nproc-per-node N -m
-loraflow.stages.train.worker`; every rank runs the same `train_adapter` code as a single process would, Trainer
+loraflow.stages.worker`; every rank runs the same `train_adapter` code as a single process would, Trainer
 (through accelerate) joins the process group from torchrun's environment (RANK, WORLD_SIZE, ...),
 and rank 0 alone writes checkpoints, the adapter and the stage's artifacts. Nothing here imports
 torch at module level. `train.num_processes: auto` is resolved by `loraflow.hardware.resolve_processes`.
@@ -19,9 +19,9 @@ ERROR_MARK = "loraflow-error "  # a rank's failure, one line: the launcher repor
 def worker_command(num_processes: int, request: str) -> list[str]:
     """The train worker's command line: plain Python for one process, torchrun for several."""
     if num_processes == 1:
-        return [sys.executable, "-m", "loraflow.stages.train.worker", request]
+        return [sys.executable, "-m", "loraflow.stages.worker", request]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_processes}",
-            "-m", "loraflow.stages.train.worker", request]
+            "-m", "loraflow.stages.worker", request]
 
 
 def rank() -> int:

@@ -306,7 +306,7 @@ def resolve_checkpointing(cfg: PipelineConfig, base_dir: str, stats_file: Path, 
     value = cfg.train.gradient_checkpointing
     if value != "auto":
         return bool(value)
-    from loraflow.stages.train import memory
+    from loraflow.stages import memory
 
     if cuda is None:
         import torch
@@ -326,12 +326,12 @@ def resolve_checkpointing(cfg: PipelineConfig, base_dir: str, stats_file: Path, 
 
 def longest_batch_estimate(cfg: PipelineConfig, base_dir: str, stats_file: Path, checkpointing: bool,
                            cuda: bool | None = None):
-    """`loraflow.stages.train.memory`'s training estimate for the longest batch the tokenize stage's stats allow, against what
+    """`loraflow.stages.memory`'s training estimate for the longest batch the tokenize stage's stats allow, against what
     is free now on `cuda`'s device (default: this process's), as a `memory.Estimate`."""
     import torch
     from transformers import AutoConfig
 
-    from loraflow.stages.train import memory
+    from loraflow.stages import memory
 
     stats = json.loads(stats_file.read_text())["train"]
     length = min(cfg.prompt.max_length, stats["max_prompt_tokens"] + stats["max_target_tokens"])

@@ -1,4 +1,4 @@
-"""Child-process entry point for the train stage: `python -m loraflow.stages.train.worker REQUEST.json`.
+"""Child-process entry point for the train stage: `python -m loraflow.stages.worker REQUEST.json`.
 
 Training runs in its own process so GPU memory is released when it ends, an out-of-memory kill fails
 one task instead of the flow process, and a cancelled run can be stopped with a signal.
@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ class Preemption:
 
 
 WAIT_FLAG = "--wait"  # started early (`launch.early_start`): import, then read request paths on stdin
-MODEL_MARK = "loraflow-model-built "  # + the model stage's summary as JSON: the stage is built (`launch.build_model`)
+DONE_MARK = "loraflow-done "  # + {"id", "result"} or {"id", "error"} as JSON: a stage asked of the process is done
 
 
 def _import_early() -> None:
@@ -69,22 +70,56 @@ def main(argv: list[str] | None = None) -> int:
         _import_early()
         process["imported_at"] = time.time()
         print("train worker: started early, imports done", file=sys.stderr, flush=True)
-        while True:
-            line = sys.stdin.readline().strip()
-            if not line:  # the run ended (or failed) before training: nothing to do
-                return 0
-            request = json.loads(Path(line).read_text())
-            if request.get("kind") != "model":
-                break
-            Path(line).unlink(missing_ok=True)  # the launcher's temporary file: read, so done with
-            process["model_request_at"] = time.time()
-            built = _build_model(request)
-            if built is None:
-                return 1
+        served = _serve(process)
+        if served is None:  # the run ended (or failed) before training: nothing to do
+            return 0
+        line, built = served
         process["request_at"] = time.time()
         argv = [line]
     Preemption.install()
     return _train(argv, process, built)
+
+
+def _serve(process: dict) -> tuple[str, tuple[str, object] | None] | None:
+    """Answer the stages the flow asks of this process before training (`launch.ask`: the pre-flight, tokenize,
+    model), each in a thread of its own as it comes (the model loads while the data is tokenized), until the train
+    request. Returns its path and (the model key, the model) if the model stage was built here; None when stdin
+    closes first (the run ended before training)."""
+    threads: list[threading.Thread] = []
+    built: dict[str, tuple[str, object]] = {}
+    while True:
+        line = sys.stdin.readline().strip()
+        if not line:
+            return None
+        request = json.loads(Path(line).read_text())
+        if request.get("kind") not in _STAGES:
+            break
+        Path(line).unlink(missing_ok=True)  # the launcher's temporary file: read, so done with
+        process[f"{request['kind']}_request_at"] = time.time()
+        threads.append(threading.Thread(target=_answer, args=(request, built), daemon=True))
+        threads[-1].start()
+    for thread in threads:  # training starts once what it may use is built
+        thread.join()
+    return line, built.get("model")
+
+
+_PRINT = threading.Lock()
+
+
+def _answer(request: dict, built: dict) -> None:
+    """Run one stage asked of this process and print its answer after DONE_MARK: its result, or its error's type,
+    module and message (the launcher raises it as that error in the stage's task; this process goes on waiting)."""
+    try:
+        result = _STAGES[request["kind"]](request)
+        if request["kind"] == "model":
+            model, result = result
+            built["model"] = (request["key"], model)
+        answer = {"id": request["id"], "result": result}
+    except Exception as err:  # noqa: BLE001 - the stage's task raises it
+        answer = {"id": request["id"], "error": {"type": type(err).__name__, "module": type(err).__module__,
+                                                 "message": str(err)}}
+    with _PRINT:
+        print(DONE_MARK + json.dumps(answer), file=sys.stderr, flush=True)
 
 
 def _log_to_stderr() -> None:
@@ -102,32 +137,45 @@ def _log_to_stderr() -> None:
 
 def _report(err: BaseException) -> None:
     """One line the launcher can quote: under torchrun, every rank that fails reports, and the earliest is the cause
-    (the others typically fail because a peer's connection closed). `type` lets the launcher raise a model stage's
-    own error as that error."""
+    (the others typically fail because a peer's connection closed)."""
     from loraflow.stages.train.distributed import ERROR_MARK, rank
 
     where = f"rank {rank()}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    report = {"at": time.time(), "error": f"{where}{type(err).__name__}: {err}".replace("\n", " "),
-              "type": type(err).__name__, "message": str(err)}
+    report = {"at": time.time(), "error": f"{where}{type(err).__name__}: {err}".replace("\n", " ")}
     print(ERROR_MARK + json.dumps(report), file=sys.stderr, flush=True)
 
 
-def _build_model(request: dict) -> tuple[str, object] | None:
-    """The model stage, built here into the request's folder (`stages.model.build`, loaded as training loads it);
-    its summary printed after MODEL_MARK. Returns (the model key, the model), or None when it failed (reported)."""
+def _preflight(request: dict) -> dict:
+    """The pre-flight checks (`stages.preflight.run_checks`); the report as a dict."""
+    from dataclasses import asdict
+
+    from loraflow.config import PipelineConfig
+    from loraflow.stages.preflight import run_checks
+
+    return asdict(run_checks(PipelineConfig.model_validate(request["cfg"]), request["checked_as"]))
+
+
+def _tokenize(request: dict) -> dict:
+    """The tokenize stage into the request's folder (`stages.tokenize.run`); its summary."""
+    from loraflow.config import ModelConfig, PromptConfig
+    from loraflow.stages import tokenize
+    from loraflow.store.artifacts import Handle
+
+    return tokenize.run(Handle(**request["data"]), PromptConfig.model_validate(request["prompt"]),
+                        ModelConfig.model_validate(request["model"]), Path(request["out"]), request["cache_dir"])
+
+
+def _build_model(request: dict) -> tuple[object, dict]:
+    """The model stage into the request's folder (`stages.model.build`, loaded as training loads it): the model,
+    which training goes on with, and the stage's summary."""
     from loraflow.config import LoraConfig, ModelConfig, QuantizationConfig
     from loraflow.stages.model import build
 
-    try:
-        model, summary = build(ModelConfig.model_validate(request["model"]),
-                               QuantizationConfig.model_validate(request["quantization"]),
-                               LoraConfig.model_validate(request["lora"]), Path(request["out"]), request["cache_dir"],
-                               training=True)
-    except Exception as err:  # noqa: BLE001 - reported to the launcher, which raises it in the model task
-        _report(err)
-        return None
-    print(MODEL_MARK + json.dumps(summary), file=sys.stderr, flush=True)
-    return request["key"], model
+    return build(ModelConfig.model_validate(request["model"]), QuantizationConfig.model_validate(request["quantization"]),
+                 LoraConfig.model_validate(request["lora"]), Path(request["out"]), request["cache_dir"], training=True)
+
+
+_STAGES = {"preflight": _preflight, "tokenize": _tokenize, "model": _build_model}
 
 
 def _train(argv: list[str], process: dict, built: tuple[str, object] | None = None) -> int:

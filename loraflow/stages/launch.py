@@ -1,5 +1,9 @@
 """Run the train stage in a child process and stream its output into our log.
 
+When the train stage will run, that process starts with the run (`early_start`), and the stages before training
+that need torch (the pre-flight, tokenize, model) run in it too (`ask`, `start_model_build`, `build_model`): the
+flow process imports no torch before training, and the model is loaded once per run.
+
 The child's output goes through unchanged to our stderr (so progress bars draw in a terminal), and
 its complete lines, minus progress-bar redraws, go to the `loraflow` logger (so they appear in the
 Prefect task log). If we are interrupted or cancelled the child is terminated (SIGTERM: it saves a
@@ -19,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +33,7 @@ from loraflow.store.artifacts import Handle
 from loraflow.config import LoraConfig, ModelConfig, PipelineConfig, QuantizationConfig
 from loraflow.stages.train.distributed import ERROR_MARK, worker_command
 from loraflow.stages.train.callbacks import PROGRESS_MARK
-from loraflow.stages.train.worker import MODEL_MARK, WAIT_FLAG
+from loraflow.stages.worker import DONE_MARK, WAIT_FLAG
 
 if TYPE_CHECKING:
     from loraflow.store import StageKey
@@ -87,10 +92,13 @@ def _forward(stream, tail: deque, errors: list[dict], on_progress: Callable[[dic
                 log.info("%s", line)
 
 
-# Training processes started early, by train key, until the train stage claims its own (loraflow.stages.train.launch.early_start).
+# Training processes started early, by train key, until the train stage claims its own (loraflow.stages.launch.early_start).
 _EARLY: dict[str, subprocess.Popen] = {}
-# The model stage each is building ahead of the model task (`start_model_build`), by train key: (model key, folder).
-_BUILDING: dict[str, tuple[str, Path]] = {}
+# The model stage each is building ahead of the model task (`start_model_build`), by train key: (model key, folder,
+# request id).
+_BUILDING: dict[str, tuple[str, Path, str]] = {}
+# Answers read from each while a task waited for another one's, by train key, then request id (`_await`).
+_ANSWERS: dict[str, dict[str, dict]] = {}
 _EARLY_LOCK = threading.Lock()
 
 
@@ -117,10 +125,12 @@ def _early_key(cfg: PipelineConfig, output_dir: str | Path, train_key: str) -> s
 
 
 @contextmanager
-def early_start(cfg: PipelineConfig, output_dir: str | Path, train_key: str | None) -> Iterator[None]:
+def early_start(cfg: PipelineConfig, output_dir: str | Path, train_key: str | None) -> Iterator[str | None]:
     """Start the training process now if the train stage (key `train_key`) will run, so its imports (torch,
     transformers, peft: ~10-20 s on a small CPU) overlap the stages before it; `run_train_worker` hands it the
-    request. A process nobody claimed is ended when the block exits (the run failed or stopped before training)."""
+    request. Yields `train_key` when this block started it, for `ask` and `start_model_build` (only the run that
+    started a process sends it stages: one reader of its output), else None. A process nobody claimed is ended
+    when the block exits (the run failed or stopped before training)."""
     try:
         key = _early_key(cfg, output_dir, train_key) if train_key else None
     except Exception as err:  # noqa: BLE001 - the stage that needs the input reports it properly
@@ -129,15 +139,16 @@ def early_start(cfg: PipelineConfig, output_dir: str | Path, train_key: str | No
     if key is not None:
         with _EARLY_LOCK:
             if key not in _EARLY:
-                _EARLY[key] = _spawn([sys.executable, "-m", "loraflow.stages.train.worker", WAIT_FLAG], stdin=subprocess.PIPE)
+                _EARLY[key] = _spawn([sys.executable, "-m", "loraflow.stages.worker", WAIT_FLAG], stdin=subprocess.PIPE)
             else:
                 key = None  # another run of the same config in this process started it: that run owns it
     try:
-        yield
+        yield key
     finally:
         with _EARLY_LOCK:
             proc = _EARLY.pop(key, None) if key is not None else None
             building = _BUILDING.pop(key, None) if key is not None else None
+            _ANSWERS.pop(key, None)
         if proc is not None:
             _retire(proc)
         if building is not None:  # built ahead, never collected (the run stopped, or the stage was a hit)
@@ -158,22 +169,88 @@ def _retire(proc: subprocess.Popen) -> None:
         proc.stdout.close()
 
 
-def _ask_for_model(proc: subprocess.Popen, model_key: str, model: ModelConfig, quant: QuantizationConfig,
-                   lora: LoraConfig, out: Path, cache_dir: str | None) -> bool:
-    """Send the early-started process a model request (built into `out`); False if it is gone."""
-    request = {"kind": "model", "key": model_key, "model": model.model_dump(mode="json"),
-               "quantization": quant.model_dump(mode="json"), "lora": lora.model_dump(mode="json"),
-               "out": str(out), "cache_dir": cache_dir}
-    fd, path = tempfile.mkstemp(prefix="loraflow-model-request-", suffix=".json")
+def _send(proc: subprocess.Popen, request: dict) -> str | None:
+    """Send the early-started process `request` (a stage to run, `worker._STAGES`); its id, or None if it is gone."""
+    request = {**request, "id": uuid.uuid4().hex}
+    fd, path = tempfile.mkstemp(prefix=f"loraflow-{request['kind']}-request-", suffix=".json")
     with os.fdopen(fd, "w") as fh:
         json.dump(request, fh)
     try:
+        if proc.poll() is not None:
+            raise OSError(f"exited with code {proc.returncode}")
         proc.stdin.write(f"{path}\n".encode())
         proc.stdin.flush()
     except OSError:
         Path(path).unlink(missing_ok=True)
-        return False
-    return True
+        return None
+    return request["id"]
+
+
+def _await(train_key: str, proc: subprocess.Popen, request_id: str, stage: str) -> dict:
+    """The result of request `request_id` to the early-started process, read from its output (another request's
+    answer read on the way is kept for its own task). A stage's error is raised here as that error (a ModelError
+    or PromptError names its fix); a process that ended is WorkerFailed."""
+    tail: deque[str] = deque(maxlen=20)
+    errors: list[dict] = []
+    while True:
+        with _EARLY_LOCK:
+            answer = _ANSWERS.get(train_key, {}).pop(request_id, None)
+        if answer is None:
+            answer = _forward(proc.stdout, tail, errors, until=DONE_MARK)
+        if answer is None:  # the output ended: the process is gone
+            with _EARLY_LOCK:
+                _EARLY.pop(train_key, None)
+            code = proc.wait()
+            proc.stdout.close()
+            raise WorkerFailed(f"{stage}: the training process running it (exit code {code}) failed: {_cause(errors, tail)}")
+        if answer["id"] == request_id:
+            break
+        with _EARLY_LOCK:
+            _ANSWERS.setdefault(train_key, {})[answer["id"]] = answer
+    if "error" in answer:
+        raise _as_raised(answer["error"], stage)
+    return answer["result"]
+
+
+def _as_raised(error: dict, stage: str) -> Exception:
+    """The exception a stage raised in the training process, as the same type when it is loraflow's own or a
+    built-in one (its message names the fix), else WorkerFailed quoting it."""
+    import builtins
+    import importlib
+
+    module, name, message = error["module"], error["type"], error["message"]
+    cls = None
+    if module == "builtins":
+        cls = getattr(builtins, name, None)
+    elif module.split(".")[0] == "loraflow":
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            pass
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except Exception:  # noqa: BLE001 - a type that cannot be rebuilt from its message: quoted instead
+            pass
+    return WorkerFailed(f"{stage}: in the training process: {name}: {message}")
+
+
+def ask(train_key: str | None, stage: str, request: dict) -> dict | None:
+    """Run `stage` (`worker._STAGES`: preflight, tokenize, model) in the training process started early for
+    `train_key` (what `early_start` yielded to the run that started it), so this process never imports torch before training; returns its result, or None
+    when there is no such process (the caller runs the stage itself). Stages asked run side by side there."""
+    with _EARLY_LOCK:
+        proc = _EARLY.get(train_key) if train_key else None
+    if proc is None or (request_id := _send(proc, {**request, "kind": stage})) is None:
+        return None
+    return _await(train_key, proc, request_id, stage)
+
+
+def _model_request(model_key: str, model: ModelConfig, quant: QuantizationConfig, lora: LoraConfig, out: Path,
+                   cache_dir: str | None) -> dict:
+    return {"kind": "model", "key": model_key, "model": model.model_dump(mode="json"),
+            "quantization": quant.model_dump(mode="json"), "lora": lora.model_dump(mode="json"), "out": str(out),
+            "cache_dir": cache_dir}
 
 
 def start_model_build(cfg: PipelineConfig, output_dir: str | Path, train_key: str | None, model_key: str) -> None:
@@ -187,8 +264,10 @@ def start_model_build(cfg: PipelineConfig, output_dir: str | Path, train_key: st
         if not _will_run(cfg, output_dir, "model", model_key):
             return  # a hit: training loads the stage's adapter as before
         folder = Path(tempfile.mkdtemp(prefix="loraflow-model-"))
-        if _ask_for_model(proc, model_key, cfg.model, cfg.quantization, cfg.lora, folder / "stage", cfg.run.cache_dir):
-            _BUILDING[train_key] = (model_key, folder)
+        request_id = _send(proc, _model_request(model_key, cfg.model, cfg.quantization, cfg.lora, folder / "stage",
+                                                cfg.run.cache_dir))
+        if request_id is not None:
+            _BUILDING[train_key] = (model_key, folder, request_id)
         else:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -206,33 +285,18 @@ def build_model(train_key: str | None, model_key: str, model: ModelConfig, quant
     if building is not None and building[0] != model_key:
         shutil.rmtree(building[1], ignore_errors=True)
         building = None
-    if proc is None:
-        return None
-    if building is None and (proc.poll() is not None or not _ask_for_model(proc, model_key, model, quant, lora, out,
-                                                                            cache_dir)):
-        return None  # it is gone: the caller builds the stage, and the train stage starts a new process (`_claim`)
-    log.info("model: built in the training process started with the run (training then uses it as built)")
-    tail: deque[str] = deque(maxlen=20)
-    errors: list[dict] = []
-    try:
-        summary = _forward(proc.stdout, tail, errors, until=MODEL_MARK)
-        if summary is not None and building is not None:
+    if building is None:
+        summary = ask(train_key, "model", _model_request(model_key, model, quant, lora, out, cache_dir))
+    else:
+        try:
+            summary = _await(train_key, proc, building[2], "model")
             for item in (building[1] / "stage").iterdir():
                 shutil.move(str(item), out / item.name)
-    finally:
-        if building is not None:
+        finally:
             shutil.rmtree(building[1], ignore_errors=True)
     if summary is not None:
-        return summary
-    with _EARLY_LOCK:
-        _EARLY.pop(train_key, None)
-    code = proc.wait()
-    proc.stdout.close()
-    if errors and errors[0].get("type") == "ModelError":
-        from loraflow.stages.model import ModelError
-
-        raise ModelError(errors[0]["message"])
-    raise WorkerFailed(f"model: the training process building it (exit code {code}) failed: {_cause(errors, tail)}")
+        log.info("model: built in the training process started with the run (training then uses it as built)")
+    return summary
 
 
 def _cause(errors: list[dict], tail: deque) -> str:
@@ -264,7 +328,7 @@ def _claim(key: str, request: Path) -> subprocess.Popen | None:
 
 def worker_request(cfg: PipelineConfig, tokenized: Handle, model: Handle, output_dir: str | Path, result: Path,
                    key: StageKey, tracking: dict | None = None) -> dict:
-    """What `python -m loraflow.stages.train.worker REQUEST` reads: the run's config (resolved), its inputs, its
+    """What `python -m loraflow.stages.worker REQUEST` reads: the run's config (resolved), its inputs, its
     train key (the worker computes no key), where to write, and the MLflow run to log to."""
     return {"cfg": cfg.model_dump(mode="json"), "tokenized": tokenized.model_dump(), "model": model.model_dump(),
             "output_dir": str(output_dir), "result": str(result), "tracking": tracking,
@@ -273,7 +337,7 @@ def worker_request(cfg: PipelineConfig, tokenized: Handle, model: Handle, output
 
 def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, output_dir: str | Path, key: StageKey,
                      on_progress: Callable[[dict], None] | None = None) -> Handle:
-    """Train in `python -m loraflow.stages.train.worker` (through torchrun with train.num_processes > 1); returns
+    """Train in `python -m loraflow.stages.worker` (through torchrun with train.num_processes > 1); returns
     the train handle or raises WorkerFailed naming the first rank's error.
 
     `key`: the run's train key (`store.chain`), handed to the training process in its request; `cfg` is resolved
