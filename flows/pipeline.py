@@ -133,7 +133,7 @@ def run_stages(cfg: PipelineConfig) -> Stages:
         data = stage(data_task, cfg, storage, cfg.data, cfg.run, keys["data"])
         tokenized = stage(tokenize_task, cfg, storage, data, cfg.prompt, cfg.model, cfg.run, keys["tokenize"], early)
         model = stage(model_task, cfg, storage, cfg.model, cfg.quantization, cfg.lora, cfg.run, keys["model"], early)
-        trained = stage(train_task, cfg, storage, cfg, tokenized, model, keys["train"])
+        trained = stage(train_task, cfg, storage, cfg, tokenized, model, keys["train"], early)
     scores = stage(evaluate_task, cfg, storage, cfg, tokenized, model, trained, keys["evaluate"])
     return Stages(data, tokenized, model, trained, scores, storage)
 

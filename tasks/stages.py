@@ -190,13 +190,16 @@ def model_task(model: ModelConfig, quantization: QuantizationConfig, lora: LoraC
 
 
 @task(**_options("train", tags=["gpu"]))
-def train_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, key: store.StageKey) -> Handle:
-    """Fine-tune the LoRA adapter with transformers.Trainer, in a child process (given `key`)."""
+def train_task(cfg: PipelineConfig, tokenized: Handle, model: Handle, key: store.StageKey,
+               train_key: str | None = None) -> Handle:
+    """Fine-tune the LoRA adapter with transformers.Trainer, in a child process (given `key`): the one this run
+    started early for `train_key` when there is one."""
     from loraflow.stages.launch import run_train_worker
     from tasks.reporting import progress_reporter
 
     with stage_logs("train", workspace(cfg.run)), holding():
-        trained = run_train_worker(cfg, tokenized, model, workspace(cfg.run), key, progress_reporter(cfg.train.max_steps))
+        trained = run_train_worker(cfg, tokenized, model, workspace(cfg.run), key, progress_reporter(cfg.train.max_steps),
+                                   early=train_key)
         return published(trained, cfg.run)
 
 

@@ -336,12 +336,14 @@ def worker_request(cfg: PipelineConfig, tokenized: Handle, model: Handle, output
 
 
 def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, output_dir: str | Path, key: StageKey,
-                     on_progress: Callable[[dict], None] | None = None) -> Handle:
+                     on_progress: Callable[[dict], None] | None = None, early: str | None = None) -> Handle:
     """Train in `python -m loraflow.stages.worker` (through torchrun with train.num_processes > 1); returns
     the train handle or raises WorkerFailed naming the first rank's error.
 
     `key`: the run's train key (`store.chain`), handed to the training process in its request; `cfg` is resolved
-    (`hardware.resolve`). `on_progress` gets {"step", "max_steps", "loss"} at every logging step."""
+    (`hardware.resolve`). `on_progress` gets {"step", "max_steps", "loss"} at every logging step. `early`: what
+    this run's `early_start` yielded: the process it started is used (only by that run: another run of the same
+    config may be asking it a stage right now), else a new one starts."""
     from loraflow import store
     from loraflow.ops.tracking import handoff
     from loraflow.stages.train.stage import finished_train, seed_continuation
@@ -365,7 +367,8 @@ def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, outp
         request.write_text(json.dumps(worker_request(cfg, tokenized, model, output_dir, result, key, handoff())))
         if processes > 1:
             log.info("train: %d processes (DDP) through torchrun", processes)
-        proc = _claim(key.key, request) or _spawn(worker_command(processes, str(request)))
+        claimed = _claim(key.key, request) if early == key.key else None
+        proc = claimed or _spawn(worker_command(processes, str(request)))
         tail: deque[str] = deque(maxlen=20)
         errors: list[dict] = []  # {"at": time, "error": "rank N: Type: message"} from each failing rank
         try:
