@@ -237,8 +237,9 @@ def _as_raised(error: dict, stage: str) -> Exception:
 
 def ask(train_key: str | None, stage: str, request: dict) -> dict | None:
     """Run `stage` (`worker._STAGES`: preflight, tokenize, model) in the training process started early for
-    `train_key` (what `early_start` yielded to the run that started it), so this process never imports torch before training; returns its result, or None
-    when there is no such process (the caller runs the stage itself). Stages asked run side by side there."""
+    `train_key` (what `early_start` yielded to the run that started it), so this process never imports torch
+    before training; returns its result, or None when there is no such process (the caller runs the stage
+    itself). Stages asked run side by side there."""
     with _EARLY_LOCK:
         proc = _EARLY.get(train_key) if train_key else None
     if proc is None or (request_id := _send(proc, {**request, "kind": stage})) is None:
