@@ -89,6 +89,7 @@ def _browser():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"):
         options.add_argument(arg)
     options.binary_location = chromium
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, for a timeout's message
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
@@ -104,7 +105,32 @@ def _wait_for(browser, predicate, timeout: float = 60, what: str = "the page"):
         time.sleep(0.5)
     SHOTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SHOTS / "timeout.png"))
-    raise AssertionError(f"timed out waiting for {what} (screenshot: {SHOTS / 'timeout.png'})")
+    console = "\n".join(entry["message"] for entry in browser.get_log("browser"))
+    raise AssertionError(f"timed out waiting for {what} (screenshot: {SHOTS / 'timeout.png'}); the page's console:\n{console}")
+
+
+def _submit(browser, stack, deployment_id, attempts: int = 3):
+    """Submit the custom-run form and return the deployment's runs. On SQLite a loaded server can answer the
+    create request 503 (another of its connections holds the write lock; Prefect's clients retry that, its UI
+    shows "Something went wrong"): then, as a user would, submit again. Any other failure fails the test."""
+    from selenium.webdriver.common.by import By
+
+    def refused() -> bool:  # the UI's error toast is showing
+        return "went wrong" in browser.find_element(By.TAG_NAME, "body").text
+
+    for attempt in range(attempts):
+        browser.execute_script("arguments[0].click()", browser.find_element(By.CSS_SELECTOR, "button[type=submit]"))
+        outcome = _wait_for(browser, lambda: _runs_of(stack, deployment_id) or (refused() and "refused"),
+                            what="the flow run the form created")
+        if outcome != "refused":
+            return outcome
+        console = "\n".join(entry["message"] for entry in browser.get_log("browser"))
+        assert "create_flow_run" in console and "503" in console, f"the UI refused the form:\n{console}"
+        print(f"submit {attempt + 1}: the server answered 503 (SQLite busy); submitting again")
+        browser.execute_script("document.querySelectorAll('.p-toast__close-btn, .p-toast__close')"
+                               ".forEach(close => close.click())")  # the toast's ×
+        _wait_for(browser, lambda: not refused(), what="the error toast to go")
+    raise AssertionError(f"the server answered 503 to {attempts} submits of the form")
 
 
 def test_custom_run_from_the_ui_form_shows_rouge_in_artifacts(stack, tiny_deployment):
@@ -129,9 +155,7 @@ def test_custom_run_from_the_ui_form_shows_rouge_in_artifacts(stack, tiny_deploy
         steps.send_keys(Keys.CONTROL, "a")
         steps.send_keys("6")
         browser.save_screenshot(str(SHOTS / "2-custom-run-form.png"))
-        submit = browser.find_element(By.CSS_SELECTOR, "button[type=submit]")
-        browser.execute_script("arguments[0].click()", submit)
-        runs = _wait_for(browser, lambda: _runs_of(stack, deployment_id), what="the flow run the form created")
+        runs = _submit(browser, stack, deployment_id)
         assert len(runs) == 1
         run = _wait_final(stack, runs[0].id)
         browser.get(f"{base}/runs/flow-run/{run.id}")
