@@ -106,31 +106,31 @@ def _wait_for(browser, predicate, timeout: float = 60, what: str = "the page"):
     SHOTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SHOTS / "timeout.png"))
     console = "\n".join(entry["message"] for entry in browser.get_log("browser"))
-    raise AssertionError(f"timed out waiting for {what} (screenshot: {SHOTS / 'timeout.png'}); the page's console:\n{console}")
+    raise AssertionError(f"timed out waiting for {what} (screenshot: {SHOTS / 'timeout.png'}); "
+                         f"the page's console:\n{console}")
 
 
-def _submit(browser, stack, deployment_id, attempts: int = 3):
-    """Submit the custom-run form and return the deployment's runs. On SQLite a loaded server can answer the
-    create request 503 (another of its connections holds the write lock; Prefect's clients retry that, its UI
-    shows "Something went wrong"): then, as a user would, submit again. Any other failure fails the test."""
+def _submit(browser, button, done, what: str, attempts: int = 3):
+    """Click `button()` and return `done()` once it is truthy. On SQLite a loaded server can answer a write 503
+    (another of its connections holds the write lock; Prefect's clients retry that, its UI shows "Something went
+    wrong"): then, as a user would, close the toast and submit again. Any other refusal fails the test."""
     from selenium.webdriver.common.by import By
 
     def refused() -> bool:  # the UI's error toast is showing
         return "went wrong" in browser.find_element(By.TAG_NAME, "body").text
 
     for attempt in range(attempts):
-        browser.execute_script("arguments[0].click()", browser.find_element(By.CSS_SELECTOR, "button[type=submit]"))
-        outcome = _wait_for(browser, lambda: _runs_of(stack, deployment_id) or (refused() and "refused"),
-                            what="the flow run the form created")
+        browser.execute_script("arguments[0].click()", button())
+        outcome = _wait_for(browser, lambda: done() or (refused() and "refused"), what=what)
         if outcome != "refused":
             return outcome
         console = "\n".join(entry["message"] for entry in browser.get_log("browser"))
-        assert "create_flow_run" in console and "503" in console, f"the UI refused the form:\n{console}"
+        assert "503" in console, f"the UI refused the form:\n{console}"
         print(f"submit {attempt + 1}: the server answered 503 (SQLite busy); submitting again")
         browser.execute_script("document.querySelectorAll('.p-toast__close-btn, .p-toast__close')"
                                ".forEach(close => close.click())")  # the toast's ×
         _wait_for(browser, lambda: not refused(), what="the error toast to go")
-    raise AssertionError(f"the server answered 503 to {attempts} submits of the form")
+    raise AssertionError(f"the server answered 503 to {attempts} submits ({what})")
 
 
 def test_custom_run_from_the_ui_form_shows_rouge_in_artifacts(stack, tiny_deployment):
@@ -155,7 +155,8 @@ def test_custom_run_from_the_ui_form_shows_rouge_in_artifacts(stack, tiny_deploy
         steps.send_keys(Keys.CONTROL, "a")
         steps.send_keys("6")
         browser.save_screenshot(str(SHOTS / "2-custom-run-form.png"))
-        runs = _submit(browser, stack, deployment_id)
+        runs = _submit(browser, lambda: browser.find_element(By.CSS_SELECTOR, "button[type=submit]"),
+                       lambda: _runs_of(stack, deployment_id), what="the flow run the form created")
         assert len(runs) == 1
         run = _wait_final(stack, runs[0].id)
         browser.get(f"{base}/runs/flow-run/{run.id}")
@@ -285,8 +286,10 @@ def test_a_promotion_is_approved_from_the_resume_form_in_the_ui(stack, tiny_llam
         approver.send_keys("Chris")
         comment.send_keys("approved in the UI")
         browser.save_screenshot(str(SHOTS / "6-approval-form.png"))
-        submit = next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Submit")
-        browser.execute_script("arguments[0].click()", submit)
+        _submit(browser, lambda: next(b for b in browser.find_elements(By.TAG_NAME, "button")
+                                      if b.text.strip() == "Submit"),
+                lambda: _api(stack, lambda c: c.read_flow_run(run.id)).state.name != "Suspended",
+                what="the run to resume")
         done = _wait_final(stack, run.id)
         assert done.state.name == "Completed", done.state
         browser.get(f"{base}/runs/flow-run/{run.id}")
