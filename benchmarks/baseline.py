@@ -147,6 +147,7 @@ def main() -> None:
     result = {
         "tokenize_examples_per_second": round(len(train) / tokenize_s, 1),
         "first_step_at": marks["first_step_at"],
+        "loop_began_at": marks["begin"],
         "train_examples_per_second": round(args.steps * args.batch_size / loop_s, 4),
         "train_loop_s": round(loop_s, 2),
         **counted,

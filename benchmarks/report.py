@@ -17,6 +17,8 @@ MEASURES = [
     ("train_peak_percent", "training, % of the matmul peak (compute dtype)", 0, True),
     ("gflop_per_example", "training, GFLOP per example", 1, False),
     ("time_to_first_step_s", "time to first step, s (from launch)", 1, False),
+    ("time_to_loop_s", "time to the training loop, s (from launch)", 1, False),
+    ("first_step_s", "the first step itself, s (loraflow's holds the run's longest example)", 1, False),
     ("eval_examples_per_s", "evaluation, examples/s", 3, True),
     ("peak_rss_sum_mb", "peak RSS summed over the run's processes, MB", 0, False),
     ("largest_process_rss_mb", "largest single process's peak RSS, MB", 0, False),
@@ -51,6 +53,11 @@ def measures(side: str, run: dict[str, Any], shape: dict, peak: float) -> dict[s
                "largest_process_rss_mb": run["largest_process_rss_mb"], "rougeL": 100 * run["rouge"]["rougeL_fmeasure"],
                "stop_rate": run["stop_rate"], "mean_prediction_words": run["mean_prediction_words"],
                "wall_s": run["wall_s"]}
+    began = (run["train"].get("process") or {} if side == "loraflow" else run).get("loop_began_at")
+    launched = run["cold"]["launched_at"] if side == "loraflow" else run["launched_at"]
+    first = run["train"]["first_step_at"] if side == "loraflow" else run["first_step_at"]
+    out["time_to_loop_s"] = began - launched if began else None  # None: recorded before 2026-12-04's second run
+    out["first_step_s"] = first - began if began else None
     out["train_gflops_per_s"] = flops / 1e9 / out["train_loop_s"]
     out["train_peak_percent"] = 100 * flops / out["train_loop_s"] / peak
     out["gflop_per_example"] = flops / 1e9 / out["examples"]
@@ -128,10 +135,10 @@ def summary(report: dict) -> dict:
             "n_test": len(d.get("references", [])),
             "loraflow_over_baseline": {k: _ratio(lf, base, k) for k in
                                        ("train_examples_per_s", "eval_examples_per_s", "time_to_first_step_s",
-                                        "peak_rss_sum_mb")},
+                                        "time_to_loop_s", "first_step_s", "peak_rss_sum_mb")},
             "loraflow_over_trl": {k: _ratio(lf, trl, k) for k in
                                   ("train_examples_per_s", "eval_examples_per_s", "time_to_first_step_s",
-                                   "peak_rss_sum_mb")},
+                                   "time_to_loop_s", "first_step_s", "peak_rss_sum_mb")},
             "baseline_stop_rate": base["stop_rate"]["median"] if base else None,
             "naive_baseline_stop_rate": t["baseline-naive"]["stop_rate"]["median"] if "baseline-naive" in t else None,
             "rougeL": {side: round(t[side]["rougeL"]["mean"], 2) for side in t},  # mean over seeds
@@ -191,7 +198,8 @@ def timeline(run: dict) -> list[tuple[str, float, float | None]]:
     rows += [(f"stage: {stage}", *span) for stage, span in sorted(at.items(), key=lambda kv: kv[1][0])]
     marks = [("training process: started", "started_at"), ("training process: imports done", "imported_at"),
              ("training process: model stage asked of it", "model_request_at"),
-             ("training process: train request", "request_at")]
+             ("training process: train request", "request_at"), ("training process: model ready", "model_ready_at"),
+             ("training process: Trainer built", "trainer_built_at"), ("training process: loop began", "loop_began_at")]
     rows += [(what, process[k], None) for what, k in marks if process.get(k)]
     rows.append(("first training step done", tr["first_step_at"], None))
     rows.sort(key=lambda r: r[1])

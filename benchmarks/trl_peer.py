@@ -102,6 +102,7 @@ def main() -> None:
     out = {
         "prepare_dataset_s": round(prepare_s, 2),
         "first_step_at": marks["first_step_at"],
+        "loop_began_at": marks["begin"],
         "train_examples_per_second": round(args.steps * args.batch_size / loop_s, 4),
         "train_loop_s": round(loop_s, 2),
         "train_loss": result.training_loss,

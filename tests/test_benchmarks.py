@@ -169,10 +169,40 @@ def test_the_cold_run_timeline_orders_stages_and_the_training_process_from_launc
                "train": [t0 + 14, t0 + 40], "preflight": [t0 + 3, t0 + 9], "model": [t0 + 11, t0 + 13]}}},
            "train": {"first_step_at": t0 + 23, "process": {"started_early": True, "started_at": t0 + 2.5,
                                                            "imported_at": t0 + 8, "model_request_at": t0 + 9.5,
-                                                           "request_at": t0 + 14.2}}}
+                                                           "request_at": t0 + 14.2, "trainer_built_at": t0 + 15,
+                                                           "loop_began_at": t0 + 15.5}}}
     assert timeline(run) == [("flow run", 2, 60), ("training process: started", 2.5, None),
                              ("stage: preflight", 3, 9), ("training process: imports done", 8, None),
                              ("training process: model stage asked of it", 9.5, None), ("stage: model", 11, 13),
                              ("stage: train", 14, 40), ("training process: train request", 14.2, None),
+                             ("training process: Trainer built", 15, None),
+                             ("training process: loop began", 15.5, None),
                              ("first training step done", 23, None)]
     assert timeline({"cold": {"launched_at": t0, "timings": {"flow_s": 1}}, "train": {}}) == []  # recorded before
+
+
+def test_the_time_to_the_training_loop_and_the_first_step_are_measured_apart_on_every_side():
+    """Time to first step = time to the training loop + the first step itself; loraflow's first batch holds the
+    run's longest example (memory fails at once), so the two are reported apart. A record without the loop's
+    start (before 2026-12-04's second run) reports neither."""
+    from benchmarks.report import measures
+
+    shape = {"attention_width": 8, "body_linear": 64, "hidden": 8, "layers": 1, "lora_in_out": 16, "qkv_weights": 24,
+             "vocab": 32}
+    seen = {"positions_seen": 40, "attention_square_sum": 400, "train_examples_per_second": 1.0, "train_loop_s": 4.0}
+    script = {**seen, "label_positions_seen": 10, "launched_at": 100.0, "loop_began_at": 113.0,
+              "first_step_at": 119.0, "eval_examples_per_second": 1.0, "peak_rss_sum_mb": 1.0,
+              "largest_process_rss_mb": 1.0, "rouge": {"rougeL_fmeasure": 0.3}, "stop_rate": 1.0,
+              "mean_prediction_words": 10, "wall_s": 50}
+    flow = {"cold": {"launched_at": 200.0, "peak_rss_sum_mb": 1.0, "largest_process_rss_mb": 1.0, "wall_s": 60,
+                     "timings": {"flow_s": 50, "stages_s": {"train": 30}}},
+            "train": {**seen, "label_tokens_seen": 10, "label_only_logits": True, "first_step_at": 221.0,
+                      "process": {"loop_began_at": 213.5}},
+            "eval": {"generation_examples_per_second": 1.0, "finetuned": {"rougeL_fmeasure": 0.3}},
+            "mean_prediction_words": 10, "cached": {"wall_s": 5}}
+    base, lf = measures("baseline", script, shape, 1e9), measures("loraflow", flow, shape, 1e9)
+    assert (base["time_to_loop_s"], base["first_step_s"], base["time_to_first_step_s"]) == (13.0, 6.0, 19.0)
+    assert (lf["time_to_loop_s"], lf["first_step_s"], lf["time_to_first_step_s"]) == (13.5, 7.5, 21.0)
+    del flow["train"]["process"]
+    assert measures("loraflow", flow, shape, 1e9)["time_to_loop_s"] is None
+

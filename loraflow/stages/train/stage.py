@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -376,6 +377,7 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
     if model is None:
         model = load_for_training(model_handle, cfg.model, cfg.quantization, checkpointing, cfg.train.upcast_frozen)
     model.config.use_cache = False
+    process["model_ready_at"] = time.time()  # the cold run's timeline (benchmarks.report.timeline)
     before = frozen_checksum(model)
 
     args = training_arguments(cfg.train, work / "checkpoints", has_eval=eval_ds is not None)
@@ -403,6 +405,7 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         label_only_logits=cfg.train.label_only_logits,
         rouge_eval=validation_rouge(cfg, data["validation"], tokenizer) if cfg.train.eval_generate_samples else None,
     )
+    process["trainer_built_at"] = time.time()
     return_freed_memory()  # what loading the model freed (~0.45 GB) leaves RSS; the step's peak is not lower for it
     # (benchmarks/memory.py: the allocations of the first steps come back on top)
     resume = resumable_checkpoint(work / "checkpoints", args.max_steps)
@@ -439,7 +442,7 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
         "adapter_sum_per_rank": adapter_sums,
         "written_by_rank": rank(),
         "first_step_at": marks.get("first_step_at"),  # time.time() of the first optimizer step's end
-        "process": process,
+        "process": {**process, "loop_began_at": marks["begin"]},
         "batching": cfg.train.batching,
         "gradient_checkpointing": checkpointing,
         "optim": getattr(args.optim, "value", str(args.optim)),
