@@ -176,6 +176,31 @@ def test_the_memory_estimate_counts_what_each_setting_changes(tiny_llama_dir):
     assert gpu["adapter"] == lora and gpu["weights"] < cpu["weights"]
 
 
+def test_the_estimates_meta_model_waits_for_a_model_build_in_another_thread(tiny_llama_dir):
+    """Building even a meta-device model sets torch's default dtype to the config's for the whole process (and
+    transformers' other build-time patches): the estimate holds the one model-build lock, as every model build
+    does (`store.buildlock`), or a LoRA built meanwhile in another thread (the early training process runs its
+    stages in threads) could come out in the config's dtype."""
+    import threading
+
+    import torch
+    from transformers import AutoConfig
+
+    from loraflow.stages import memory
+    from loraflow.store.buildlock import MODEL_BUILD
+
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    config.dtype = torch.bfloat16
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (memory.shapes(config), done.set()), daemon=True)
+    with MODEL_BUILD:  # a build in progress
+        worker.start()
+        assert not done.wait(2), "the estimate built its meta model during another thread's model build"
+        assert torch.get_default_dtype() == torch.float32
+    worker.join(60)
+    assert done.is_set() and torch.get_default_dtype() == torch.float32
+
+
 @pytest.mark.parametrize("setting, code, says", [
     ("false", 1, "set train.gradient_checkpointing=auto (or true), which needs"),
     ("auto", 0, "gradient checkpointing on (auto)"),

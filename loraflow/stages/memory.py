@@ -82,7 +82,9 @@ def shapes(model_config: Any) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    from loraflow.store.buildlock import MODEL_BUILD
+
+    with MODEL_BUILD, torch.device("meta"):  # a build sets torch's default dtype process-wide, even on meta
         model = AutoModelForCausalLM.from_config(model_config)
     head = model.get_output_embeddings()
     linear = [(name, m.in_features, m.out_features) for name, m in model.named_modules()
