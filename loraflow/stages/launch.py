@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,38 +59,86 @@ def _die_with_parent() -> None:
         pass  # not Linux: cancellation still terminates the child through the finally block
 
 
-def _forward(stream, tail: deque, errors: list[dict], on_progress: Callable[[dict], None] | None = None,
+_MARKS = tuple(mark.encode() for mark in (PROGRESS_MARK, ERROR_MARK, DONE_MARK))
+
+
+class _Output:
+    """A training process's output, read by one task at a time (`_forward`); the bytes read past the line a reader
+    stopped at (another answer, the first lines of training) wait here for the next reader."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.buf, self.shown, self.lock = stream, b"", 0, threading.Lock()
+
+
+_OUTPUTS: weakref.WeakKeyDictionary[subprocess.Popen, _Output] = weakref.WeakKeyDictionary()
+
+
+def _output(proc: subprocess.Popen) -> _Output:
+    with _EARLY_LOCK:
+        return _OUTPUTS.setdefault(proc, _Output(proc.stdout))
+
+
+def _showable(partial: bytes) -> int:
+    """How much of a line not ended yet can be shown now: up to a mark, or up to a tail that may start one."""
+    cut = len(partial)
+    for mark in _MARKS:
+        at = partial.find(mark)
+        if at < 0:
+            at = next((len(partial) - k for k in range(min(len(mark) - 1, len(partial)), 0, -1)
+                       if partial.endswith(mark[:k])), len(partial))
+        cut = min(cut, at)
+    return cut
+
+
+def _show(data: bytes) -> None:
+    if not data:
+        return
+    if hasattr(sys.stderr, "buffer"):
+        sys.stderr.buffer.write(data)
+    else:  # a text-only stderr (redirected)
+        sys.stderr.write(data.decode(errors="replace"))
+    sys.stderr.flush()
+
+
+def _forward(out: _Output, tail: deque, errors: list[dict], on_progress: Callable[[dict], None] | None = None,
              until: str | None = None) -> dict | None:
-    """Copy the training process's output to our stderr and its lines to our log, until it ends; or, with `until`,
-    until a line with that mark (returns the JSON after it; None if the output ended first)."""
-    buf = b""
-    while chunk := stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096):
-        if hasattr(sys.stderr, "buffer"):
-            sys.stderr.buffer.write(chunk)
-        else:  # a text-only stderr (redirected)
-            sys.stderr.write(chunk.decode(errors="replace"))
-        sys.stderr.flush()
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for raw in lines:
-            line = raw.decode(errors="replace").split("\r")[-1].rstrip()
-            # A progress bar drawn without a newline may precede our marked lines on the same line.
-            progress, error = line.find(PROGRESS_MARK), line.find(ERROR_MARK)
-            if until is not None and (at := line.find(until)) >= 0:
-                return json.loads(line[at + len(until):])  # the process now waits for its next request
-            if progress >= 0:
-                if on_progress is not None:
-                    try:
-                        on_progress(json.loads(line[progress + len(PROGRESS_MARK):]))
-                    except Exception as err:  # noqa: BLE001 - a report must never stop training
-                        log.warning("train: progress report failed (%s)", err)
-            elif error >= 0:
-                report = json.loads(line[error + len(ERROR_MARK):])
-                errors.append(report)
-                log.error("%s", report["error"])
-            elif line and not _PROGRESS.search(line):
-                tail.append(line)
-                log.info("%s", line)
+    """Copy the training process's output to our stderr, as it comes and without our marked lines (progress, errors,
+    answers), and its lines to our log, until it ends; or, with `until`, until a line with that mark (returns the
+    JSON after it; None if the output ended first)."""
+    with out.lock:
+        while True:
+            while b"\n" in out.buf:
+                raw, out.buf = out.buf.split(b"\n", 1)
+                shown, out.shown = out.shown, 0
+                at = min([i for i in (raw.find(mark) for mark in _MARKS) if i >= 0], default=-1)
+                _show(raw[shown:] + b"\n" if at < 0 else raw[shown:at])
+                line = raw.decode(errors="replace").split("\r")[-1].rstrip()
+                # A progress bar drawn without a newline may precede our marked lines on the same line.
+                progress, error = line.find(PROGRESS_MARK), line.find(ERROR_MARK)
+                if until is not None and (found := line.find(until)) >= 0:
+                    return json.loads(line[found + len(until):])  # the process now waits for its next request
+                if progress >= 0:
+                    if on_progress is not None:
+                        try:
+                            on_progress(json.loads(line[progress + len(PROGRESS_MARK):]))
+                        except Exception as err:  # noqa: BLE001 - a report must never stop training
+                            log.warning("train: progress report failed (%s)", err)
+                elif error >= 0:
+                    report = json.loads(line[error + len(ERROR_MARK):])
+                    errors.append(report)
+                    log.error("%s", report["error"])
+                elif line and not _PROGRESS.search(line):
+                    tail.append(line)
+                    log.info("%s", line)
+            showable = _showable(out.buf)  # a progress bar redrawn with \r shows as it is drawn
+            if showable > out.shown:
+                _show(out.buf[out.shown:showable])
+                out.shown = showable
+            stream = out.stream
+            chunk = stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096)
+            if not chunk:
+                return None
+            out.buf += chunk
 
 
 # Training processes started early, by train key, until the train stage claims its own (loraflow.stages.launch.early_start).
@@ -196,7 +245,7 @@ def _await(train_key: str, proc: subprocess.Popen, request_id: str, stage: str) 
         with _EARLY_LOCK:
             answer = _ANSWERS.get(train_key, {}).pop(request_id, None)
         if answer is None:
-            answer = _forward(proc.stdout, tail, errors, until=DONE_MARK)
+            answer = _forward(_output(proc), tail, errors, until=DONE_MARK)
         if answer is None:  # the output ended: the process is gone
             with _EARLY_LOCK:
                 _EARLY.pop(train_key, None)
@@ -373,7 +422,7 @@ def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, outp
         tail: deque[str] = deque(maxlen=20)
         errors: list[dict] = []  # {"at": time, "error": "rank N: Type: message"} from each failing rank
         try:
-            _forward(proc.stdout, tail, errors, on_progress)
+            _forward(_output(proc), tail, errors, on_progress)
             code = proc.wait()
         except KeyboardInterrupt:  # Ctrl-C: the child got it too and saves at its step's end; wait only briefly
             try:

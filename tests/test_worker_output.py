@@ -1,0 +1,57 @@
+"""The training process's output as the flow process reads it (`loraflow.stages.launch`): its answers to the stages
+asked of it, its progress and error lines, and what the user sees of it on stderr."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from loraflow.stages import launch
+from loraflow.stages.train.callbacks import PROGRESS_MARK
+from loraflow.stages.worker import DONE_MARK
+
+
+def _process(*lines: str) -> subprocess.Popen:
+    """A real process that prints `lines` (no newline after a line ending in \\r) and exits; read once it has."""
+    script = "import sys\n" + "".join(f"sys.stdout.write({line + ('' if line.endswith(chr(13)) else chr(10))!r})\n"
+                                      for line in lines)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc.wait()  # everything is in the pipe now: one read gets it all, as when answers come close together
+    return proc
+
+
+def test_two_answers_read_in_one_chunk_both_reach_their_tasks_and_nothing_after_them_is_lost(capsys):
+    proc = _process(DONE_MARK + json.dumps({"id": "tokenize-1", "result": {"rows": 8}}),
+                    DONE_MARK + json.dumps({"id": "model-1", "result": {"params": 4}}),
+                    "train: gradient checkpointing on (auto): on a CPU")
+    launch._EARLY["k"] = proc
+    try:
+        assert launch._await("k", proc, "model-1", "model") == {"params": 4}
+        assert launch._await("k", proc, "tokenize-1", "tokenize") == {"rows": 8}  # kept aside for its task
+        tail, errors = [], []
+        assert launch._forward(launch._output(proc), tail, errors) is None  # the output's end
+    finally:
+        launch._EARLY.pop("k", None)
+        launch._ANSWERS.pop("k", None)
+    assert tail == ["train: gradient checkpointing on (auto): on a CPU"]
+    assert "gradient checkpointing on" in capsys.readouterr().err
+
+
+def test_the_user_sees_the_processs_text_and_progress_bars_but_not_its_marked_lines(capsys):
+    progress = PROGRESS_MARK + json.dumps({"step": 1, "max_steps": 2})
+    proc = _process("loading the model", " 50%|#####     | 1/2\r", progress,
+                    DONE_MARK + json.dumps({"id": "x", "result": {}}), "100%|##########| 2/2", "done")
+    seen: list[dict] = []
+    launch._forward(launch._output(proc), [], [], on_progress=seen.append)
+    err = capsys.readouterr().err
+    assert seen == [{"step": 1, "max_steps": 2}]
+    assert "loading the model\n" in err and " 50%|#####     | 1/2\r" in err and "2/2\ndone\n" in err
+    assert "loraflow-" not in err, err
+
+
+def test_a_partial_line_is_shown_up_to_where_a_mark_may_begin():
+    assert launch._showable(b" 10%|#  | 1/10\r") == len(b" 10%|#  | 1/10\r")
+    assert launch._showable(b" 10%|#  | 1/10\rloraf") == len(b" 10%|#  | 1/10\r")
+    assert launch._showable(b"bar\r" + DONE_MARK.encode() + b'{"id"') == len(b"bar\r")
+    assert launch._showable(b"a plain line") == len(b"a plain line")
