@@ -37,25 +37,24 @@ def measures(side: str, run: dict[str, Any], shape: dict, peak: float) -> dict[s
                                else tr["positions_seen"], tr["attention_square_sum"])
         out = {"train_examples_per_s": tr["train_examples_per_second"], "train_loop_s": tr["train_loop_s"],
                "examples": tr["train_examples_per_second"] * tr["train_loop_s"],
-               "time_to_first_step_s": tr["first_step_at"] - cold["launched_at"],
                "eval_examples_per_s": ev["generation_examples_per_second"],
                "peak_rss_sum_mb": cold["peak_rss_sum_mb"], "largest_process_rss_mb": cold["largest_process_rss_mb"],
                "rougeL": 100 * ev["finetuned"]["rougeL_fmeasure"], "stop_rate": None,
                "mean_prediction_words": run["mean_prediction_words"], "wall_s": cold["wall_s"],
                "cached_wall_s": run["cached"]["wall_s"],
                "overhead_s": cold["timings"]["flow_s"] - sum(cold["timings"]["stages_s"].values())}
+        launched, first = cold["launched_at"], tr["first_step_at"]
+        began = (tr.get("process") or {}).get("loop_began_at")
     else:
         flops = training_flops(shape, run["positions_seen"], run["label_positions_seen"], run["attention_square_sum"])
         out = {"train_examples_per_s": run["train_examples_per_second"], "train_loop_s": run["train_loop_s"],
                "examples": run["train_examples_per_second"] * run["train_loop_s"],
-               "time_to_first_step_s": run["first_step_at"] - run["launched_at"],
                "eval_examples_per_s": run["eval_examples_per_second"], "peak_rss_sum_mb": run["peak_rss_sum_mb"],
                "largest_process_rss_mb": run["largest_process_rss_mb"], "rougeL": 100 * run["rouge"]["rougeL_fmeasure"],
                "stop_rate": run["stop_rate"], "mean_prediction_words": run["mean_prediction_words"],
                "wall_s": run["wall_s"]}
-    began = (run["train"].get("process") or {} if side == "loraflow" else run).get("loop_began_at")
-    launched = run["cold"]["launched_at"] if side == "loraflow" else run["launched_at"]
-    first = run["train"]["first_step_at"] if side == "loraflow" else run["first_step_at"]
+        launched, began, first = run["launched_at"], run.get("loop_began_at"), run["first_step_at"]
+    out["time_to_first_step_s"] = first - launched
     out["time_to_loop_s"] = began - launched if began else None  # None: recorded before 2026-12-04's second run
     out["first_step_s"] = first - began if began else None
     out["train_gflops_per_s"] = flops / 1e9 / out["train_loop_s"]

@@ -93,6 +93,11 @@ def _browser():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
+def _console(browser) -> str:
+    """The page's console since the last call (Chromium's log, kept by `_browser`)."""
+    return "\n".join(entry["message"] for entry in browser.get_log("browser"))
+
+
 def _wait_for(browser, predicate, timeout: float = 60, what: str = "the page"):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -105,9 +110,8 @@ def _wait_for(browser, predicate, timeout: float = 60, what: str = "the page"):
         time.sleep(0.5)
     SHOTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SHOTS / "timeout.png"))
-    console = "\n".join(entry["message"] for entry in browser.get_log("browser"))
     raise AssertionError(f"timed out waiting for {what} (screenshot: {SHOTS / 'timeout.png'}); "
-                         f"the page's console:\n{console}")
+                         f"the page's console:\n{_console(browser)}")
 
 
 def _submit(browser, button, done, what: str, attempts: int = 3):
@@ -124,7 +128,7 @@ def _submit(browser, button, done, what: str, attempts: int = 3):
         outcome = _wait_for(browser, lambda: done() or (refused() and "refused"), what=what)
         if outcome != "refused":
             return outcome
-        console = "\n".join(entry["message"] for entry in browser.get_log("browser"))
+        console = _console(browser)
         assert "503" in console, f"the UI refused the form:\n{console}"
         print(f"submit {attempt + 1}: the server answered 503 (SQLite busy); submitting again")
         browser.execute_script("document.querySelectorAll('.p-toast__close-btn, .p-toast__close')"
