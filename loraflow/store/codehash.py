@@ -25,7 +25,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "model": ("loraflow.stages.model", "loraflow.store.sources", "loraflow.hardware"),
     "train": ("loraflow.stages.train.stage", "loraflow.stages.train.trainer", "loraflow.stages.train.collators",
               "loraflow.stages.launch", "loraflow.stages.worker", "loraflow.stages.train.callbacks",
-              "loraflow.stages.model",
+              "loraflow.stages.train.dropout", "loraflow.stages.model",
               "loraflow.stages.generation", "loraflow.stages.tokenize", "loraflow.stages.prompts"),
     "preflight": ("loraflow.stages.preflight", "loraflow.stages.memory"),  # and, through the evaluate key, every stage's
     "evaluate": ("loraflow.stages.evaluate", "loraflow.stages.generation", "loraflow.stages.parity",

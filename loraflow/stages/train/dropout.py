@@ -1,0 +1,85 @@
+"""The LoRA dropout on a CPU, at the price of its random numbers.
+
+peft puts an `nn.Dropout` before each LoRA A matrix. On a CPU, `torch.nn.functional.dropout` draws one
+32-bit random number per element (torch's CPU generator), and on a 2-core machine those draws were about a
+third of a training step of SmolLM2-135M (7 LoRA modules a layer, each input dropped apart; with activation
+checkpointing, drawn twice). `CpuDropout` drops each element with the same probability (p rounded to a
+multiple of 1/65536) from 16-bit lanes of 64-bit draws: a quarter of the generator's calls, from the same
+seeded generator, so a run is as reproducible as before and a checkpointed layer's recomputation (which
+restores that generator's state) draws the same mask. On a GPU, torch's dropout is one fused kernel and
+stays.
+
+    uv run python -m benchmarks.levers --parts train   # the lever alone: seconds per step
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+LANES = 65536  # each element's draw: one 16-bit lane
+
+
+def keep_threshold(p: float) -> int:
+    """The signed 16-bit lane value at and above which an element is kept: a lane is below it with probability
+    round(p * 65536) / 65536."""
+    return -LANES // 2 + round(p * LANES)
+
+
+def use_cpu_dropout(model) -> int:
+    """Replace every LoRA dropout (`nn.Dropout` with p > 0 in peft's `lora_dropout`) of `model` with
+    `CpuDropout` of the same p; returns how many. For a model that trains on the CPU."""
+    import torch
+
+    count = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, torch.nn.ModuleDict):
+            continue
+        for name, layer in dropouts.items():
+            if type(layer) is torch.nn.Dropout and layer.p > 0:
+                dropouts[name] = cpu_dropout(layer.p)
+                count += 1
+    return count
+
+
+def cpu_dropout(p: float):
+    """An `nn.Module` like `nn.Dropout(p)` (identity in eval mode, inputs scaled by 1/(1-p) in training)."""
+    return _module_class()(p)
+
+
+@lru_cache(maxsize=1)
+def _module_class():
+    import torch
+
+    class _Masked(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, keep, scale):
+            ctx.save_for_backward(keep)  # one byte an element, as torch's own dropout keeps
+            ctx.scale = scale
+            return x.mul(keep).mul_(scale)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (keep,) = ctx.saved_tensors
+            return torch.ops.aten.native_dropout_backward(grad, keep, ctx.scale), None, None
+
+    class CpuDropout(torch.nn.Module):
+        def __init__(self, p: float) -> None:
+            super().__init__()
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"dropout probability {p} is not in [0, 1)")
+            self.p = p
+            self.threshold = keep_threshold(p)
+
+        def forward(self, x):
+            if not self.training or self.p == 0.0:
+                return x
+            n = x.numel()
+            bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
+            keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
+            return _Masked.apply(x, keep, 1.0 / (1.0 - self.p))
+
+        def extra_repr(self) -> str:
+            return f"p={self.p}"
+
+    return CpuDropout

@@ -1,0 +1,110 @@
+"""The CPU LoRA dropout is dropout: each element dropped with probability p (every 16-bit lane of a draw alike),
+the rest scaled by 1/(1-p), gradients through the same mask, identity in eval mode, reproducible under a seed, and
+the same mask when activation checkpointing recomputes a layer."""
+
+import math
+
+import pytest
+import torch
+
+from loraflow.stages.train.dropout import cpu_dropout, keep_threshold, use_cpu_dropout
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_each_element_is_dropped_with_probability_p_in_every_lane(p):
+    torch.manual_seed(0)
+    n = 4 * 250_000
+    y = cpu_dropout(p).train()(torch.ones(n))
+    dropped = y == 0
+    assert torch.allclose(y[~dropped], torch.full_like(y[~dropped], 1 / (1 - p)))
+    sigma = math.sqrt(p * (1 - p) / (n // 4))
+    for lane in range(4):  # a draw's four 16-bit lanes: one never dropping would halve a quarter of the rate
+        rate = dropped[lane::4].double().mean().item()
+        assert abs(rate - p) < 6 * sigma, (lane, rate)
+
+
+def test_the_probability_is_p_to_within_one_lane_step():
+    for p in (0.0, 0.05, 0.1, 0.5, 0.999):
+        assert abs((keep_threshold(p) + 32768) / 65536 - p) <= 0.5 / 65536
+
+
+def test_gradients_go_through_the_same_mask_and_eval_mode_is_the_identity():
+    torch.manual_seed(1)
+    drop = cpu_dropout(0.2).train()
+    x = torch.randn(8, 33, requires_grad=True)
+    y = drop(x)
+    keep = y != 0
+    y.backward(torch.full_like(y, 3.0))
+    assert torch.equal(x.grad, keep * 3.0 / 0.8)
+    assert torch.allclose(y, x.detach() * keep / 0.8)
+    assert drop.eval()(x) is x
+    assert cpu_dropout(0.0).train()(x) is x
+    with pytest.raises(ValueError, match="not in"):
+        cpu_dropout(1.0)
+
+
+def test_the_same_seed_gives_the_same_mask_and_another_seed_another():
+    drop = cpu_dropout(0.5).train()
+    x = torch.ones(1000)
+    masks = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        masks.append(drop(x) == 0)
+    assert torch.equal(masks[0], masks[1])
+    assert not torch.equal(masks[0], masks[2])
+
+
+@pytest.fixture(scope="module")
+def lora_pair(tiny_llama_dir):
+    """The tiny Llama with LoRA (dropout 0.2) twice, the second with activation checkpointing on as training turns
+    it on, both with the CPU dropout."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loraflow.stages.model import enable_checkpointing
+
+    models = []
+    for checkpointing in (False, True):
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        base.config.use_cache = False
+        if checkpointing:
+            enable_checkpointing(base)
+        torch.manual_seed(0)
+        model = get_peft_model(base, LoraConfig(r=4, lora_dropout=0.2, target_modules="all-linear",
+                                                init_lora_weights=False))
+        assert use_cpu_dropout(model) == 2 * 7  # every LoRA module of both layers
+        models.append(model.train())
+    return models
+
+
+def test_every_lora_dropout_is_replaced_and_no_other_module(tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attention_dropout=0.1)
+    model = get_peft_model(base, LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear"))
+    assert use_cpu_dropout(model) == 0  # p = 0: peft's Identity, left alone
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+                           LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"))
+    before = [type(m).__name__ for n, m in model.named_modules() if "lora_dropout" not in n]
+    assert use_cpu_dropout(model) == 14
+    assert [type(m).__name__ for n, m in model.named_modules() if "lora_dropout" not in n] == before
+    assert {type(m).__name__ for n, m in model.named_modules() if n.endswith("lora_dropout.default")} == {"CpuDropout"}
+
+
+def test_a_checkpointed_layer_recomputes_the_same_mask(lora_pair):
+    plain, checkpointed = lora_pair
+    ids = torch.randint(10, 5000, (2, 12), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(7)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        model.zero_grad()
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(8)  # and the dropout is on: another draw, other gradients
+    plain(input_ids=ids, labels=ids).loss.backward()
+    other = [p.grad.clone() for p in plain.parameters() if p.requires_grad]
+    plain.zero_grad()
+    assert any(not torch.allclose(a, b) for a, b in zip(grads[0], other, strict=True))
