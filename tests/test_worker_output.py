@@ -55,3 +55,46 @@ def test_a_partial_line_is_shown_up_to_where_a_mark_may_begin():
     assert launch._showable(b" 10%|#  | 1/10\rloraf") == len(b" 10%|#  | 1/10\r")
     assert launch._showable(b"bar\r" + DONE_MARK.encode() + b'{"id"') == len(b"bar\r")
     assert launch._showable(b"a plain line") == len(b"a plain line")
+
+
+def test_two_tasks_awaiting_answers_that_come_together_both_get_theirs_from_an_idle_process():
+    """The tokenize and model tasks wait side by side; their answers come in one write, and then the process waits
+    for its next request (it does not end). A task whose answer the other read for it must find it, not wait on
+    output that will not come (the demo hung here, 2026-12-05)."""
+    import threading
+
+    script = ("import sys\n"
+              "sys.stdin.readline()\n"
+              f"sys.stdout.write({DONE_MARK!r} + '{{\"id\": \"model-1\", \"result\": 4}}\\n'"
+              f" + {DONE_MARK!r} + '{{\"id\": \"tokenize-1\", \"result\": 8}}\\n')\n"
+              "sys.stdout.flush()\n"
+              "sys.stdin.read()\n")  # idle until its input closes, as the training process waits for a request
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    launch._EARLY["k2"] = proc
+    got: dict[str, object] = {}
+
+    def wait_for(request: str) -> None:
+        try:
+            got[request] = launch._await("k2", proc, request, request.split("-")[0])
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            got[request] = err
+
+    try:
+        tasks = [threading.Thread(target=wait_for, args=(r,), daemon=True) for r in ("tokenize-1", "model-1")]
+        tasks[0].start()  # reading: the process has written nothing yet
+        import time
+
+        time.sleep(0.5)
+        tasks[1].start()  # waits for the reader
+        time.sleep(0.5)
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        for t in tasks:
+            t.join(timeout=20)
+        assert got == {"tokenize-1": 8, "model-1": 4}, got
+    finally:
+        proc.stdin.close()  # a task still waiting now sees the output end
+        proc.wait(timeout=20)
+        launch._EARLY.pop("k2", None)
+        launch._ANSWERS.pop("k2", None)

@@ -67,7 +67,9 @@ class _Output:
     stopped at (another answer, the first lines of training) wait here for the next reader."""
 
     def __init__(self, stream) -> None:
-        self.stream, self.buf, self.shown, self.lock = stream, b"", 0, threading.Lock()
+        # Reentrant: `_await` holds it from its look for a kept answer to its keeping another's (`_forward` takes it
+        # too), so no task starts reading for an answer another reader has already kept for it.
+        self.stream, self.buf, self.shown, self.lock = stream, b"", 0, threading.RLock()
 
 
 _OUTPUTS: weakref.WeakKeyDictionary[subprocess.Popen, _Output] = weakref.WeakKeyDictionary()
@@ -241,21 +243,24 @@ def _await(train_key: str, proc: subprocess.Popen, request_id: str, stage: str) 
     or PromptError names its fix); a process that ended is WorkerFailed."""
     tail: deque[str] = deque(maxlen=20)
     errors: list[dict] = []
+    out = _output(proc)
     while True:
-        with _EARLY_LOCK:
-            answer = _ANSWERS.get(train_key, {}).pop(request_id, None)
-        if answer is None:
-            answer = _forward(_output(proc), tail, errors, until=DONE_MARK)
-        if answer is None:  # the output ended: the process is gone
+        with out.lock:  # look for a kept answer, read, and keep another's, as one reader
             with _EARLY_LOCK:
-                _EARLY.pop(train_key, None)
-            code = proc.wait()
-            proc.stdout.close()
-            raise WorkerFailed(f"{stage}: the training process running it (exit code {code}) failed: {_cause(errors, tail)}")
-        if answer["id"] == request_id:
-            break
+                answer = _ANSWERS.get(train_key, {}).pop(request_id, None)
+            if answer is None:
+                answer = _forward(out, tail, errors, until=DONE_MARK)
+                if answer is not None and answer["id"] != request_id:
+                    with _EARLY_LOCK:
+                        _ANSWERS.setdefault(train_key, {})[answer["id"]] = answer
+                    continue
+        break
+    if answer is None:  # the output ended: the process is gone
         with _EARLY_LOCK:
-            _ANSWERS.setdefault(train_key, {})[answer["id"]] = answer
+            _EARLY.pop(train_key, None)
+        code = proc.wait()
+        proc.stdout.close()
+        raise WorkerFailed(f"{stage}: the training process running it (exit code {code}) failed: {_cause(errors, tail)}")
     if "error" in answer:
         raise _as_raised(answer["error"], stage)
     return answer["result"]
