@@ -24,12 +24,14 @@ from pathlib import Path
 from benchmarks.data import INSTRUCTIONS, REPO, write_examples
 
 
-def _load(model_dir: str, dequantize: bool = False, upcast: bool = True, checkpointing: bool = False):
+def _load(model_dir: str, dequantize: bool = False, upcast: bool = True, checkpointing: bool = False,
+          dropout: float = 0.0):
     """SmolLM2 in NF4 with LoRA r16 all-linear, in this machine's compute dtype. `upcast`: peft's
     prepare_model_for_kbit_training (frozen non-4-bit weights to fp32), else they stay in the compute dtype
     (loraflow's train.upcast_frozen=auto in bf16). `dequantize`: the base dequantized to the compute dtype,
     no adapter (for evaluation: merged into it afterwards). `checkpointing`: activation checkpointing on, as
-    loraflow turns it on (`loraflow.stages.model.enable_checkpointing`: non-reentrant), in training mode."""
+    loraflow turns it on (`loraflow.stages.model.enable_checkpointing`: non-reentrant), in training mode.
+    `dropout`: the LoRA dropout (peft's `nn.Dropout`)."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -49,18 +51,19 @@ def _load(model_dir: str, dequantize: bool = False, upcast: bool = True, checkpo
         from loraflow.stages.model import enable_checkpointing
 
         enable_checkpointing(model)
-        return _with_lora(model).train()  # checkpointing acts in training mode only
-    return _with_lora(model)
+        return _with_lora(model, dropout).train()  # checkpointing (and dropout) act in training mode only
+    return _with_lora(model, dropout)
 
 
-def _with_lora(model):
+def _with_lora(model, dropout: float = 0.0):
     import torch
     from peft import LoraConfig, get_peft_model
 
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(0)
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear",
+                                            task_type="CAUSAL_LM"))
 
 
 def saved_for_backward_mb(step) -> float:
@@ -92,7 +95,12 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
 
     models = {"upcast": _load(model_dir), "kept": _load(model_dir, upcast=False),
               "checkpointed": _load(model_dir, upcast=False, checkpointing=True),
-              "dequantized": _with_lora(_load(model_dir, dequantize=True))}
+              "dequantized": _with_lora(_load(model_dir, dequantize=True)),
+              "dropout": _load(model_dir, upcast=False, checkpointing=True, dropout=0.05),
+              "cpu dropout": _load(model_dir, upcast=False, checkpointing=True, dropout=0.05)}
+    from loraflow.stages.train.dropout import use_cpu_dropout
+
+    use_cpu_dropout(models["cpu dropout"])
     pad = CompletionCollator(pad_token_id=0)
     to_512 = CompletionCollator(pad_token_id=0, pad_to_multiple_of=max_length)
     everything = lambda b: {**b, "labels": torch.where(b["attention_mask"] == 1, b["input_ids"], -100)}  # noqa: E731
@@ -104,6 +112,7 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
     grouped = [pool[i * batch:(i + 1) * batch] for i in range(steps)]
     dtype = resolve_compute_dtype("auto")
     up, kept, deq, ckpt = models["upcast"], models["kept"], models["dequantized"], models["checkpointed"]
+    drop, cpu_drop = models["dropout"], models["cpu dropout"]
     cases = [  # (name, model, batches, collate, loss)
         ("plain script: pad to max_length, loss and logits on every token", up, rand, lambda b: everything(to_512(b)),
          full(up)),
@@ -116,6 +125,10 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
          label_only(ckpt)),
         (f"+ frozen weights dequantized to {dtype} once (no NF4 in the step)", deq, grouped, pad, label_only(deq)),
         ("packed, padding-free, logits only at labels", up, rand, DataCollatorWithFlattening(), label_only(up)),
+        ("checkpointed, with the LoRA dropout of the benchmark's configs (0.05), peft's `nn.Dropout`", drop, grouped,
+         pad, label_only(drop)),
+        ("+ that dropout from 16-bit lanes of 64-bit draws (`stages/train/dropout.py`; loraflow's default on a CPU)",
+         cpu_drop, grouped, pad, label_only(cpu_drop)),
     ]
     times: dict[str, list[float]] = {name: [] for name, *_ in cases}
     losses: dict[str, float] = {}
