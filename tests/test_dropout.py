@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from loraflow.stages.train.dropout import cpu_dropout, keep_threshold, use_cpu_dropout
+from loraflow.stages.train.dropout import cpu_dropout, keep_threshold, lane_probability, use_cpu_dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
@@ -16,7 +16,7 @@ def test_each_element_is_dropped_with_probability_p_in_every_lane(p):
     n = 4 * 250_000
     y = cpu_dropout(p).train()(torch.ones(n))
     dropped = y == 0
-    assert torch.allclose(y[~dropped], torch.full_like(y[~dropped], 1 / (1 - p)))
+    assert torch.allclose(y[~dropped], torch.full_like(y[~dropped], 1 / (1 - lane_probability(p))))
     sigma = math.sqrt(p * (1 - p) / (n // 4))
     for lane in range(4):  # a draw's four 16-bit lanes: one never dropping would halve a quarter of the rate
         rate = dropped[lane::4].double().mean().item()
@@ -26,6 +26,7 @@ def test_each_element_is_dropped_with_probability_p_in_every_lane(p):
 def test_the_probability_is_p_to_within_one_lane_step():
     for p in (0.0, 0.05, 0.1, 0.5, 0.999):
         assert abs((keep_threshold(p) + 32768) / 65536 - p) <= 0.5 / 65536
+        assert lane_probability(p) == (keep_threshold(p) + 32768) / 65536
 
 
 def test_gradients_go_through_the_same_mask_and_eval_mode_is_the_identity():
@@ -35,12 +36,16 @@ def test_gradients_go_through_the_same_mask_and_eval_mode_is_the_identity():
     y = drop(x)
     keep = y != 0
     y.backward(torch.full_like(y, 3.0))
-    assert torch.equal(x.grad, keep * 3.0 / 0.8)
-    assert torch.allclose(y, x.detach() * keep / 0.8)
+    scale = 1 / (1 - lane_probability(0.2))  # 0.2 to within 1/65536
+    assert abs(scale - 1 / 0.8) < 1e-4
+    torch.testing.assert_close(x.grad, keep * 3.0 * scale)
+    torch.testing.assert_close(y, x.detach() * keep * scale)
     assert drop.eval()(x) is x
     assert cpu_dropout(0.0).train()(x) is x
-    with pytest.raises(ValueError, match="not in"):
-        cpu_dropout(1.0)
+    assert cpu_dropout(1e-6).train()(x) is x  # rounds to 0: nothing dropped, nothing scaled
+    for p in (1.0, 1 - 1e-6):  # rounds to 1: not a dropout the lanes can give
+        with pytest.raises(ValueError, match="use torch.nn.Dropout"):
+            cpu_dropout(p)
 
 
 def test_the_same_seed_gives_the_same_mask_and_another_seed_another():
@@ -81,9 +86,12 @@ def test_every_lora_dropout_is_replaced_and_no_other_module(tiny_llama_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attention_dropout=0.1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear"))
     assert use_cpu_dropout(model) == 0  # p = 0: peft's Identity, left alone
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+                           LoraConfig(r=4, lora_dropout=1 - 1e-6, target_modules="all-linear"))
+    assert use_cpu_dropout(model) == 0  # a p the lanes round to 1: torch's dropout stays
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
                            LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"))
     before = [type(m).__name__ for n, m in model.named_modules() if "lora_dropout" not in n]

@@ -98,3 +98,17 @@ def test_two_tasks_awaiting_answers_that_come_together_both_get_theirs_from_an_i
         proc.wait(timeout=20)
         launch._EARLY.pop("k2", None)
         launch._ANSWERS.pop("k2", None)
+
+
+def test_every_task_waiting_on_a_process_that_ended_gets_its_failure_not_a_closed_file():
+    import pytest
+
+    proc = _process("Traceback: the process died before answering")
+    launch._EARLY["k3"] = proc
+    try:
+        for stage in ("tokenize", "model"):  # the second reads after the first has closed the output
+            with pytest.raises(launch.WorkerFailed, match=f"{stage}: the training process running it"):
+                launch._await("k3", proc, f"{stage}-1", stage)
+    finally:
+        launch._EARLY.pop("k3", None)
+        launch._ANSWERS.pop("k3", None)

@@ -137,6 +137,8 @@ def _forward(out: _Output, tail: deque, errors: list[dict], on_progress: Callabl
                 _show(out.buf[out.shown:showable])
                 out.shown = showable
             stream = out.stream
+            if stream.closed:  # another task saw the output end and closed it
+                return None
             chunk = stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096)
             if not chunk:
                 return None

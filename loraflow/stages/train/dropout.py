@@ -4,8 +4,8 @@ peft puts an `nn.Dropout` before each LoRA A matrix. On a CPU, `torch.nn.functio
 32-bit random number per element (torch's CPU generator), and on a 2-core machine those draws were about a
 third of a training step of SmolLM2-135M (7 LoRA modules a layer, each input dropped apart; with activation
 checkpointing, drawn twice). `CpuDropout` drops each element with the same probability (p rounded to a
-multiple of 1/65536) from 16-bit lanes of 64-bit draws: a quarter of the generator's calls, from the same
-seeded generator, so a run is as reproducible as before and a checkpointed layer's recomputation (which
+multiple of 1/65536) from 16-bit lanes of 64-bit draws: one draw for four elements (half the generator's
+32-bit output, a quarter of its calls), from the same seeded generator, so a run is as reproducible as before and a checkpointed layer's recomputation (which
 restores that generator's state) draws the same mask. On a GPU, torch's dropout is one fused kernel and
 stays.
 
@@ -19,15 +19,21 @@ from functools import lru_cache
 LANES = 65536  # each element's draw: one 16-bit lane
 
 
+def lane_probability(p: float) -> float:
+    """The dropout probability the lanes give for `p`: p rounded to a multiple of 1/65536."""
+    return round(p * LANES) / LANES
+
+
 def keep_threshold(p: float) -> int:
     """The signed 16-bit lane value at and above which an element is kept: a lane is below it with probability
-    round(p * 65536) / 65536."""
+    `lane_probability(p)`."""
     return -LANES // 2 + round(p * LANES)
 
 
 def use_cpu_dropout(model) -> int:
-    """Replace every LoRA dropout (`nn.Dropout` with p > 0 in peft's `lora_dropout`) of `model` with
-    `CpuDropout` of the same p; returns how many. For a model that trains on the CPU."""
+    """Replace every LoRA dropout (`nn.Dropout` in peft's `lora_dropout`) of `model` with `CpuDropout` of the
+    same p; returns how many. For a model that trains on the CPU. A p the lanes cannot give (rounding to 0 or
+    1: under 1/131072 of either end) keeps torch's dropout."""
     import torch
 
     count = 0
@@ -36,7 +42,7 @@ def use_cpu_dropout(model) -> int:
         if not isinstance(dropouts, torch.nn.ModuleDict):
             continue
         for name, layer in dropouts.items():
-            if type(layer) is torch.nn.Dropout and layer.p > 0:
+            if type(layer) is torch.nn.Dropout and 0.0 < lane_probability(layer.p) < 1.0:
                 dropouts[name] = cpu_dropout(layer.p)
                 count += 1
     return count
@@ -54,7 +60,7 @@ def _module_class():
     class _Masked(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, keep, scale):
-            ctx.save_for_backward(keep)  # one byte an element, as torch's own dropout keeps
+            ctx.save_for_backward(keep)  # one byte an element (torch's CPU dropout keeps one in x's dtype)
             ctx.scale = scale
             return x.mul(keep).mul_(scale)
 
@@ -66,18 +72,18 @@ def _module_class():
     class CpuDropout(torch.nn.Module):
         def __init__(self, p: float) -> None:
             super().__init__()
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"dropout probability {p} is not in [0, 1)")
-            self.p = p
-            self.threshold = keep_threshold(p)
+            if not 0.0 <= lane_probability(p) < 1.0:
+                raise ValueError(f"dropout probability {p} is not in [0, 1 - 1/131072): use torch.nn.Dropout")
+            self.p, self.threshold = p, keep_threshold(p)
+            self.scale = 1.0 / (1.0 - lane_probability(p))  # the kept elements' scale, for the p the lanes give
 
         def forward(self, x):
-            if not self.training or self.p == 0.0:
+            if not self.training or self.threshold == -LANES // 2:  # in eval, or p rounds to 0: nothing dropped
                 return x
             n = x.numel()
             bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
             keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
-            return _Masked.apply(x, keep, 1.0 / (1.0 - self.p))
+            return _Masked.apply(x, keep, self.scale)
 
         def extra_repr(self) -> str:
             return f"p={self.p}"
