@@ -361,7 +361,7 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
                   continuation: str, built: Any = None) -> None:
     import datasets
 
-    from loraflow.stages.model import load_for_training, ready_for_training
+    from loraflow.stages.model import device_type, load_for_training, ready_for_training
     from loraflow.stages.tokenize import load_tokenizer
     from loraflow.stages.train.trainer import CompletionTrainer
 
@@ -377,10 +377,10 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
     if model is None:
         model = load_for_training(model_handle, cfg.model, cfg.quantization, checkpointing, cfg.train.upcast_frozen)
     model.config.use_cache = False
-    if next(model.parameters()).device.type == "cpu":
+    if device_type() == "cpu":  # where the model stage put the model
         from loraflow.stages.train.dropout import use_cpu_dropout
 
-        use_cpu_dropout(model)  # the same dropout, at a quarter of its random draws (see the module)
+        use_cpu_dropout(model)  # the same dropout, from one 64-bit draw per four elements (see the module)
     process["model_ready_at"] = time.time()  # the cold run's timeline (benchmarks.report.timeline)
     before = frozen_checksum(model)
 
