@@ -29,6 +29,9 @@ MEASURES = [
 ]
 
 
+MIN_SAMPLE_HZ = 10  # `rss.TreeSampler` samples at 20 Hz: a run sampled below this lost its memory reading
+
+
 def measures(side: str, run: dict[str, Any], shape: dict, peak: float) -> dict[str, float]:
     """One run's measures, whichever side it is."""
     if side == "loraflow":
@@ -54,6 +57,9 @@ def measures(side: str, run: dict[str, Any], shape: dict, peak: float) -> dict[s
                "stop_rate": run["stop_rate"], "mean_prediction_words": run["mean_prediction_words"],
                "wall_s": run["wall_s"]}
         launched, began, first = run["launched_at"], run.get("loop_began_at"), run["first_step_at"]
+    memory = cold if side == "loraflow" else run
+    if memory.get("sample_hz", MIN_SAMPLE_HZ) < MIN_SAMPLE_HZ:  # the sampler stopped early: it saw part of the run
+        out["peak_rss_sum_mb"] = out["largest_process_rss_mb"] = None
     out["time_to_first_step_s"] = first - launched
     out["time_to_loop_s"] = began - launched if began else None  # None: recorded before 2026-12-04's second run
     out["first_step_s"] = first - began if began else None
@@ -158,10 +164,11 @@ def summary(report: dict) -> dict:
 def like_for_like(d: dict) -> dict[str, dict[str, float]]:
     """{"on"|"off": {side: mean peak RSS summed over the run's processes, MB}}: every side with gradient
     checkpointing forced on, then off (`benchmarks.run --like-for-like`)."""
-    def peak(side: str, r: dict) -> float:
-        return (r["cold"] if side == "loraflow" else r)["peak_rss_sum_mb"]
+    def peaks(side: str, rs: list[dict]) -> list[float]:  # as in `measures`, a run sampled below 10 Hz is left out
+        rs = [r["cold"] if side == "loraflow" else r for r in rs]
+        return [r["peak_rss_sum_mb"] for r in rs if r.get("sample_hz", MIN_SAMPLE_HZ) >= MIN_SAMPLE_HZ]
 
-    return {setting: {side: round(sum(peak(side, r) for r in rs) / len(rs), 1) for side, rs in sides.items() if rs}
+    return {setting: {side: round(sum(p) / len(p), 1) for side, rs in sides.items() if (p := peaks(side, rs))}
             for setting, sides in (d.get("like_for_like") or {}).items()}
 
 

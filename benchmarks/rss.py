@@ -40,11 +40,11 @@ class TreeSampler:
             total += rss
             seen = self.own.get(proc.pid)
             if seen is None:
-                try:
-                    cmd = " ".join(proc.cmdline()[:4])
+                try:  # it may end between its memory and these (the RSS read still counts)
+                    name, cmd = proc.name(), " ".join(proc.cmdline()[:4])
                 except psutil.Error:
-                    cmd = "?"
-                seen = self.own[proc.pid] = {"name": proc.name(), "cmd": cmd[:160], "peak": 0}
+                    name, cmd = "?", "?"
+                seen = self.own[proc.pid] = {"name": name, "cmd": cmd[:160], "peak": 0}
             seen["peak"] = max(seen["peak"], rss)
         self.peak_sum = max(self.peak_sum, total)
         self.samples += 1
