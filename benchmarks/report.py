@@ -32,6 +32,13 @@ MEASURES = [
 MIN_SAMPLE_HZ = 10  # `rss.TreeSampler` samples at 20 Hz: a run sampled below this lost its memory reading
 
 
+def memory_peak(side: str, run: dict[str, Any]) -> float | None:
+    """A run's peak RSS summed over its processes (loraflow's from its cold run), MB; None when its sampler
+    stopped early and saw only part of the run."""
+    memory = run["cold"] if side == "loraflow" else run
+    return memory["peak_rss_sum_mb"] if memory.get("sample_hz", MIN_SAMPLE_HZ) >= MIN_SAMPLE_HZ else None
+
+
 def measures(side: str, run: dict[str, Any], shape: dict, peak: float) -> dict[str, float]:
     """One run's measures, whichever side it is."""
     if side == "loraflow":
@@ -57,8 +64,7 @@ def measures(side: str, run: dict[str, Any], shape: dict, peak: float) -> dict[s
                "stop_rate": run["stop_rate"], "mean_prediction_words": run["mean_prediction_words"],
                "wall_s": run["wall_s"]}
         launched, began, first = run["launched_at"], run.get("loop_began_at"), run["first_step_at"]
-    memory = cold if side == "loraflow" else run
-    if memory.get("sample_hz", MIN_SAMPLE_HZ) < MIN_SAMPLE_HZ:  # the sampler stopped early: it saw part of the run
+    if memory_peak(side, run) is None:  # the sampler stopped early: neither memory reading holds
         out["peak_rss_sum_mb"] = out["largest_process_rss_mb"] = None
     out["time_to_first_step_s"] = first - launched
     out["time_to_loop_s"] = began - launched if began else None  # None: recorded before 2026-12-04's second run
@@ -164,9 +170,8 @@ def summary(report: dict) -> dict:
 def like_for_like(d: dict) -> dict[str, dict[str, float]]:
     """{"on"|"off": {side: mean peak RSS summed over the run's processes, MB}}: every side with gradient
     checkpointing forced on, then off (`benchmarks.run --like-for-like`)."""
-    def peaks(side: str, rs: list[dict]) -> list[float]:  # as in `measures`, a run sampled below 10 Hz is left out
-        rs = [r["cold"] if side == "loraflow" else r for r in rs]
-        return [r["peak_rss_sum_mb"] for r in rs if r.get("sample_hz", MIN_SAMPLE_HZ) >= MIN_SAMPLE_HZ]
+    def peaks(side: str, rs: list[dict]) -> list[float]:
+        return [p for r in rs if (p := memory_peak(side, r)) is not None]
 
     return {setting: {side: round(sum(p) / len(p), 1) for side, rs in sides.items() if (p := peaks(side, rs))}
             for setting, sides in (d.get("like_for_like") or {}).items()}
