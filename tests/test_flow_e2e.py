@@ -290,12 +290,16 @@ def test_a_run_that_fails_before_training_ends_its_early_training_process(tmp_pa
     assert len(early) == 1 and early[0].returncode is not None and not launch._EARLY  # ended, nothing left
 
 
-def test_cli_run_with_missing_data_fails_in_one_line(tmp_path, prefect_harness, capsys):
+def test_cli_run_with_missing_data_fails_in_one_line(tmp_path, prefect_harness, capsys, monkeypatch):
     from loraflow.cli.main import main
+    from loraflow.stages import launch
 
+    early = early_spawns(monkeypatch)
     code = main(["run", "--set", f"data.source={tmp_path / 'nope.jsonl'}", "--set", f"run.output_dir={tmp_path / 'runs'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
+    # The training process the command started before the run (`launch.prestart`) ended with it.
+    assert len(early) == 1 and early[0].returncode is not None and not launch._PRESTARTED and not launch._EARLY
     assert err[-1].startswith("error: pre-flight: data.source:") and "does not exist: check the path" in err[-1]
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("manifest.json"))
 

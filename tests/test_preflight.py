@@ -201,6 +201,28 @@ def test_the_estimates_meta_model_waits_for_a_model_build_in_another_thread(tiny
     assert done.is_set() and torch.get_default_dtype() == torch.float32
 
 
+def test_the_estimates_shapes_are_built_once_per_config_and_then_wait_for_no_model_build(tiny_llama_dir):
+    """The pre-flight's estimate and the train stage's checkpointing choice (`auto`) run in the same process, the
+    training process started with the run: the second reuses the first's shapes, and waits for no model build."""
+    import threading
+
+    from transformers import AutoConfig
+
+    from loraflow.stages import memory
+    from loraflow.store.buildlock import MODEL_BUILD
+
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    config.max_position_embeddings += 1  # a config no other test has built
+    first = memory.shapes(config)
+    got: list = []
+    worker = threading.Thread(target=lambda: got.append(memory.shapes(AutoConfig.from_pretrained(tiny_llama_dir,
+                              max_position_embeddings=config.max_position_embeddings))), daemon=True)
+    with MODEL_BUILD:  # a model loading in another thread
+        worker.start()
+        worker.join(30)
+        assert got == [first], "the estimate waited for another thread's model build"
+
+
 @pytest.mark.parametrize("setting, code, says", [
     ("false", 1, "set train.gradient_checkpointing=auto (or true), which needs"),
     ("auto", 0, "gradient checkpointing on (auto)"),

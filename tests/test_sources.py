@@ -82,3 +82,21 @@ def test_hub_id_resolves_through_the_hugging_face_cache(tmp_path, tiny_llama_dir
     assert folder.name == commit and (folder / "config.json").is_file()
     with pytest.raises(ModelSourceError, match="could not fetch hub model 'acme/missing'.*pass a local folder"):
         resolve_model_dir("acme/missing")
+
+
+def test_two_threads_asking_for_the_same_gguf_at_once_convert_it_once_and_get_the_same_folder(tmp_path, caplog):
+    """The training process runs the pre-flight and the model stage side by side: both resolve the model, and on
+    first use both would convert the GGUF, the second replacing the folder the first was reading."""
+    import logging
+    import threading
+
+    caplog.set_level(logging.INFO, logger="loraflow")
+    got: list = []
+    threads = [threading.Thread(target=lambda: got.append(convert_gguf(builtin_gguf_path(), str(tmp_path))))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(got) == 2 and got[0] == got[1] and (got[0] / "model.safetensors").is_file()
+    assert sum("converting" in r.getMessage() for r in caplog.records) == 1

@@ -221,6 +221,65 @@ def test_the_stage_asked_of_the_early_training_process_writes_what_it_writes_her
     assert all(ours[split].to_list() == theirs[split].to_list() for split in ("train", "validation", "test"))
 
 
+def test_the_process_started_before_the_run_is_adopted_with_the_runs_token_and_runs_its_stages(
+        tmp_path, gpt2_tokenizer_dir, monkeypatch):
+    """`loraflow run` starts the training process before the flow (`launch.prestart`); the run adopts it, handing
+    it what changed in the environment since (the hub token the flow reads from a Prefect Secret), on its stdin.
+    A change that could not reach what it already imported starts a new process instead; a run that will not
+    train ends it."""
+    from loraflow.config import ModelConfig, build_config
+    from loraflow.hardware import resolve
+    from loraflow.stages import launch, tokenize
+
+    data, prompt = _data_handle(tmp_path), template(max_length=96, max_target_length=16)
+    model = ModelConfig(name_or_path=str(gpt2_tokenizer_dir))
+    cfg = resolve(build_config({"model": {"name_or_path": str(gpt2_tokenizer_dir)},
+                                "run": {"output_dir": str(tmp_path / "runs")}}))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    launch.prestart(cfg)
+    (prestarted, _), = launch._PRESTARTED
+    monkeypatch.setenv("HF_TOKEN", "hf_from_a_secret_block")  # what `load_hub_token` does inside the run
+    written: list[bytes] = []
+    write = prestarted.stdin.write
+    monkeypatch.setattr(prestarted.stdin, "write", lambda b: written.append(b) or write(b), raising=False)
+    with launch.early_start(cfg, tmp_path / "runs", "a-train-key") as early:
+        assert launch._EARLY[early] is prestarted and not launch._PRESTARTED  # adopted, not a second process
+        summary = launch.ask(early, "tokenize", {"data": data.model_dump(), "prompt": prompt.model_dump(mode="json"),
+                                                 "model": model.model_dump(mode="json"), "out": str(tmp_path / "there"),
+                                                 "cache_dir": None})
+    here = tmp_path / "here"
+    here.mkdir()
+    assert summary == tokenize.run(data, prompt, model, here)
+    env_line = json.loads(written[0].decode().removeprefix("env "))
+    assert env_line == {"set": {"HF_TOKEN": "hf_from_a_secret_block"}, "unset": []}
+    assert prestarted.poll() is not None
+
+    launch.prestart(cfg)
+    (prestarted, _), = launch._PRESTARTED
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torch read it at import: only a new process gets it
+    with launch.early_start(cfg, tmp_path / "runs", "another-train-key") as early:
+        assert launch._EARLY[early] is not prestarted and prestarted.wait(timeout=30) is not None
+    launch.prestart(cfg)
+    (prestarted, _), = launch._PRESTARTED
+    with launch.early_start(cfg, tmp_path / "runs", None) as early:  # training will not run (a cache hit)
+        assert early is None and not launch._PRESTARTED and prestarted.wait(timeout=30) is not None
+
+
+def test_the_training_process_takes_the_runs_environment_from_its_stdin(monkeypatch):
+    """The other half: `worker._serve` applies an env line before any stage it is asked."""
+    import io
+    import os
+
+    from loraflow.stages import worker
+
+    monkeypatch.setenv("LORAFLOW_TEST_GONE", "x")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    line = "env " + json.dumps({"set": {"HF_TOKEN": "hf_from_a_secret_block"}, "unset": ["LORAFLOW_TEST_GONE"]})
+    monkeypatch.setattr("sys.stdin", io.StringIO(line + "\n"))
+    assert worker._serve({}) is None  # stdin closed after it: the run ended before training
+    assert os.environ["HF_TOKEN"] == "hf_from_a_secret_block" and "LORAFLOW_TEST_GONE" not in os.environ
+
+
 @pytest.mark.parametrize(("cfg", "match"), [
     (PromptConfig(style="template", template="{title}: {input}"), r"uses \{title\}.*use one of \{input\}, \{id\}"),
     (PromptConfig(style="template", max_length=64, max_target_length=64), "leaves no room for the prompt"),

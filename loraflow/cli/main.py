@@ -198,10 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         update = {"enabled": True, **({"format": args.format} if args.format else {})}
         cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update=update)})
     _prefect_defaults()
-    from flows.finetune import finetune
-    from loraflow.stages.launch import WorkerFailed
+    from loraflow.stages.launch import WorkerFailed, prestart, retire_prestarted
 
     try:
+        prestart(cfg)  # the training process imports torch while this one imports Prefect and starts the run
+        from flows.finetune import finetune
+
         with prefect_api(), ctrl_c_stops():
             result = finetune(cfg)
     except (ValueError, FileNotFoundError, PermissionError, WorkerFailed) as err:
@@ -211,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return 130
+    finally:
+        retire_prestarted()  # not adopted by the run (a cache hit, or it stopped before training)
     from loraflow.ops.report import results_table
 
     print(results_table(result["metrics"]))

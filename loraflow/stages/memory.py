@@ -76,15 +76,28 @@ def available(cuda: bool) -> tuple[float, str]:
     return float(psutil.virtual_memory().available), "RAM"
 
 
+_SHAPES: dict[str, dict[str, Any]] = {}  # by the config's JSON: once per process
+
+
 def shapes(model_config: Any) -> dict[str, Any]:
     """{linear: [(name, in, out)], other_params, lm_head, tied, hidden, intermediate, layers, heads, vocab} from a
-    model built on the meta device."""
+    model built on the meta device, once per config and process (the pre-flight's estimate and the train stage's
+    checkpointing choice run in the same training process: the second waits for no model build)."""
+    from loraflow.store.buildlock import MODEL_BUILD
+
+    key = model_config.to_json_string()
+    if key not in _SHAPES:
+        with MODEL_BUILD:
+            if key not in _SHAPES:
+                _SHAPES[key] = _shapes(model_config)
+    return _SHAPES[key]
+
+
+def _shapes(model_config: Any) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from loraflow.store.buildlock import MODEL_BUILD
-
-    with MODEL_BUILD, torch.device("meta"):  # a build sets torch's default dtype process-wide, even on meta
+    with torch.device("meta"):  # a build sets torch's default dtype process-wide, even on meta (under MODEL_BUILD)
         model = AutoModelForCausalLM.from_config(model_config)
     head = model.get_output_embeddings()
     linear = [(name, m.in_features, m.out_features) for name, m in model.named_modules()

@@ -40,6 +40,7 @@ class Preemption:
 
 
 WAIT_FLAG = "--wait"  # started early (`launch.early_start`): import, then read request paths on stdin
+ENV_LINE = "env "  # + {"set": {...}, "unset": [...]} as JSON on stdin: the run's environment, for a process started before it
 DONE_MARK = "loraflow-done "  # + {"id", "result"} or {"id", "error"} as JSON: a stage asked of the process is done
 
 
@@ -91,6 +92,12 @@ def _serve(process: dict) -> tuple[str, tuple[str, object] | None] | None:
         line = sys.stdin.readline().strip()
         if not line:
             return None
+        if line.startswith(ENV_LINE):  # started before the run (`launch.prestart`): the run's hub token, say
+            env = json.loads(line[len(ENV_LINE):])
+            os.environ.update(env["set"])
+            for name in env["unset"]:
+                os.environ.pop(name, None)
+            continue
         request = json.loads(Path(line).read_text())
         if request.get("kind") not in _STAGES:
             break

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 from pathlib import Path
 
 from loraflow.store.artifacts import atomic_dir, content_digest, default_cache_dir, fingerprint, is_complete
@@ -99,8 +100,24 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
     that `save_pretrained` rejects, so we rebuild the model from its config without it.
     """
     target = default_cache_dir(cache_dir) / "models" / f"{gguf.stem}-{content_digest(gguf)}"
-    if is_complete(target):
-        return target
+    with _converting(target):  # two runs in one process (threads: a sweep's, a served flow's) may ask at once
+        if is_complete(target):
+            return target
+        return _convert(gguf, target)
+
+
+_CONVERSIONS: dict[Path, threading.Lock] = {}
+_CONVERSIONS_LOCK = threading.Lock()
+
+
+def _converting(target: Path) -> threading.Lock:
+    """One lock per conversion target: a second thread waits for the first's folder instead of converting again
+    (and replacing the folder the first may already be reading)."""
+    with _CONVERSIONS_LOCK:
+        return _CONVERSIONS.setdefault(target, threading.Lock())
+
+
+def _convert(gguf: Path, target: Path) -> Path:
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
