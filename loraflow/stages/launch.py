@@ -155,9 +155,19 @@ _ANSWERS: dict[str, dict[str, dict]] = {}
 _EARLY_LOCK = threading.Lock()
 
 
+def _child_env() -> dict[str, str]:
+    """The environment a training process gets (a prestarted one is handed what changed in it since: `_adopt`)."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
 def _spawn(command: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent, **kw)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env(),
+                            preexec_fn=_die_with_parent, **kw)
+
+
+def _spawn_waiting() -> subprocess.Popen:
+    """A training process that imports, then waits for its requests on stdin (`worker.WAIT_FLAG`)."""
+    return _spawn([sys.executable, "-m", "loraflow.stages.worker", WAIT_FLAG], stdin=subprocess.PIPE)
 
 
 def _will_run(cfg: PipelineConfig, output_dir: str | Path, stage: str, key: str) -> bool:
@@ -195,9 +205,7 @@ def prestart(cfg: PipelineConfig) -> None:
         return  # ('auto' is one process but with several GPUs, which the run resolves: then it is ended)
     with _EARLY_LOCK:
         if not _PRESTARTED:
-            env = dict(os.environ)
-            _PRESTARTED.append((_spawn([sys.executable, "-m", "loraflow.stages.worker", WAIT_FLAG],
-                                       stdin=subprocess.PIPE), env))
+            _PRESTARTED.append((_spawn_waiting(), _child_env()))
 
 
 def retire_prestarted() -> None:
@@ -215,9 +223,9 @@ def _adopt() -> subprocess.Popen | None:
     if not _PRESTARTED:
         return None
     proc, env = _PRESTARTED.pop()
-    now = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    now = _child_env()
     changed = {k: v for k, v in now.items() if env.get(k) != v}
-    unset = [k for k in env if k not in now and k != "PYTHONUNBUFFERED"]
+    unset = [k for k in env if k not in now]
     late = [k for k in [*changed, *unset] if k not in _LATE_ENV and not k.startswith(_LATE_ENV_PREFIXES)]
     if late or proc.poll() is not None:
         log.info("train: not using the process started before the run (%s): starting a new one",
@@ -248,8 +256,7 @@ def early_start(cfg: PipelineConfig, output_dir: str | Path, train_key: str | No
     if key is not None:
         with _EARLY_LOCK:
             if key not in _EARLY:
-                _EARLY[key] = _adopt() or _spawn([sys.executable, "-m", "loraflow.stages.worker", WAIT_FLAG],
-                                                 stdin=subprocess.PIPE)
+                _EARLY[key] = _adopt() or _spawn_waiting()
             else:
                 key = None  # another run of the same config in this process started it: that run owns it
     if key is None:
