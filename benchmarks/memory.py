@@ -16,7 +16,10 @@ By kind, at step 1: the frozen weights (4-bit packed and the rest), the LoRA wei
 optimizer's state (tensors counted), the tensors autograd saves for backward (`saved_tensors_hooks`, distinct
 storages: the activations), the LM head's output (logits), the mapped files' resident pages (shared libraries,
 the tokenized data), and the rest of the peak: temporaries freed within the step, allocator caching and
-fragmentation.
+fragmentation. After every step: the RSS and the C heap in use (glibc's `mallinfo2`), which show what grows over a
+long run (`--steps 72`, the demo's length). `--set` applies a `loraflow run --set` override (e.g.
+`train.pad_to_multiple_of=1`); the training process gets loraflow's environment (`hardware.KERNEL_CACHES` unless
+set), so `ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024 LRU_CACHE_CAPACITY=1024` measures oneDNN's defaults.
 
 The flow process (`--flow`, on by default): RSS after importing Prefect and the flows, after the tokenize stage
 (transformers' tokenizer) and after the model stage (torch and a 4-bit model loaded and saved): what sits next
@@ -38,6 +41,7 @@ import time
 from pathlib import Path
 
 from benchmarks.data import REPO
+from loraflow.hardware import KERNEL_CACHES
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MB = 1 / 2**20
@@ -84,6 +88,23 @@ class Sampler:
         return [{k: (round(v * MB, 1) if k != "phase" else v) for k, v in p.items()} for p in self.phases]
 
 
+def heap_in_use() -> int | None:
+    """Bytes the C allocator has handed out and not had back (glibc's `mallinfo2`, every arena), or None elsewhere."""
+    import ctypes
+
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = Info
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
 def _bytes(tensors) -> int:
     seen: dict[int, int] = {}
     for t in tensors:
@@ -92,8 +113,9 @@ def _bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def phase_callback(sampler: Sampler, kinds: dict):
-    """Marks the phases of training and counts, at step 1, what each kind of tensor holds."""
+def phase_callback(sampler: Sampler, kinds: dict, steps: list):
+    """Marks the phases of training, counts at step 1 what each kind of tensor holds, and appends to `steps` the RSS
+    and the C heap in use after every step (what grows over a long run)."""
     import contextlib
 
     import torch
@@ -141,6 +163,9 @@ def phase_callback(sampler: Sampler, kinds: dict):
                 kinds["optimizer state"] = _bytes(tensors)
 
         def on_step_end(self, args, state, control, **kwargs):
+            heap = heap_in_use()
+            steps.append({"step": state.global_step, "rss_mb": round(rss_bytes()[0] * MB, 1),
+                          "heap_in_use_mb": None if heap is None else round(heap * MB, 1)})
             if state.global_step == 1:
                 sampler.mark("steps 2 and later")
             if state.global_step == state.max_steps:
@@ -168,13 +193,14 @@ def train_child(request: dict) -> dict:
     libraries = rss_bytes()[0]
     sampler.mark("model loaded, Trainer built")
     kinds: dict[str, int] = {}
+    steps: list[dict] = []
     cfg = PipelineConfig.model_validate(request["cfg"])
     # As a run trains on a miss: the model stage is built in this process, and training goes on with that model
     # (`launch.build_model`); its folder here is scratch.
     built, _ = model_stage.build(cfg.model, cfg.quantization, cfg.lora, Path(request["output_dir"]) / "model-scratch",
                                  cfg.run.cache_dir, training=True)
     handle = train_adapter(cfg, Handle(**request["tokenized"]), Handle(**request["model"]), request["output_dir"],
-                           StageKey(**request["key"]), callbacks=[phase_callback(sampler, kinds)], built=built)
+                           StageKey(**request["key"]), callbacks=[phase_callback(sampler, kinds, steps)], built=built)
     del built
     phases = sampler.stop()
     peak = max(p["peak"] for p in phases)
@@ -191,7 +217,7 @@ def train_child(request: dict) -> dict:
     return {"checkpointing": request["checkpointing"], "peak_rss_mb": peak,
             "preflight_estimate_mb": round(estimate, 1), "estimate_over_peak": round(estimate / peak, 3),
             "resident_file_pages_peak_mb": round(sampler.shared_peak * MB, 1), "phases": phases, "kinds": by_kind,
-            "kinds_bytes": kinds,
+            "kinds_bytes": kinds, "steps": steps,
             "train_metrics": {k: handle.info.get(k) for k in ("gradient_checkpointing", "peak_rss_mb",
                                                               "train_examples_per_second", "global_step")}}
 
@@ -230,7 +256,8 @@ def flow_child(request: dict) -> dict:
 
 def _child(kind: str, request: dict) -> dict:
     done = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--child", kind, json.dumps(request)],
-                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                          cwd=REPO, capture_output=True, text=True,
+                          env={**KERNEL_CACHES, **os.environ, "TOKENIZERS_PARALLELISM": "false"})  # as a run's child
     if done.returncode != 0:
         raise SystemExit(f"error: the {kind} process failed: {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -260,6 +287,15 @@ def markdown(report: dict) -> str:
                  + " | ".join(f"{r['preflight_estimate_mb']:.0f} ({r['estimate_over_peak']:.2f}x)" for r in runs) + " |")
     lines.append("| training examples/s (these few steps) | "
                  + " | ".join(f"{r['train_metrics']['train_examples_per_second']}" for r in runs) + " |")
+    if all(r.get("steps") for r in runs):
+        def after(r, i):
+            row = r["steps"][i]
+            heap = "-" if row["heap_in_use_mb"] is None else f"{row['heap_in_use_mb']:.0f}"
+            return f"{row['rss_mb']:.0f} / {heap}"
+        lines.append("| RSS / C heap in use after step 1, MB | " + " | ".join(after(r, 0) for r in runs) + " |")
+        lines.append("| RSS / C heap in use after the last step, MB | " + " | ".join(after(r, -1) for r in runs) + " |")
+    if report.get("set") or report.get("environment"):
+        lines.append(f"\nSettings: {report.get('set') or 'defaults'}; environment: {report.get('environment') or '-'}")
     if report.get("flow"):
         lines += ["", "The flow process (RSS in MB after each step, as `loraflow run` does them)", "",
                   "| step | RSS, MB |", "|---|---|"]
@@ -273,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpointing", nargs="+", default=["auto", "on", "off"], choices=["auto", "on", "off"])
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--no-flow", dest="flow", action="store_false", help="skip the flow process's table")
+    p.add_argument("--set", dest="loraflow_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a `loraflow run --set` override, e.g. train.pad_to_multiple_of=1 (repeatable)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench-memory")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "memory.json")
     p.add_argument("--child", nargs=2, metavar=("KIND", "REQUEST"), help=argparse.SUPPRESS)
@@ -295,11 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(a.work, ignore_errors=True)
     data_dir = a.work / "data"
     defaults = argparse.Namespace(model="smollm2-gguf", max_length=512, seed=0, steps=a.steps, batch_size=4,
-                                  learning_rate=1e-3, max_new_tokens=48, eval_batch_size=12, loraflow_set=[])
+                                  learning_rate=1e-3, max_new_tokens=48, eval_batch_size=12,
+                                  loraflow_set=a.loraflow_set)
     model_dir = str(resolve_model_dir(defaults.model, None, None, False))
     write_examples(a.dataset, model_dir, data_dir, 256, 64, defaults.max_length, 0, 32)
     base = bench_config(a.dataset, data_dir, a.work, defaults, seed=0)
-    report = {"date": dt.date.today().isoformat(), "dataset": a.dataset, "steps": a.steps,
+    report = {"date": dt.date.today().isoformat(), "dataset": a.dataset, "steps": a.steps, "set": a.loraflow_set,
+              "environment": {k: os.environ[k] for k in sorted(os.environ) if k.startswith("MALLOC_")
+                              or k in KERNEL_CACHES},
               "machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "training": []}
     if a.flow:
         report["flow"] = _child("flow", {"cfg": resolve(build_config(base)).model_dump(mode="json"),

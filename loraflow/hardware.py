@@ -26,6 +26,13 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 REPORTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 # Tests and benchmarks set this to stand in for another CPU (space-separated flags; empty = none).
 FLAGS_ENV = "LORAFLOW_CPU_FLAGS"
+# oneDNN (torch's CPU kernels for bf16 matmuls) keeps every kernel it builds for a new shape, in two caches of
+# 1024 entries each (oneDNN's primitive cache, and ideep's above it), at about 1 MB an entry. Batches padded to
+# their longest example have a new shape at almost every step, so a CPU training process grew by ~12 MB a step
+# (docs/benchmarks.md, "the heap over a long run"). A step reuses its shape's kernels across the layers; 128
+# entries hold a few steps' worth and cost no speed measured. The training process gets these unless the user's
+# environment sets them (`launch._child_env`); both caches read them when first used.
+KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
 
 
 def _cpuinfo_field(name: str) -> str:

@@ -212,6 +212,9 @@ def test_the_memory_breakdown_measures_every_phase_and_kind_of_a_real_training_p
         assert kinds[kind] > 0, (kind, kinds)
     assert kinds["LoRA gradients"] == kinds["LoRA weights"] and kinds["optimizer state"] >= 2 * kinds["LoRA weights"]
     assert run["train_metrics"]["gradient_checkpointing"] is True and run["preflight_estimate_mb"] > 0
+    assert [row["step"] for row in run["steps"]] == [1, 2, 3]  # what grows over a long run, step by step
+    assert all(0 < row["rss_mb"] <= run["peak_rss_mb"] for row in run["steps"])
+    assert all(row["heap_in_use_mb"] is None or 0 < row["heap_in_use_mb"] < row["rss_mb"] for row in run["steps"])
 
 
 def test_the_cold_run_timeline_orders_stages_and_the_training_process_from_launch():

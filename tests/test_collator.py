@@ -28,6 +28,16 @@ def test_pad_to_multiple_of_and_left_side():
     assert out["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
 
 
+def test_training_pads_each_batch_to_a_multiple_of_train_pad_to_multiple_of():
+    """Repeated shapes let the CPU's kernel caches and the allocator reuse what they hold (docs/benchmarks.md)."""
+    from loraflow.config import TrainConfig
+    from loraflow.stages.train.stage import make_collator
+
+    rows = [{"input_ids": list(range(1, 18)), "labels": list(range(1, 18))}]
+    assert make_collator(TrainConfig(), 0)(rows)["input_ids"].shape == (1, 32)  # 17 tokens, the default 16
+    assert make_collator(TrainConfig(pad_to_multiple_of=1), 0)(rows)["input_ids"].shape == (1, 17)
+
+
 def test_mismatched_labels_are_an_error():
     with pytest.raises(ValueError, match="3 input_ids but 2 labels"):
         CompletionCollator(pad_token_id=0)([{"input_ids": [1, 2, 3], "labels": [2, 3]}])

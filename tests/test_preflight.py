@@ -164,6 +164,10 @@ def test_the_memory_estimate_counts_what_each_setting_changes(tiny_llama_dir):
     linear = sum(i * o for _, i, o in shapes["linear"])
     quantized_bytes = memory.training(full, shapes, 8, 512, 256, False, False)["weights"] - plain["weights"]
     assert quantized_bytes == pytest.approx(linear * (2 - 0.5 - 1 / 64))  # bf16 vs 4 bits + a byte per 64 weights
+    # the collator pads a batch to a multiple of train.pad_to_multiple_of (16): 500 tokens are trained as 512
+    assert memory.training(cfg, shapes, 8, 500, 256, False, False) == memory.training(cfg, shapes, 8, 512, 256, False, False)
+    exact = cfg.model_copy(update={"train": cfg.train.model_copy(update={"pad_to_multiple_of": 1})})
+    assert memory.training(exact, shapes, 8, 500, 256, False, False)["activations"] < plain["activations"]
 
     # evaluation, as loraflow.stages.evaluate decides: on a CPU the weights dequantized to bf16 and the fp32 adapter beside
     # them; merged (eval.merge) no adapter; on a GPU the 4-bit weights

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from loraflow.store.artifacts import Handle
 from loraflow.config import LoraConfig, ModelConfig, PipelineConfig, QuantizationConfig
+from loraflow.hardware import KERNEL_CACHES
 from loraflow.stages.train.distributed import ERROR_MARK, worker_command
 from loraflow.stages.train.callbacks import PROGRESS_MARK
 from loraflow.stages.worker import DONE_MARK, ENV_LINE, WAIT_FLAG
@@ -156,8 +157,9 @@ _EARLY_LOCK = threading.Lock()
 
 
 def _child_env() -> dict[str, str]:
-    """The environment a training process gets (a prestarted one is handed what changed in it since: `_adopt`)."""
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """The environment a training process gets (a prestarted one is handed what changed in it since: `_adopt`):
+    ours, with oneDNN's kernel caches bounded (`hardware.KERNEL_CACHES`) unless it sets them itself."""
+    return {**KERNEL_CACHES, **os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def _spawn(command: list[str], **kw) -> subprocess.Popen:

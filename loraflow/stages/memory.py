@@ -140,6 +140,8 @@ def training(cfg: PipelineConfig, s: dict[str, Any], batch: int, length: int, la
     per_weight = _four_bit_bytes(cfg) if quantized else width
     other_width = 4 if quantized and upcasts(cfg.train.upcast_frozen, cfg.quantization.compute_dtype) else width
     lora = _lora_params(cfg, s)
+    if cfg.train.batching != "packed":  # the collator pads the batch to a multiple (`train.pad_to_multiple_of`)
+        length = -(-length // cfg.train.pad_to_multiple_of) * cfg.train.pad_to_multiple_of
     h, inter, layers, tokens = s["hidden"], s["intermediate"], s["layers"], batch * length
     act = other_width  # the residual stream is in the dtype of the embeddings and norms
     per_token = (10 * h + 4 * inter) * act

@@ -102,14 +102,15 @@ def training_arguments(train: TrainConfig, checkpoint_dir: Path, has_eval: bool)
 
 def make_collator(train: TrainConfig, pad_token_id: int):
     """Packed rows (transformers' `DataCollatorWithFlattening`: positions restart per example, its first label
-    masked), else each batch padded to its longest example (`CompletionCollator`)."""
+    masked), else each batch padded to its longest example, rounded up to `train.pad_to_multiple_of`
+    (`CompletionCollator`)."""
     if train.batching == "packed":
         from transformers import DataCollatorWithFlattening
 
         return DataCollatorWithFlattening()
     from loraflow.stages.train.collators import CompletionCollator
 
-    return CompletionCollator(pad_token_id=pad_token_id)
+    return CompletionCollator(pad_token_id=pad_token_id, pad_to_multiple_of=train.pad_to_multiple_of)
 
 
 def peak_memory_mb() -> dict[str, float | None]:
