@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from benchmarks.data import REPO
-from loraflow.hardware import KERNEL_CACHES
+from loraflow.hardware import KERNEL_CACHES, heap_in_use
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MB = 1 / 2**20
@@ -86,23 +86,6 @@ class Sampler:
         self._thread.join()
         self.phases.pop()
         return [{k: (round(v * MB, 1) if k != "phase" else v) for k, v in p.items()} for p in self.phases]
-
-
-def heap_in_use() -> int | None:
-    """Bytes the C allocator has handed out and not had back (glibc's `mallinfo2`, every arena), or None elsewhere."""
-    import ctypes
-
-    class Info(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in
-                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-
-    try:
-        mallinfo2 = ctypes.CDLL(None).mallinfo2
-    except (OSError, AttributeError):
-        return None
-    mallinfo2.restype = Info
-    info = mallinfo2()
-    return info.uordblks + info.hblkhd
 
 
 def _bytes(tensors) -> int:

@@ -216,3 +216,30 @@ def _malloc_trim():
         return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
+
+
+def heap_in_use() -> int | None:
+    """Bytes the C allocator has handed out and not had back (glibc's `mallinfo2`, every arena, mapped chunks
+    included), or None where there is no glibc 2.33+: what grows when a process keeps what it no longer needs."""
+    info = _mallinfo2()
+    if info is None:
+        return None
+    got = info()
+    return got.uordblks + got.hblkhd
+
+
+@lru_cache(maxsize=1)
+def _mallinfo2():
+    """glibc's `mallinfo2` from the symbols already in this process, returning its struct, or None."""
+    import ctypes
+
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    try:
+        found = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    found.restype = Info
+    return found
