@@ -111,17 +111,23 @@ async def _release_stale(client: Any, tag: str) -> tuple[dict | None, list[str],
     return limit.model_dump(), released, holders
 
 
-def wait_for_slots(tags: list[str], what: str, logger: Any, poll: float = 2.0) -> None:
+def wait_for_slots(tags: list[str], what: str, logger: Any, poll: float = 2.0) -> list[str]:
     """Before submitting a task with `tags`: free the slots dead runs hold, then wait (saying for what) until
-    each tag's limit has a free slot; Prefect then takes it as usual. Tags without a limit cost one request."""
+    each tag's limit has a free slot; Prefect then takes it as usual. Returns the tags a limit exists for: the task
+    is submitted with those only, since Prefect asks the server for a slot of every tag a task carries, and on a
+    busy SQLite server that request for a limit that is not there was answered 503 and retried ~2 s later."""
     from prefect.client.orchestration import get_client
     from prefect.utilities.asyncutils import run_coro_as_sync
+
+    limited: list[str] = []
 
     async def check(tag: str) -> tuple[bool, str]:
         async with get_client() as client:
             limit, released, holders = await _release_stale(client, tag)
         for item in released:
             logger.warning("%s: released the `%s` slot held by %s", what, tag, item)
+        if limit is not None and tag not in limited:
+            limited.append(tag)
         if limit is None or not limit["active"] or limit["active_slots"] < limit["limit"]:
             return True, ""
         return False, (f"{what}: waiting for a `{tag}` slot ({limit['active_slots']} of {limit['limit']} taken, by "
@@ -137,3 +143,4 @@ def wait_for_slots(tags: list[str], what: str, logger: Any, poll: float = 2.0) -
                 logger.info("%s", why)
                 said = why
             time.sleep(poll)
+    return limited

@@ -58,3 +58,31 @@ def test_content_digest_is_remembered_until_the_file_changes(tmp_path):
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "x").write_text("x")
     assert content_digest(tmp_path / "folder") != content_digest(tmp_path / "folder" / "x")
+
+
+def test_a_cache_folder_is_hashed_once_per_process_until_its_files_change(tmp_path):
+    """A run's processes check the converted model folder three times in seconds (pre-flight, tokenize, model: 0.5 s
+    of hashing each for SmolLM2's 270 MB, seconds for a larger model): once per process, while every file keeps its
+    size, mtime and inode, and the folder its inode."""
+    import os
+    import shutil
+
+    from loraflow.store.artifacts import complete_in_process
+
+    folder = tmp_path / "model"
+    with atomic_dir(folder) as tmp:
+        (tmp / "weights.bin").write_bytes(b"a" * 1000)
+    weights = folder / "weights.bin"
+    assert complete_in_process(folder)
+    st = weights.stat()
+    weights.write_bytes(b"b" * 1000)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, inode and mtime: not read again
+    assert complete_in_process(folder) and not is_complete(folder)
+    weights.write_bytes(b"c" * 1000)  # an edit in place: the new mtime is seen, and the bytes read
+    assert not complete_in_process(folder)
+    shutil.rmtree(folder)
+    with atomic_dir(folder) as tmp:  # replaced whole: another folder, checked again
+        (tmp / "weights.bin").write_bytes(b"d" * 1000)
+    assert complete_in_process(folder)
+    (folder / "weights.bin").unlink()
+    assert not complete_in_process(folder) and not complete_in_process(tmp_path / "absent")

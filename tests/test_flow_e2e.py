@@ -364,3 +364,25 @@ def test_results_live_in_the_configured_result_storage(tmp_path, tiny_llama_dir,
         again = finetune(cfg, return_state=True)
     assert all(names == {"Cached"} for names in _task_states(again).values())
     assert not (tmp_path / "other-worker-storage").exists() or not any((tmp_path / "other-worker-storage").iterdir())
+
+
+def test_stages_carry_the_gpu_tag_only_where_a_gpu_limit_exists(prefect_harness):
+    """Prefect asks the server for a slot of every tag a task carries, whether a limit exists or not; on a temporary
+    server (no limit) busy with a run's events that request was answered 503 and retried 2 s later in half the cold
+    runs of the benchmark, between the model and train stages. `wait_for_slots` returns the tags a limit names, and
+    the stages carry only those."""
+    import logging
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from tasks.slots import wait_for_slots
+
+    logger = logging.getLogger("test")
+    assert wait_for_slots(["gpu"], "train", logger) == []
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="tag:gpu", limit=2))
+        try:
+            assert wait_for_slots(["gpu", "other"], "train", logger) == ["gpu"]
+        finally:
+            client.delete_global_concurrency_limit_by_name("tag:gpu")

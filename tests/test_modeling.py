@@ -171,3 +171,41 @@ def test_the_model_stage_built_in_the_early_training_process_is_the_one_built_he
         there_init = load_file(out / "adapter_init" / "adapter_model.safetensors")
         assert there_init.keys() == here_init.keys() and all((there_init[k] == here_init[k]).all() for k in here_init)
     assert proc.returncode is not None and not launch._EARLY  # no train request came: ended with the block
+
+
+def test_a_base_is_quantized_once_and_loaded_from_its_4bit_copy_after(tiny_llama_dir, tmp_path):
+    """bitsandbytes' NF4 quantization on a CPU is most of a model load (1.1 of SmolLM2's 1.8 s): the 4-bit base is
+    kept in the cache, per source content and setting, and a later load reads it, bit for bit what quantizing gives."""
+    import torch
+
+    from loraflow.stages.model import load_base, quantized_copy
+    from loraflow.store.artifacts import is_complete
+
+    model, cache = ModelConfig(name_or_path=str(tiny_llama_dir)), str(tmp_path / "cache")
+    quant = QuantizationConfig(mode="nf4", compute_dtype="float32")
+    copy = quantized_copy(tiny_llama_dir, model, quant, cache)
+    fresh = load_base(tiny_llama_dir, model, quant, cache_dir=cache)
+    assert Path(fresh.name_or_path) == Path(tiny_llama_dir) and is_complete(copy)
+    again = load_base(tiny_llama_dir, model, quant, cache_dir=cache)
+    assert Path(again.name_or_path) == copy  # read from the 4-bit copy
+    a, b = fresh.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, again(x).logits)
+    assert again.lm_head.weight is again.model.embed_tokens.weight  # tied, as the checkpoint says
+
+    others = [QuantizationConfig(mode="fp4", compute_dtype="float32"),
+              QuantizationConfig(mode="nf4", double_quant=False, compute_dtype="float32"),
+              QuantizationConfig(mode="nf4", compute_dtype="bfloat16")]
+    assert len({quantized_copy(tiny_llama_dir, model, q, cache) for q in others} | {copy}) == 4
+    assert quantized_copy(tiny_llama_dir, model, QuantizationConfig(mode="none"), cache) is None
+    custom = ModelConfig(name_or_path=str(tiny_llama_dir), trust_remote_code=True)  # its code is not in a copy
+    assert quantized_copy(tiny_llama_dir, custom, quant, cache) is None
+
+    weights = next(copy.glob("*.safetensors"))  # a damaged copy is never read: quantized again, and rewritten
+    damaged = bytearray(weights.read_bytes())
+    damaged[-1] ^= 0xFF
+    weights.write_bytes(damaged)
+    third = load_base(tiny_llama_dir, model, quant, cache_dir=cache)
+    assert Path(third.name_or_path) == Path(tiny_llama_dir) and is_complete(copy)

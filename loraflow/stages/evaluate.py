@@ -50,7 +50,7 @@ def scored_model(cfg: PipelineConfig, base_dir: str | Path, adapter_dir: str | P
     from loraflow.store.buildlock import MODEL_BUILD
     from loraflow.stages.model import load_base
 
-    base = load_base(base_dir, cfg.model, cfg.quantization)
+    base = load_base(base_dir, cfg.model, cfg.quantization, cache_dir=cfg.run.cache_dir)
     dequantized = use_dequantized(cfg.eval, cfg.quantization.mode != "none")
     with MODEL_BUILD:
         if dequantized:

@@ -73,7 +73,8 @@ def merged_model(cfg: PipelineConfig, model_handle: Handle, adapter: Path):
             if torch.cuda.is_available():
                 base = base.to("cuda")
         else:  # NF4 -> the compute dtype: what the adapter was trained against (exact in a wider dtype too)
-            base = load_base(model_handle.info["base_dir"], cfg.model, cfg.quantization).dequantize()
+            base = load_base(model_handle.info["base_dir"], cfg.model, cfg.quantization,
+                             cache_dir=cfg.run.cache_dir).dequantize()
         # merged in the export's dtype: in fp32 the adapter's update survives whole; in bf16 an update below half a
         # step of its weight rounds away, and the parity check against the unmerged scored model shows it
         merged = PeftModel.from_pretrained(base.to(dtype), adapter).merge_and_unload()

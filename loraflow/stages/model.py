@@ -10,10 +10,13 @@ When the train stage will run in a process started with the run, the stage is bu
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from loraflow.store.artifacts import Handle
+from loraflow.store.artifacts import (Handle, atomic_dir, complete_in_process, content_digest, default_cache_dir,
+                                      fingerprint)
 from loraflow.store.buildlock import MODEL_BUILD
 from loraflow.config import LoraConfig, ModelConfig, QuantizationConfig
 from loraflow.hardware import resolve_compute_dtype
@@ -65,9 +68,51 @@ def check_bitsandbytes(mode: str) -> None:
         ) from None
 
 
-def load_base(model_dir: str | Path, model: ModelConfig, quant: QuantizationConfig, training: bool = False):
+def quantized_copy(model_dir: str | Path, model: ModelConfig, quant: QuantizationConfig,
+                   cache_dir: str | None) -> Path | None:
+    """Where the 4-bit copy of the base in `model_dir` is kept for these settings (`load_base`): one per source
+    content, 4-bit setting, compute dtype (the weights kept unquantized are in it) and bitsandbytes / transformers
+    versions. None where none is kept: no quantization, or a model whose own code (`trust_remote_code`) would not
+    be beside the copy."""
+    if quant.mode == "none" or model.trust_remote_code:
+        return None
+    from importlib.metadata import version
+
+    key = fingerprint(content_digest(model_dir), quant.mode, quant.double_quant,
+                      resolve_compute_dtype(quant.compute_dtype), version("bitsandbytes"), version("transformers"))
+    return default_cache_dir(cache_dir) / "models" / "4bit" / f"{Path(model_dir).name}-{quant.mode}-{key}"
+
+
+_COPIES: dict[Path, threading.Lock] = {}
+_COPIES_LOCK = threading.Lock()
+
+
+def _copy_lock(copy: Path) -> threading.Lock:
+    """One lock per 4-bit copy: a second thread of this process waits for the first's copy instead of quantizing
+    the same base again."""
+    with _COPIES_LOCK:
+        return _COPIES.setdefault(copy, threading.Lock())
+
+
+def _keep(base, copy: Path, model_dir: str | Path) -> None:
+    """Save the just-quantized `base` as the 4-bit copy (whole or not at all); a failure costs the next load a
+    quantization, never this run."""
+    try:
+        with atomic_dir(copy, {"source": str(model_dir)}) as tmp:
+            base.save_pretrained(tmp)
+    except Exception as err:  # noqa: BLE001 - a full or read-only cache, or a model bitsandbytes cannot save
+        why = str(err).splitlines()[0][:200] if str(err) else ""
+        log.warning("model: the 4-bit copy of %s was not kept in %s (%s: %s): the next load quantizes it again",
+                    Path(model_dir).name, copy.parent, type(err).__name__, why)
+
+
+def load_base(model_dir: str | Path, model: ModelConfig, quant: QuantizationConfig, training: bool = False,
+              cache_dir: str | None = None):
     """Load the frozen base model, quantized to 4 bits unless quant.mode == 'none' (see
-    `set_cpu_4bit_kernel` for what `training` changes)."""
+    `set_cpu_4bit_kernel` for what `training` changes). The first 4-bit load of a base quantizes it and keeps the
+    result in the cache (`quantized_copy`, checked against its checksums before each use); later loads read that
+    copy, which is what quantizing gives, bit for bit, without the quantization (most of the load on a CPU) or
+    the full-precision weights in memory."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -93,8 +138,15 @@ def load_base(model_dir: str | Path, model: ModelConfig, quant: QuantizationConf
 
         index = local_rank()  # under torchrun, rank i on GPU i; else the current device
         kwargs["device_map"] = {"": torch.cuda.current_device() if index is None else index}
-    with MODEL_BUILD:
-        base = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    copy = quantized_copy(model_dir, model, quant, cache_dir)
+    with _copy_lock(copy) if copy is not None else nullcontext():
+        reuse = copy is not None and complete_in_process(copy)
+        if reuse:  # its config.json holds the quantization config it was made with
+            kwargs.pop("quantization_config")
+        with MODEL_BUILD:
+            base = AutoModelForCausalLM.from_pretrained(str(copy if reuse else model_dir), **kwargs)
+        if copy is not None and not reuse:
+            _keep(base, copy, model_dir)
     for p in base.parameters():
         p.requires_grad_(False)
     set_cpu_4bit_kernel(base, allowed=not training and dtype == torch.bfloat16)
@@ -150,7 +202,7 @@ def build(model: ModelConfig, quant: QuantizationConfig, lora: LoraConfig, out: 
     """`run`, returning the model as well: (the peft model, the summary). `training`: loaded as training loads it
     (`load_base`), so the training process that built the stage trains this very model."""
     model_dir = resolve_model_dir(model.name_or_path, model.revision, cache_dir, model.allow_pickle_weights)
-    base = load_base(model_dir, model, quant, training=training)
+    base = load_base(model_dir, model, quant, training=training, cache_dir=cache_dir)
     footprint = base.get_memory_footprint()  # the frozen base alone
     peft_model = attach_lora(base, lora)
     info = {
@@ -177,12 +229,12 @@ def upcasts(upcast_frozen: bool | str, compute_dtype_name: str) -> bool:
 
 
 def load_for_training(model_handle: Handle, model: ModelConfig, quant: QuantizationConfig, gradient_checkpointing: bool,
-                      upcast_frozen: bool | str = "auto"):
+                      upcast_frozen: bool | str = "auto", cache_dir: str | None = None):
     """Base (quantized) + the model stage's initial adapter, trainable. With `upcasts`, the frozen weights
     that are not 4-bit go to fp32 (peft's prepare_model_for_kbit_training); else they stay in the compute dtype."""
     from peft import PeftModel
 
-    base = prepare_for_training(load_base(model_handle.info["base_dir"], model, quant, training=True), quant,
+    base = prepare_for_training(load_base(model_handle.info["base_dir"], model, quant, training=True, cache_dir=cache_dir), quant,
                                 gradient_checkpointing, upcast_frozen)
     with MODEL_BUILD:
         return PeftModel.from_pretrained(base, Path(model_handle.path) / "adapter_init", is_trainable=True)

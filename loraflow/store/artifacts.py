@@ -109,6 +109,34 @@ def is_complete(path: str | Path) -> bool:
     return verify(path) is None
 
 
+_COMPLETE: dict[Path, tuple] = {}  # folders `complete_in_process` found whole, with the signature they had
+
+
+def _signature(path: Path) -> tuple | None:
+    """The folder's inode and each file's (name, size, mtime, inode); None if it cannot be read."""
+    try:
+        files = sorted((str(f.relative_to(path)), f.stat()) for f in path.rglob("*") if f.is_file())
+        return path.stat().st_ino, tuple((n, s.st_size, s.st_mtime_ns, s.st_ino) for n, s in files)
+    except OSError:
+        return None
+
+
+def complete_in_process(path: str | Path) -> bool:
+    """`is_complete` for a machine cache that one process checks again and again (a converted model folder, a base's
+    4-bit copy): its bytes are read once per process, then trusted while every file keeps its size, mtime and inode
+    (the same rule as `content_digest`'s). Stage folders use `is_complete`, which always reads."""
+    path = Path(path).resolve()
+    signature = _signature(path)
+    if signature is not None and _COMPLETE.get(path) == signature:
+        return True
+    if not is_complete(path):
+        _COMPLETE.pop(path, None)
+        return False
+    if signature is not None:
+        _COMPLETE[path] = signature
+    return True
+
+
 class Rejected(ValueError):
     """A stage refused its own result (an export that fails its parity gate): nothing is published, and `store.build`
     keeps `report` beside the stage's folder as `<key>.rejected.json`, named at the end of the message."""

@@ -14,7 +14,7 @@ import logging
 import threading
 from pathlib import Path
 
-from loraflow.store.artifacts import atomic_dir, content_digest, default_cache_dir, fingerprint, is_complete
+from loraflow.store.artifacts import atomic_dir, complete_in_process, content_digest, default_cache_dir, fingerprint
 from loraflow.store.buildlock import MODEL_BUILD
 from loraflow.config import DataConfig
 
@@ -101,7 +101,7 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
     """
     target = default_cache_dir(cache_dir) / "models" / f"{gguf.stem}-{content_digest(gguf)}"
     with _converting(target):  # two runs in one process (threads: a sweep's, a served flow's) may ask at once
-        if is_complete(target):
+        if complete_in_process(target):
             return target
         return _convert(gguf, target)
 

@@ -376,7 +376,8 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
                                                           cfg.train.upcast_frozen)
     process["model_built_here"] = model is not None  # loaded once (the model stage ran in this process)
     if model is None:
-        model = load_for_training(model_handle, cfg.model, cfg.quantization, checkpointing, cfg.train.upcast_frozen)
+        model = load_for_training(model_handle, cfg.model, cfg.quantization, checkpointing, cfg.train.upcast_frozen,
+                                  cfg.run.cache_dir)
     model.config.use_cache = False
     if device_type() == "cpu":  # where the model stage put the model
         from loraflow.stages.train.dropout import use_cpu_dropout
