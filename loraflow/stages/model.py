@@ -5,6 +5,8 @@ the handles (a model never travels between Prefect tasks). The stage itself save
 initialised adapter, so training starts from a known, seeded point and tests can compare against it.
 When the train stage will run in a process started with the run, the stage is built there (`build`, through
 `loraflow.stages.launch.build_model`) and training goes on with the model as built: loaded once.
+A base is quantized once per machine: `load_base` keeps its 4-bit weights in the cache (`quantized_copy`), and
+later loads (this stage, training, evaluate, export) read them.
 """
 
 from __future__ import annotations
