@@ -202,6 +202,13 @@ def test_a_base_is_quantized_once_and_loaded_from_its_4bit_copy_after(tiny_llama
     assert quantized_copy(tiny_llama_dir, model, QuantizationConfig(mode="none"), cache) is None
     custom = ModelConfig(name_or_path=str(tiny_llama_dir), trust_remote_code=True)  # its code is not in a copy
     assert quantized_copy(tiny_llama_dir, custom, quant, cache) is None
+    import shutil
+
+    snapshots = tmp_path / "hub" / "models--org--tiny" / "snapshots"  # a Hugging Face cache snapshot: its commit
+    for commit in ("a" * 40, "b" * 40):
+        shutil.copytree(tiny_llama_dir, snapshots / commit)
+    at_a, at_b = (quantized_copy(snapshots / c, model, quant, cache) for c in ("a" * 40, "b" * 40))
+    assert at_a != at_b and at_a == quantized_copy(snapshots / ("a" * 40), model, quant, cache)
 
     weights = next(copy.glob("*.safetensors"))  # a damaged copy is never read: quantized again, and rewritten
     damaged = bytearray(weights.read_bytes())

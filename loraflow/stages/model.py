@@ -17,12 +17,11 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from loraflow.store.artifacts import (Handle, atomic_dir, complete_in_process, content_digest, default_cache_dir,
-                                      fingerprint)
+from loraflow.store.artifacts import Handle, atomic_dir, complete_in_process, default_cache_dir, fingerprint
 from loraflow.store.buildlock import MODEL_BUILD
 from loraflow.config import LoraConfig, ModelConfig, QuantizationConfig
 from loraflow.hardware import resolve_compute_dtype
-from loraflow.store.sources import resolve_model_dir
+from loraflow.store.sources import resolve_model_dir, weights_digest
 
 log = logging.getLogger("loraflow")
 INFO = "model.json"  # the stage's summary, the Handle's info (`store.build` writes what `run` returns)
@@ -80,9 +79,18 @@ def quantized_copy(model_dir: str | Path, model: ModelConfig, quant: Quantizatio
         return None
     from importlib.metadata import version
 
-    key = fingerprint(content_digest(model_dir), quant.mode, quant.double_quant,
+    key = fingerprint(_identity(Path(model_dir)), quant.mode, quant.double_quant,
                       resolve_compute_dtype(quant.compute_dtype), version("bitsandbytes"), version("transformers"))
     return default_cache_dir(cache_dir) / "models" / "4bit" / f"{Path(model_dir).name}-{quant.mode}-{key}"
+
+
+def _identity(model_dir: Path) -> str:
+    """What the base's weights are: a Hugging Face cache snapshot is named by its repository and commit (its files are
+    never hashed); any other folder by the digest of its weight, config and tokenizer files (the model key's own)."""
+    folder = model_dir.expanduser().resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return f"{folder.parent.parent.name}@{folder.name}"
+    return weights_digest(folder)
 
 
 _COPIES: dict[Path, threading.Lock] = {}
@@ -236,8 +244,8 @@ def load_for_training(model_handle: Handle, model: ModelConfig, quant: Quantizat
     that are not 4-bit go to fp32 (peft's prepare_model_for_kbit_training); else they stay in the compute dtype."""
     from peft import PeftModel
 
-    base = prepare_for_training(load_base(model_handle.info["base_dir"], model, quant, training=True, cache_dir=cache_dir), quant,
-                                gradient_checkpointing, upcast_frozen)
+    base = load_base(model_handle.info["base_dir"], model, quant, training=True, cache_dir=cache_dir)
+    base = prepare_for_training(base, quant, gradient_checkpointing, upcast_frozen)
     with MODEL_BUILD:
         return PeftModel.from_pretrained(base, Path(model_handle.path) / "adapter_init", is_trainable=True)
 

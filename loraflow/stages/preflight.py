@@ -358,8 +358,9 @@ def _probe(cfg: PipelineConfig, report: Report, folder, tokenizer, rows: list[di
     from loraflow.stages.train.trainer import body_and_head, label_only_loss
 
     two = sorted(rows, key=lambda r: len(r["input_ids"]))[-2:]
-    base = prepare_for_training(load_base(folder, cfg.model, cfg.quantization, training=True, cache_dir=cfg.run.cache_dir), cfg.quantization,
-                                cfg.train.gradient_checkpointing is True, cfg.train.upcast_frozen)
+    base = load_base(folder, cfg.model, cfg.quantization, training=True, cache_dir=cfg.run.cache_dir)
+    base = prepare_for_training(base, cfg.quantization, cfg.train.gradient_checkpointing is True,
+                                cfg.train.upcast_frozen)
     torch.manual_seed(cfg.lora.seed)
     model = get_peft_model(base, peft_config(cfg.lora))
     model.train()
