@@ -115,7 +115,8 @@ def wait_for_slots(tags: list[str], what: str, logger: Any, poll: float = 2.0) -
     """Before submitting a task with `tags`: free the slots dead runs hold, then wait (saying for what) until
     each tag's limit has a free slot; Prefect then takes it as usual. Returns the tags a limit exists for: the task
     is submitted with those only, since Prefect asks the server for a slot of every tag a task carries, and on a
-    busy SQLite server that request for a limit that is not there was answered 503 and retried ~2 s later."""
+    temporary SQLite server that request for a limit that is not there was answered 503 (an error Prefect's
+    server calls retryable) and retried ~2 s later in half the benchmark's cold runs."""
     from prefect.client.orchestration import get_client
     from prefect.utilities.asyncutils import run_coro_as_sync
 

@@ -368,7 +368,7 @@ def test_results_live_in_the_configured_result_storage(tmp_path, tiny_llama_dir,
 
 def test_stages_carry_the_gpu_tag_only_where_a_gpu_limit_exists(prefect_harness):
     """Prefect asks the server for a slot of every tag a task carries, whether a limit exists or not; on a temporary
-    server (no limit) busy with a run's events that request was answered 503 and retried 2 s later in half the cold
+    server (no limit) that request was answered 503 and retried 2 s later in half the cold
     runs of the benchmark, between the model and train stages. `wait_for_slots` returns the tags a limit names, and
     the stages carry only those."""
     import logging
