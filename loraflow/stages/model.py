@@ -12,13 +12,12 @@ later loads (this stage, training, evaluate, export) read them.
 from __future__ import annotations
 
 import logging
-import threading
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from loraflow.store.artifacts import Handle, atomic_dir, complete_in_process, default_cache_dir, fingerprint
-from loraflow.store.buildlock import MODEL_BUILD
+from loraflow.store.buildlock import MODEL_BUILD, making
 from loraflow.config import LoraConfig, ModelConfig, QuantizationConfig
 from loraflow.hardware import resolve_compute_dtype
 from loraflow.store.sources import resolve_model_dir, weights_digest
@@ -93,17 +92,6 @@ def _identity(model_dir: Path) -> str:
     return weights_digest(folder)
 
 
-_COPIES: dict[Path, threading.Lock] = {}
-_COPIES_LOCK = threading.Lock()
-
-
-def _copy_lock(copy: Path) -> threading.Lock:
-    """One lock per 4-bit copy: a second thread of this process waits for the first's copy instead of quantizing
-    the same base again."""
-    with _COPIES_LOCK:
-        return _COPIES.setdefault(copy, threading.Lock())
-
-
 def _keep(base, copy: Path, model_dir: str | Path) -> None:
     """Save the just-quantized `base` as the 4-bit copy (whole or not at all); a failure costs the next load a
     quantization, never this run."""
@@ -149,7 +137,7 @@ def load_base(model_dir: str | Path, model: ModelConfig, quant: QuantizationConf
         index = local_rank()  # under torchrun, rank i on GPU i; else the current device
         kwargs["device_map"] = {"": torch.cuda.current_device() if index is None else index}
     copy = quantized_copy(model_dir, model, quant, cache_dir)
-    with _copy_lock(copy) if copy is not None else nullcontext():
+    with making(copy) if copy is not None else nullcontext():  # one thread makes it, the others wait and read it
         reuse = copy is not None and complete_in_process(copy)
         if reuse:  # its config.json holds the quantization config it was made with
             kwargs.pop("quantization_config")

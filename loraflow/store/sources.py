@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import threading
 from pathlib import Path
 
 from loraflow.store.artifacts import atomic_dir, complete_in_process, content_digest, default_cache_dir, fingerprint
-from loraflow.store.buildlock import MODEL_BUILD
+from loraflow.store.buildlock import MODEL_BUILD, making
 from loraflow.config import DataConfig
 
 log = logging.getLogger("loraflow")
@@ -100,21 +99,10 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
     that `save_pretrained` rejects, so we rebuild the model from its config without it.
     """
     target = default_cache_dir(cache_dir) / "models" / f"{gguf.stem}-{content_digest(gguf)}"
-    with _converting(target):  # two runs in one process (threads: a sweep's, a served flow's) may ask at once
+    with making(target):  # two runs in one process (threads: a sweep's, a served flow's) may ask at once
         if complete_in_process(target):
             return target
         return _convert(gguf, target)
-
-
-_CONVERSIONS: dict[Path, threading.Lock] = {}
-_CONVERSIONS_LOCK = threading.Lock()
-
-
-def _converting(target: Path) -> threading.Lock:
-    """One lock per conversion target: a second thread waits for the first's folder instead of converting again
-    (and replacing the folder the first may already be reading)."""
-    with _CONVERSIONS_LOCK:
-        return _CONVERSIONS.setdefault(target, threading.Lock())
 
 
 def _convert(gguf: Path, target: Path) -> Path:
