@@ -8,7 +8,10 @@ another process does not pass for the writer.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 
@@ -51,3 +54,36 @@ def gone(info: dict) -> bool | None:
     if not on_this_machine(info):
         return None
     return pid_start(int(info["pid"])) != info.get("pid_start")
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
+    """`proc`'s exit code, waiting up to `timeout` s for it; None if it still runs. Unlike `Popen.wait`, it holds
+    after an interrupt: Ctrl-C or SIGTERM raised as KeyboardInterrupt right after `Popen.poll()` took its internal
+    lock, and before its `try`, leaves that lock held, so `poll()` says "running" forever and `wait(timeout)` spins
+    to its timeout. This waits on the pid itself (the callers are single-threaded by then)."""
+    deadline = time.monotonic() + timeout
+    while proc.returncode is None:
+        try:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped already, its code unknown: what Popen says then too
+            proc.returncode = 0
+            break
+        if pid == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            break
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+    return proc.returncode
+
+
+def stop_groups(processes: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM each process's group (each was started with `start_new_session=True`), latest first; SIGKILL a
+    group whose leader has not exited `grace` s later."""
+    for proc in reversed(processes):
+        if wait_exit(proc, 0) is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in reversed(processes):
+        if wait_exit(proc, grace) is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            wait_exit(proc, grace)

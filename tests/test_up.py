@@ -81,3 +81,28 @@ def test_sigterm_at_any_moment_stops_what_up_started_and_exits_cleanly(moment):
     finally:
         if alive(child):
             os.killpg(child, signal.SIGKILL)
+
+
+def test_stopping_is_prompt_even_after_an_interrupt_landed_inside_popen_poll():
+    """Ctrl-C or SIGTERM raises KeyboardInterrupt wherever `up` is, also just after `Popen.poll()` took its internal
+    lock and before its `try`: the lock stays held (a tight poll loop interrupted by a timer leaves it so about one
+    time in five on CPython 3.11), and every later `poll()` says "running" and `wait(timeout)` spins until its
+    timeout. (Before: `stop` then waited the full 60 s per process before SIGKILL, and CI's
+    test_sigterm_at_any_moment_stops_what_up_started_and_exits_cleanly[while serving] timed out.)"""
+    import subprocess
+    import threading
+
+    from loraflow.ops.up import stop
+    from loraflow.procs import alive
+
+    proc = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    proc._waitpid_lock.acquire()  # the state the interrupt leaves
+    stopping = threading.Thread(target=stop, args=([proc],), daemon=True)
+    stopping.start()
+    stopping.join(timeout=10)
+    try:
+        assert not stopping.is_alive(), "stop() is still waiting on a process it sent SIGTERM 10 s ago"
+        assert not alive(proc.pid) and proc.returncode == -15
+    finally:
+        if alive(proc.pid):
+            proc.kill()

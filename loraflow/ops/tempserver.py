@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from loraflow.procs import alive, gone, identity
+from loraflow.procs import alive, gone, identity, stop_groups
 
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 _APP = "prefect.server.api.server:create_app"
@@ -147,13 +147,7 @@ def temporary_server(startup_timeout: float = 180) -> Iterator[str]:
             _CURRENT.remove(url)
         if started:
             _drain_to(server)
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+        stop_groups([server], grace=10)
         log.close()
         record.unlink(missing_ok=True)
         if started:

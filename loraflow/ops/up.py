@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 from loraflow.ops.tempserver import LEASE_STORAGE
+from loraflow.procs import stop_groups
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_TAG = "gpu"
@@ -120,14 +121,7 @@ def start(host: str = "127.0.0.1", port: int = 4200, pool: str = "loraflow", log
 
 
 def stop(processes: list[subprocess.Popen]) -> None:
-    for proc in reversed(processes):
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in reversed(processes):
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    stop_groups(processes, grace=60)
 
 
 def _interrupt(signum, frame) -> None:

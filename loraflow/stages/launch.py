@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from loraflow.store.artifacts import Handle
 from loraflow.config import LoraConfig, ModelConfig, PipelineConfig, QuantizationConfig
 from loraflow.hardware import KERNEL_CACHES
+from loraflow.procs import wait_exit
 from loraflow.stages.train.distributed import ERROR_MARK, worker_command
 from loraflow.stages.train.callbacks import PROGRESS_MARK
 from loraflow.stages.worker import DONE_MARK, ENV_LINE, WAIT_FLAG
@@ -500,17 +501,13 @@ def run_train_worker(cfg: PipelineConfig, tokenized: Handle, model: Handle, outp
             _forward(_output(proc), tail, errors, on_progress)
             code = proc.wait()
         except KeyboardInterrupt:  # Ctrl-C: the child got it too and saves at its step's end; wait only briefly
-            try:
-                proc.wait(timeout=INTERRUPT_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
+            if wait_exit(proc, INTERRUPT_GRACE_SECONDS) is None:  # (Popen.wait is unsound after an interrupt)
                 proc.kill()
             raise
         finally:
-            if proc.poll() is None:  # we were interrupted or cancelled: let it checkpoint, then make sure
+            if wait_exit(proc, 0) is None:  # we were interrupted or cancelled: let it checkpoint, then make sure
                 proc.terminate()
-                try:
-                    proc.wait(timeout=120)
-                except subprocess.TimeoutExpired:
+                if wait_exit(proc, 120) is None:
                     proc.kill()
         if code != 0:
             what = "was stopped (SIGTERM) after saving a checkpoint; rerun to resume" if code == 143 else (
