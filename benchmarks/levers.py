@@ -66,6 +66,20 @@ def _with_lora(model, dropout: float = 0.0):
                                             task_type="CAUSAL_LM"))
 
 
+PARTIAL = 8  # layers left unchecked in the partial-checkpointing row
+
+
+def _checkpoint_all_but(model, last: int) -> int:
+    """Leave the last `last` decoder layers of a checkpointed model unchecked (their activations kept for the
+    backward, no recomputation); returns how many."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers[len(layers) - last:]:
+        layer.gradient_checkpointing = False
+    return min(last, len(layers))
+
+
 def saved_for_backward_mb(step) -> float:
     """MB of distinct tensor storage autograd keeps for the backward of `step()` (the activations)."""
     import torch
@@ -82,10 +96,30 @@ def saved_for_backward_mb(step) -> float:
     return sum(sizes.values()) / 2**20
 
 
+def _models(model_dir: str, names: set[str]) -> dict:
+    """The models the training cases named `names` run on, each loaded only when asked for."""
+    from loraflow.stages.train.dropout import use_cpu_dropout
+
+    def cpu_dropout(source: str, unchecked: int = 0):
+        model = _load(model_dir, upcast=False, checkpointing=True, dropout=0.05)
+        use_cpu_dropout(model, source=source)
+        _checkpoint_all_but(model, unchecked)
+        return model
+
+    loaders = {"upcast": lambda: _load(model_dir), "kept": lambda: _load(model_dir, upcast=False),
+               "checkpointed": lambda: _load(model_dir, upcast=False, checkpointing=True),
+               "dequantized": lambda: _with_lora(_load(model_dir, dequantize=True)),
+               "dropout": lambda: _load(model_dir, upcast=False, checkpointing=True, dropout=0.05),
+               "torch draws": lambda: cpu_dropout("torch"), "cpu dropout": lambda: cpu_dropout("sfc64"),
+               "partial": lambda: cpu_dropout("sfc64", PARTIAL)}
+    return {name: loaders[name]() for name in names}
+
+
 def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, max_length: int,
-                 rounds: int = 2) -> list[tuple[str, float, float, float, float, float]]:
+                 rounds: int = 2, only: list[int] | None = None) -> list[tuple]:
     """[(lever, seconds/step median, min, max, loss of the last batch, MB saved for backward on the 4 longest
-    examples)] over the same `steps` batches."""
+    examples, the median over batches of the row above's time / this row's on the same batch (None where the rows
+    run other batches))] over the same `steps` batches; `only`: the cases (0-based, in order) to measure."""
     import torch
     from transformers import DataCollatorWithFlattening
 
@@ -93,14 +127,6 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
     from loraflow.hardware import resolve_compute_dtype
     from loraflow.stages.train.trainer import body_and_head, label_only_loss
 
-    models = {"upcast": _load(model_dir), "kept": _load(model_dir, upcast=False),
-              "checkpointed": _load(model_dir, upcast=False, checkpointing=True),
-              "dequantized": _with_lora(_load(model_dir, dequantize=True)),
-              "dropout": _load(model_dir, upcast=False, checkpointing=True, dropout=0.05),
-              "cpu dropout": _load(model_dir, upcast=False, checkpointing=True, dropout=0.05)}
-    from loraflow.stages.train.dropout import use_cpu_dropout
-
-    use_cpu_dropout(models["cpu dropout"])
     pad = CompletionCollator(pad_token_id=0)
     to_512 = CompletionCollator(pad_token_id=0, pad_to_multiple_of=max_length)
     everything = lambda b: {**b, "labels": torch.where(b["attention_mask"] == 1, b["input_ids"], -100)}  # noqa: E731
@@ -111,31 +137,36 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
     pool = sorted(sum(rand, []), key=lambda e: len(e["input_ids"]))
     grouped = [pool[i * batch:(i + 1) * batch] for i in range(steps)]
     dtype = resolve_compute_dtype("auto")
-    up, kept, deq, ckpt = models["upcast"], models["kept"], models["dequantized"], models["checkpointed"]
-    drop, cpu_drop = models["dropout"], models["cpu dropout"]
     cases = [  # (name, model, batches, collate, loss)
-        ("plain script: pad to max_length, loss and logits on every token", up, rand, lambda b: everything(to_512(b)),
-         full(up)),
-        ("pad to the batch's longest, completion-only loss", up, rand, pad, full(up)),
-        ("+ logits only at label positions", up, rand, pad, label_only(up)),
-        ("+ length-grouped batches", up, grouped, pad, label_only(up)),
-        (f"+ frozen weights kept in {dtype}, not upcast to fp32 (loraflow default)", kept, grouped, pad,
-         label_only(kept)),
-        ("+ activation checkpointing, non-reentrant (`train.gradient_checkpointing: true`)", ckpt, grouped, pad,
-         label_only(ckpt)),
-        (f"+ frozen weights dequantized to {dtype} once (no NF4 in the step)", deq, grouped, pad, label_only(deq)),
-        ("packed, padding-free, logits only at labels", up, rand, DataCollatorWithFlattening(), label_only(up)),
-        ("checkpointed, with the LoRA dropout of the benchmark's configs (0.05), peft's `nn.Dropout`", drop, grouped,
-         pad, label_only(drop)),
-        ("+ that dropout from 16-bit lanes of 64-bit draws (`stages/train/dropout.py`; loraflow's default on a CPU)",
-         cpu_drop, grouped, pad, label_only(cpu_drop)),
+        ("plain script: pad to max_length, loss and logits on every token", "upcast", rand,
+         lambda b: everything(to_512(b)), full),
+        ("pad to the batch's longest, completion-only loss", "upcast", rand, pad, full),
+        ("+ logits only at label positions", "upcast", rand, pad, label_only),
+        ("+ length-grouped batches", "upcast", grouped, pad, label_only),
+        (f"+ frozen weights kept in {dtype}, not upcast to fp32 (loraflow default)", "kept", grouped, pad, label_only),
+        ("+ activation checkpointing, non-reentrant (`train.gradient_checkpointing: true`)", "checkpointed", grouped,
+         pad, label_only),
+        (f"+ frozen weights dequantized to {dtype} once (no NF4 in the step)", "dequantized", grouped, pad, label_only),
+        ("packed, padding-free, logits only at labels", "upcast", rand, DataCollatorWithFlattening(), label_only),
+        ("checkpointed, with the LoRA dropout of the benchmark's configs (0.05), peft's `nn.Dropout`", "dropout",
+         grouped, pad, label_only),
+        ("+ that dropout from 16-bit lanes of torch's 64-bit draws (`stages/train/dropout.py`, source torch)",
+         "torch draws", grouped, pad, label_only),
+        ("+ the draws from NumPy's SFC64 seeded by one torch draw (loraflow's default on a CPU)", "cpu dropout",
+         grouped, pad, label_only),
+        (f"+ the last {PARTIAL} layers not checkpointed (transformers' per-layer flag)", "partial", grouped, pad,
+         label_only),
     ]
+    picked = [i for i in range(len(cases)) if only is None or i in only]
+    models = _models(model_dir, {cases[i][1] for i in picked})
+    cases = [(name, models[m], batches, collate, loss(models[m]), i, i > 0 and cases[i - 1][2] is batches)
+             for i, (name, m, batches, collate, loss) in enumerate(cases) if i in picked]
     times: dict[str, list[float]] = {name: [] for name, *_ in cases}
     losses: dict[str, float] = {}
     saved: dict[str, float] = {}
     longest = grouped[-1]  # the warm-up batch of every case: its activations are the peak's
     for r in range(rounds):
-        for name, model, batches, collate, loss_fn in cases[r % len(cases):] + cases[:r % len(cases)]:
+        for name, model, batches, collate, loss_fn, *_ in cases[r % len(cases):] + cases[:r % len(cases)]:
             if name not in saved:
                 saved[name] = saved_for_backward_mb(lambda: loss_fn(collate(longest)))  # warm-up, not timed
             else:
@@ -149,12 +180,22 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
                 times[name].append(time.perf_counter() - t)
                 model.zero_grad()
             losses[name] = float(loss)
-    out = [(name, statistics.median(times[name]), min(times[name]), max(times[name]), losses[name], saved[name])
-           for name, *_ in cases]
+    out, above = [], None
+    for name, _, _, _, _, i, same_batches in cases:
+        paired = (statistics.median(a / b for a, b in zip(times[above], times[name], strict=True))
+                  if same_batches and above is not None and above == _name_of(cases, i - 1) else None)
+        out.append((name, statistics.median(times[name]), min(times[name]), max(times[name]), losses[name],
+                    saved[name], paired))
+        above = name
     for row in out:
         print(f"train  {row[0]}: {row[1]:.2f} s/step ({row[2]:.2f}-{row[3]:.2f}, n={len(times[row[0]])}), "
-              f"{row[5]:.0f} MB saved for backward", flush=True)
+              f"{row[5]:.0f} MB saved for backward" + (f", {row[6]:.3f}x the row above per batch" if row[6] else ""),
+              flush=True)
     return out
+
+
+def _name_of(cases: list[tuple], index: int) -> str | None:
+    return next((case[0] for case in cases if case[5] == index), None)
 
 
 def eval_levers(model_dir: str, prompts: list[list[int]], tokenizer, max_new_tokens: int, batch: int):
@@ -213,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8, help="timed steps per case and round")
     p.add_argument("--rounds", type=int, default=2, help="rounds over the cases, in rotated order")
+    p.add_argument("--cases", type=int, nargs="+", help="only these training cases (0-based rows of the table); "
+                   "the other rows are kept from --out")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-examples", type=int, default=12)
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -240,10 +283,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from loraflow.hardware import machine, matmul_peaks
 
-    report = json.loads(a.out.read_text()) if a.out.is_file() and set(a.parts) != {"train", "eval", "tokenize"} else {}
+    partial = set(a.parts) != {"train", "eval", "tokenize"} or a.cases
+    report = json.loads(a.out.read_text()) if a.out.is_file() and partial else {}
     measured = {"machine": machine(), "matmul_peaks": matmul_peaks()}
     if "train" in a.parts:
-        measured["train"] = train_levers(model_dir, examples, a.batch_size, a.steps, a.max_length, a.rounds)
+        measured["train"] = train_levers(model_dir, examples, a.batch_size, a.steps, a.max_length, a.rounds, a.cases)
+        if a.cases:  # the rows measured replace theirs; the others stay as they were
+            fresh = {row[0]: row for row in measured["train"]}
+            kept = json.loads(a.out.read_text()).get("train", []) if a.out.is_file() else []
+            measured["train"] = [fresh.pop(row[0], row) for row in kept] + list(fresh.values())
     if "eval" in a.parts:
         measured["eval"] = eval_levers(model_dir, prompts, tokenizer, a.max_new_tokens, a.eval_examples)
     if "tokenize" in a.parts:
@@ -256,10 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     a.out.write_text(json.dumps(report, indent=2))
     if "train" in report:
         base = report["train"][0][1]
-        print("\n| training lever | s/step, median (min–max) | vs plain script | saved for backward, 4 longest, MB |"
-              "\n|---|---|---|---|")
-        for name, sec, low, high, _, mb in report["train"]:
-            print(f"| {name} | {sec:.2f} ({low:.2f}–{high:.2f}) | {base / sec:.2f}x faster | {mb:.0f} |")
+        print("\n| training lever | s/step, median (min–max) | vs plain script | vs the row above, per batch "
+              "| saved for backward, 4 longest, MB |\n|---|---|---|---|---|")
+        for name, sec, low, high, _, mb, *paired in report["train"]:
+            above = f"{paired[0]:.3f}x" if paired and paired[0] else "–"
+            print(f"| {name} | {sec:.2f} ({low:.2f}–{high:.2f}) | {base / sec:.2f}x faster | {above} | {mb:.0f} |")
     if "eval" in report:
         base = report["eval"][0][1]
         print("\n| evaluation lever | examples/s | vs plain script | same outputs |\n|---|---|---|---|")

@@ -10,11 +10,12 @@ import torch
 from loraflow.stages.train.dropout import cpu_dropout, keep_threshold, lane_probability, use_cpu_dropout
 
 
+@pytest.mark.parametrize("source", ["sfc64", "torch"])
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
-def test_each_element_is_dropped_with_probability_p_in_every_lane(p):
+def test_each_element_is_dropped_with_probability_p_in_every_lane(p, source):
     torch.manual_seed(0)
     n = 4 * 250_000
-    y = cpu_dropout(p).train()(torch.ones(n))
+    y = cpu_dropout(p, source).train()(torch.ones(n))
     dropped = y == 0
     assert torch.allclose(y[~dropped], torch.full_like(y[~dropped], 1 / (1 - lane_probability(p))))
     sigma = math.sqrt(p * (1 - p) / (n // 4))
@@ -46,17 +47,22 @@ def test_gradients_go_through_the_same_mask_and_eval_mode_is_the_identity():
     for p in (1.0, 1 - 1e-6):  # rounds to 1: not a dropout the lanes can give
         with pytest.raises(ValueError, match="use torch.nn.Dropout"):
             cpu_dropout(p)
+    with pytest.raises(ValueError, match="one of sfc64, torch"):
+        cpu_dropout(0.1, "numpy")
 
 
 def test_the_same_seed_gives_the_same_mask_and_another_seed_another():
+    """torch's seed decides the mask, also where the draws come from SFC64 (seeded by one draw of torch's)."""
     drop = cpu_dropout(0.5).train()
     x = torch.ones(1000)
     masks = []
     for seed in (3, 3, 4):
         torch.manual_seed(seed)
         masks.append(drop(x) == 0)
-    assert torch.equal(masks[0], masks[1])
-    assert not torch.equal(masks[0], masks[2])
+        masks.append(drop(x) == 0)  # the next call: another mask
+    assert torch.equal(masks[0], masks[2]) and torch.equal(masks[1], masks[3])
+    assert not torch.equal(masks[0], masks[1])
+    assert not torch.equal(masks[0], masks[4])
 
 
 @pytest.fixture(scope="module")
