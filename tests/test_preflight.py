@@ -4,6 +4,7 @@ Each bad input exits 1 with one error line naming the fix, and nothing is writte
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,27 @@ def test_a_template_may_name_the_input_column_by_its_own_name(tmp_path, tiny_lla
     code, shown = main(["show-config", str(path), "--set", "prompt.template=Answer briefly: {Question Text}"]), \
         capsys.readouterr().out
     assert code == 0 and "template: 'Answer briefly: {input}'" in shown  # one prompt, one key, however it is named
+
+
+def test_the_preflight_hands_its_tokenizer_to_the_stages_after_it(tmp_path, tiny_llama_dir, monkeypatch):
+    """The pre-flight runs in the training process, in a thread of its own; the tokenize and train stages there
+    take the tokenizer it loaded instead of loading their own."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from loraflow.config import load_config
+    from loraflow.stages.preflight import run_checks
+    from loraflow.stages.tokenize import take_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    cfg = load_config(write_config(tmp_path, model, write_examples(tmp_path / "toy.jsonl")))
+    checks = threading.Thread(target=lambda: run_checks(cfg, "test"))
+    checks.start()
+    checks.join()
+    loads: list = []
+    real = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda path, *a, **kw: loads.append(path) or real(path, *a, **kw))
+    take_tokenizer(model)
+    assert loads == []

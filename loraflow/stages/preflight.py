@@ -93,14 +93,19 @@ def run_checks(cfg: PipelineConfig, checked_as: str, sample: int = SAMPLE_ROWS, 
         model = _model(cfg, report)
         if splits is None or model is None:
             return report
+        from loraflow.stages.tokenize import hand_back_tokenizer
+
         tokenizer, config, folder = model
-        if not _prompt(cfg, report, splits["train"].column_names, tokenizer):
-            return report
-        batch = _sample(cfg, report, splits, tokenizer, sample)
-        if batch is not None:
-            _memory(cfg, report, config, batch)
-            if probe and not report.errors:
-                _probe(cfg, report, folder, tokenizer, batch, len(splits["train"]))
+        try:
+            if not _prompt(cfg, report, splits["train"].column_names, tokenizer):
+                return report
+            batch = _sample(cfg, report, splits, tokenizer, sample)
+            if batch is not None:
+                _memory(cfg, report, config, batch)
+                if probe and not report.errors:
+                    _probe(cfg, report, folder, tokenizer, batch, len(splits["train"]))
+        finally:
+            hand_back_tokenizer(folder, tokenizer)  # the run's tokenize and train stages take it
     return report
 
 
@@ -121,7 +126,7 @@ def _data(cfg: PipelineConfig, report: Report, scratch: str):
 
 def _model(cfg: PipelineConfig, report: Report):
     from loraflow.store.sources import ModelSourceError, metadata_dir
-    from loraflow.stages.tokenize import load_tokenizer, tokenizer_digest
+    from loraflow.stages.tokenize import take_tokenizer, tokenizer_digest
 
     m = cfg.model
     try:
@@ -134,7 +139,7 @@ def _model(cfg: PipelineConfig, report: Report):
 
     try:
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=m.trust_remote_code)
-        tokenizer = load_tokenizer(folder)
+        tokenizer = take_tokenizer(folder)
     except Exception as err:  # noqa: BLE001 - whatever transformers raises for an unusable folder
         report.add(ERROR, f"model.name_or_path: '{m.name_or_path}' has a config or tokenizer transformers cannot load "
                           f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}): pass a model "

@@ -19,6 +19,7 @@ Output folder `<output_dir>/tokenize/<key>/`:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -47,6 +48,41 @@ def load_tokenizer(tokenizer_dir: str | Path):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, so any id works; eos always exists
     return tokenizer
+
+
+_HANDED_BACK: dict[tuple, Any] = {}  # (folder, its tokenizer files' digests) -> a tokenizer no caller uses now
+_HANDED_BACK_LOCK = threading.Lock()
+
+
+def _lending_key(tokenizer_dir: str | Path) -> tuple | None:
+    try:
+        return str(Path(tokenizer_dir).resolve()), tuple(sorted(tokenizer_digest(tokenizer_dir).items()))
+    except FileNotFoundError:  # no tokenizer files here: loaded (or failing) as `load_tokenizer` does
+        return None
+
+
+def take_tokenizer(tokenizer_dir: str | Path):
+    """`load_tokenizer(tokenizer_dir)`, or the tokenizer of the same folder and files that this process was handed
+    back (`hand_back_tokenizer`): a cold run's pre-flight, tokenize and train stages, each in a thread of the one
+    training process, load it once. A fast tokenizer is not safe in two threads at once, so each is lent to one
+    caller at a time: a second caller while the first has it loads its own."""
+    key = _lending_key(tokenizer_dir)
+    with _HANDED_BACK_LOCK:
+        tokenizer = _HANDED_BACK.pop(key, None) if key is not None else None
+    return load_tokenizer(tokenizer_dir) if tokenizer is None else tokenizer
+
+
+def hand_back_tokenizer(tokenizer_dir: str | Path, tokenizer) -> None:
+    """`tokenizer` (from `take_tokenizer(tokenizer_dir)`) is no longer used by its caller: the next one may take it.
+    One is kept per folder, for the last few folders."""
+    key = _lending_key(tokenizer_dir)
+    if key is None:
+        return
+    with _HANDED_BACK_LOCK:
+        _HANDED_BACK.pop(key, None)
+        _HANDED_BACK[key] = tokenizer
+        while len(_HANDED_BACK) > 2:
+            _HANDED_BACK.pop(next(iter(_HANDED_BACK)))
 
 
 def tokenizer_digest(tokenizer_dir: str | Path) -> dict[str, str]:
@@ -178,9 +214,16 @@ def _stats(prompt_lens: list[int], target_lens: list[int], truncated: int, dropp
 
 
 def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, out: Path) -> dict[str, dict[str, Any]]:
+    tokenizer = take_tokenizer(tokenizer_dir)
+    try:
+        return _encode_splits(data, prompt, tokenizer, out)
+    finally:
+        hand_back_tokenizer(tokenizer_dir, tokenizer)
+
+
+def _encode_splits(data: Handle, prompt: PromptConfig, tokenizer, out: Path) -> dict[str, dict[str, Any]]:
     import datasets
 
-    tokenizer = load_tokenizer(tokenizer_dir)
     prefix = bos_prefix(tokenizer)
     splits = datasets.load_from_disk(str(Path(data.path) / "dataset"))
     encode = encoder(data.info.get("format", "columns"))

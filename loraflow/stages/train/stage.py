@@ -363,13 +363,13 @@ def _run_training(cfg: PipelineConfig, tokenized: Handle, model_handle: Handle, 
     import datasets
 
     from loraflow.stages.model import device_type, load_for_training, ready_for_training
-    from loraflow.stages.tokenize import load_tokenizer
+    from loraflow.stages.tokenize import take_tokenizer
     from loraflow.stages.train.trainer import CompletionTrainer
 
     data = datasets.load_from_disk(str(Path(tokenized.path) / "dataset"))
     train_ds = data["train"].select_columns(MODEL_COLUMNS)
     eval_ds = data["validation"].select_columns(MODEL_COLUMNS) if cfg.train.eval_steps else None
-    tokenizer = load_tokenizer(model_handle.info["base_dir"])
+    tokenizer = take_tokenizer(model_handle.info["base_dir"])  # the one the pre-flight and tokenize stages used here
 
     checkpointing = resolve_checkpointing(cfg, model_handle.info["base_dir"], Path(tokenized.path) / "stats.json")
     model = None if built is None else ready_for_training(built, cfg.quantization, checkpointing,
