@@ -100,3 +100,32 @@ def test_two_threads_asking_for_the_same_gguf_at_once_convert_it_once_and_get_th
         thread.join()
     assert len(got) == 2 and got[0] == got[1] and (got[0] / "model.safetensors").is_file()
     assert sum("converting" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_training_process_started_early_checks_the_converted_folder_while_it_imports(converted, monkeypatch):
+    """Its pre-flight would otherwise read the converted weights against their manifest after the imports, on the
+    way to the first step (~0.4 s for SmolLM2's)."""
+    from loraflow.config import PipelineConfig
+    from loraflow.stages import launch, worker
+    from loraflow.store import artifacts
+    from loraflow.store.sources import converted_dir
+
+    cache, folder = converted
+    assert converted_dir("smollm2-gguf", str(cache)) == folder
+    assert converted_dir("smollm2-gguf", str(cache / "elsewhere")) is None  # not converted there yet
+    assert converted_dir("HuggingFaceTB/SmolLM2-135M", str(cache)) is None  # a hub id: the hub's cache
+    cfg = PipelineConfig.model_validate({"model": {"name_or_path": "smollm2-gguf"}, "run": {"cache_dir": str(cache)}})
+    proc = launch._spawn_waiting(cfg)
+    try:
+        assert proc.args[-2:] == [worker.WAIT_FLAG, str(folder)]
+    finally:
+        launch._retire(proc)
+
+    artifacts._COMPLETE.clear()  # as in a new process
+    reads: list = []
+    real = artifacts.file_digest
+    monkeypatch.setattr(artifacts, "file_digest", lambda path: reads.append(path) or real(path))
+    worker._check_ahead(str(folder))  # what the thread does
+    assert reads
+    reads.clear()
+    assert convert_gguf(builtin_gguf_path(), str(cache)) == folder and reads == []  # the pre-flight's call

@@ -62,12 +62,24 @@ def _import_early() -> None:
         pass
 
 
+def _check_ahead(folder: str) -> None:
+    """`sources.check_converted`: the pre-flight then finds the folder checked (or waits for this check)."""
+    from loraflow.store.sources import check_converted
+
+    try:
+        check_converted(Path(folder))
+    except Exception:  # noqa: BLE001 - the pre-flight checks it again and reports what is wrong
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     process = {"started_early": bool(argv) and argv[0] == WAIT_FLAG, "started_at": time.time()}
     _log_to_stderr()
     built = None  # (model key, model) when the model stage was built here
     if process["started_early"]:  # SIGTERM while waiting ends the process (nothing to save yet)
+        if len(argv) > 1:  # the run's converted model folder: checked while the main thread imports
+            threading.Thread(target=_check_ahead, args=(argv[1],), daemon=True).start()
         _import_early()
         process["imported_at"] = time.time()
         print("train worker: started early, imports done", file=sys.stderr, flush=True)

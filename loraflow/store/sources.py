@@ -98,11 +98,34 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
     transformers loads GGUF (dequantizing to fp32) but the result keeps a `quantization_config`
     that `save_pretrained` rejects, so we rebuild the model from its config without it.
     """
-    target = default_cache_dir(cache_dir) / "models" / f"{gguf.stem}-{content_digest(gguf)}"
+    target = _conversion_dir(gguf, cache_dir)
     with making(target):  # two runs in one process (threads: a sweep's, a served flow's) may ask at once
         if complete_in_process(target):
             return target
         return _convert(gguf, target)
+
+
+def _conversion_dir(gguf: Path, cache_dir: str | None) -> Path:
+    return default_cache_dir(cache_dir) / "models" / f"{gguf.stem}-{content_digest(gguf)}"
+
+
+def converted_dir(name_or_path: str, cache_dir: str | None = None) -> Path | None:
+    """The folder `resolve_model_dir` returns for a GGUF source whose conversion is in the cache, unchecked (the
+    training process started early checks it while it imports: `check_converted`); None for other sources, or a
+    GGUF not converted yet."""
+    try:
+        gguf = builtin_gguf_path() if name_or_path == BUILTIN_GGUF else Path(name_or_path).expanduser().resolve()
+        target = _conversion_dir(gguf, cache_dir) if gguf.suffix == ".gguf" and gguf.is_file() else None
+    except (ModelSourceError, OSError):
+        return None
+    return target if target is not None and target.is_dir() else None
+
+
+def check_converted(target: Path) -> bool:
+    """Read a converted folder's bytes against its manifest now, once for this process (`complete_in_process`),
+    holding the folder's lock: a `convert_gguf` asking meanwhile waits for this check instead of reading them too."""
+    with making(target):
+        return complete_in_process(target)
 
 
 def _convert(gguf: Path, target: Path) -> Path:
