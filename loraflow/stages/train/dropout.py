@@ -10,7 +10,7 @@ per call: a run is as reproducible under `torch.manual_seed` as before, and a ch
 recomputation (which restores torch's generator state) draws the same seed, so the same mask. On a GPU,
 torch's dropout is one fused kernel and stays.
 
-    uv run python -m benchmarks.levers --parts train   # each step alone: seconds per step
+    uv run python -m benchmarks.levers --parts train   # each lever alone: seconds per step
 """
 
 from __future__ import annotations
