@@ -82,6 +82,17 @@ def gpt2_tokenizer_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def tokenizer_loads(monkeypatch):
+    """The folders AutoTokenizer loads from, as they happen (the real loader runs)."""
+    from transformers import AutoTokenizer
+
+    loads: list[str] = []
+    real = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda path, *a, **kw: loads.append(path) or real(path, *a, **kw))
+    return loads
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(gpt2_tokenizer_dir, tmp_path_factory):
     """A randomly initialised 2-layer Llama (hidden 64) with the real GPT-2 tokenizer, saved as safetensors."""

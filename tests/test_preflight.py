@@ -340,12 +340,10 @@ def test_a_template_may_name_the_input_column_by_its_own_name(tmp_path, tiny_lla
     assert code == 0 and "template: 'Answer briefly: {input}'" in shown  # one prompt, one key, however it is named
 
 
-def test_the_preflight_hands_its_tokenizer_to_the_stages_after_it(tmp_path, tiny_llama_dir, monkeypatch):
+def test_the_preflight_hands_its_tokenizer_to_the_stages_after_it(tmp_path, tiny_llama_dir, tokenizer_loads):
     """The pre-flight runs in the training process, in a thread of its own; the tokenize and train stages there
     take the tokenizer it loaded instead of loading their own."""
     import threading
-
-    from transformers import AutoTokenizer
 
     from loraflow.config import load_config
     from loraflow.stages.preflight import run_checks
@@ -357,8 +355,6 @@ def test_the_preflight_hands_its_tokenizer_to_the_stages_after_it(tmp_path, tiny
     checks = threading.Thread(target=lambda: run_checks(cfg, "test"))
     checks.start()
     checks.join()
-    loads: list = []
-    real = AutoTokenizer.from_pretrained
-    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda path, *a, **kw: loads.append(path) or real(path, *a, **kw))
+    tokenizer_loads.clear()
     take_tokenizer(model)
-    assert loads == []
+    assert tokenizer_loads == []

@@ -290,17 +290,6 @@ def test_stage_rejects_bad_prompt_settings_before_writing(tmp_path, gpt2_tokeniz
     assert not (tmp_path / "out" / "tokenize").exists() or not any((tmp_path / "out" / "tokenize").iterdir())
 
 
-@pytest.fixture
-def tokenizer_loads(monkeypatch):
-    """The folders AutoTokenizer loads from, as they happen (the real loader runs)."""
-    from transformers import AutoTokenizer
-
-    loads: list[str] = []
-    real = AutoTokenizer.from_pretrained
-    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda path, *a, **kw: loads.append(path) or real(path, *a, **kw))
-    return loads
-
-
 def test_a_tokenizer_is_lent_to_one_caller_at_a_time_and_reloaded_when_its_files_change(tmp_path, gpt2_tokenizer_dir,
                                                                                       tokenizer_loads):
     """A cold run's pre-flight, tokenize and train stages run in threads of one training process and share one
@@ -314,18 +303,22 @@ def test_a_tokenizer_is_lent_to_one_caller_at_a_time_and_reloaded_when_its_files
     first = take_tokenizer(folder)
     second = take_tokenizer(folder)  # the first is still out: another is loaded
     assert second is not first and len(tokenizer_loads) == 2
-    hand_back_tokenizer(folder, first)
+    hand_back_tokenizer(first)
     got: list = []
     taker = threading.Thread(target=lambda: got.append(take_tokenizer(folder)))  # another thread takes it
     taker.start()
     taker.join()
     assert got == [first] and len(tokenizer_loads) == 2
     assert take_tokenizer(folder) is not first and len(tokenizer_loads) == 3  # out again: not lent twice
-    hand_back_tokenizer(folder, first)
+    hand_back_tokenizer(first)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
     changed = take_tokenizer(folder)  # a tokenizer of the old files is not lent for the new ones
     assert changed is not first and changed.model_max_length == 77 and len(tokenizer_loads) == 4
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 78}))
+    hand_back_tokenizer(changed)  # its files changed while it was out: it is kept for the files it was taken for
+    again = take_tokenizer(folder)
+    assert again is not changed and again.model_max_length == 78 and len(tokenizer_loads) == 5
 
 
 def test_the_stage_hands_its_tokenizer_back_for_the_next_stage(tmp_path, gpt2_tokenizer_dir, tokenizer_loads):

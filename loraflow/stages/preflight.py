@@ -105,7 +105,7 @@ def run_checks(cfg: PipelineConfig, checked_as: str, sample: int = SAMPLE_ROWS, 
                 if probe and not report.errors:
                     _probe(cfg, report, folder, tokenizer, batch, len(splits["train"]))
         finally:
-            hand_back_tokenizer(folder, tokenizer)  # the run's tokenize and train stages take it
+            hand_back_tokenizer(tokenizer)  # the run's tokenize and train stages take it
     return report
 
 

@@ -51,6 +51,7 @@ def load_tokenizer(tokenizer_dir: str | Path):
 
 
 _HANDED_BACK: dict[tuple, Any] = {}  # (folder, its tokenizer files' digests) -> a tokenizer no caller uses now
+_LENT: dict[int, tuple] = {}  # id of a tokenizer `take_tokenizer` gave out -> the key of the files it was taken for
 _HANDED_BACK_LOCK = threading.Lock()
 
 
@@ -69,16 +70,23 @@ def take_tokenizer(tokenizer_dir: str | Path):
     key = _lending_key(tokenizer_dir)
     with _HANDED_BACK_LOCK:
         tokenizer = _HANDED_BACK.pop(key, None) if key is not None else None
-    return load_tokenizer(tokenizer_dir) if tokenizer is None else tokenizer
+    if tokenizer is None:
+        tokenizer = load_tokenizer(tokenizer_dir)
+    with _HANDED_BACK_LOCK:  # handed back under the files it was taken for, even if they change meanwhile
+        if key is None:
+            _LENT.pop(id(tokenizer), None)  # (an id can be reused once a tokenizer never handed back is freed)
+        else:
+            _LENT[id(tokenizer)] = key
+    return tokenizer
 
 
-def hand_back_tokenizer(tokenizer_dir: str | Path, tokenizer) -> None:
-    """`tokenizer` (from `take_tokenizer(tokenizer_dir)`) is no longer used by its caller: the next one may take it.
-    One is kept per folder, for the last few folders."""
-    key = _lending_key(tokenizer_dir)
-    if key is None:
-        return
+def hand_back_tokenizer(tokenizer) -> None:
+    """`tokenizer` (from `take_tokenizer`) is no longer used by its caller: the next one asking for the same folder
+    and files may take it. One is kept per folder, for the last few folders."""
     with _HANDED_BACK_LOCK:
+        key = _LENT.pop(id(tokenizer), None)
+        if key is None:  # not lent (a folder without tokenizer files): nothing to keep
+            return
         _HANDED_BACK.pop(key, None)
         _HANDED_BACK[key] = tokenizer
         while len(_HANDED_BACK) > 2:
@@ -218,7 +226,7 @@ def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, out: Path) -> 
     try:
         return _encode_splits(data, prompt, tokenizer, out)
     finally:
-        hand_back_tokenizer(tokenizer_dir, tokenizer)
+        hand_back_tokenizer(tokenizer)
 
 
 def _encode_splits(data: Handle, prompt: PromptConfig, tokenizer, out: Path) -> dict[str, dict[str, Any]]:
