@@ -114,11 +114,23 @@ def converted_dir(name_or_path: str, cache_dir: str | None = None) -> Path | Non
     training process started early checks it while it imports: `check_converted`); None for other sources, or a
     GGUF not converted yet."""
     try:
-        gguf = builtin_gguf_path() if name_or_path == BUILTIN_GGUF else Path(name_or_path).expanduser().resolve()
-        target = _conversion_dir(gguf, cache_dir) if gguf.suffix == ".gguf" and gguf.is_file() else None
-    except (ModelSourceError, OSError):
+        gguf = gguf_file(name_or_path)
+        target = None if gguf is None else _conversion_dir(gguf, cache_dir)
+    except (ModelSourceError, OSError):  # the pre-flight reports it
         return None
     return target if target is not None and target.is_dir() else None
+
+
+def gguf_file(name_or_path: str) -> Path | None:
+    """The GGUF file a model source names (`smollm2-gguf`, or a path ending in .gguf); None for other sources."""
+    if name_or_path == BUILTIN_GGUF:
+        return builtin_gguf_path()
+    path = Path(name_or_path).expanduser()
+    if path.suffix != ".gguf":
+        return None
+    if not path.is_file():
+        raise ModelSourceError(f"model.name_or_path: GGUF file '{path}' not found: check the path")
+    return path.resolve()
 
 
 def check_converted(target: Path) -> bool:
@@ -159,13 +171,10 @@ def resolve_model_dir(
     name_or_path: str, revision: str | None = None, cache_dir: str | None = None, allow_pickle: bool = False
 ) -> Path:
     """A local folder holding config.json, safetensors weights and the tokenizer."""
-    if name_or_path == BUILTIN_GGUF:
-        return convert_gguf(builtin_gguf_path(), cache_dir)
+    gguf = gguf_file(name_or_path)
+    if gguf is not None:
+        return convert_gguf(gguf, cache_dir)
     path = Path(name_or_path).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelSourceError(f"model.name_or_path: GGUF file '{path}' not found: check the path")
-        return convert_gguf(path.resolve(), cache_dir)
     if path.exists() or name_or_path.startswith((".", "/", "~")):
         if not path.is_dir() or not (path / "config.json").is_file():
             raise ModelSourceError(
