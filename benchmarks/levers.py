@@ -159,7 +159,7 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
     ]
     picked = [i for i in range(len(cases)) if only is None or i in only]
     models = _models(model_dir, {cases[i][1] for i in picked})
-    cases = [(name, models[m], batches, collate, loss(models[m]), i, i > 0 and cases[i - 1][2] is batches)
+    cases = [(name, models[m], batches, collate, loss(models[m]), i)
              for i, (name, m, batches, collate, loss) in enumerate(cases) if i in picked]
     times: dict[str, list[float]] = {name: [] for name, *_ in cases}
     losses: dict[str, float] = {}
@@ -181,21 +181,17 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
                 model.zero_grad()
             losses[name] = float(loss)
     out, above = [], None
-    for name, _, _, _, _, i, same_batches in cases:
-        paired = (statistics.median(a / b for a, b in zip(times[above], times[name], strict=True))
-                  if same_batches and above is not None and above == _name_of(cases, i - 1) else None)
+    for name, _, batches, _, _, i in cases:
+        paired = (statistics.median(a / b for a, b in zip(times[above[0]], times[name], strict=True))
+                  if above is not None and above[1] == i - 1 and above[2] is batches else None)
         out.append((name, statistics.median(times[name]), min(times[name]), max(times[name]), losses[name],
                     saved[name], paired))
-        above = name
+        above = (name, i, batches)
     for row in out:
         print(f"train  {row[0]}: {row[1]:.2f} s/step ({row[2]:.2f}-{row[3]:.2f}, n={len(times[row[0]])}), "
               f"{row[5]:.0f} MB saved for backward" + (f", {row[6]:.3f}x the row above per batch" if row[6] else ""),
               flush=True)
     return out
-
-
-def _name_of(cases: list[tuple], index: int) -> str | None:
-    return next((case[0] for case in cases if case[5] == index), None)
 
 
 def eval_levers(model_dir: str, prompts: list[list[int]], tokenizer, max_new_tokens: int, batch: int):
@@ -250,6 +246,26 @@ def tokenize_levers(tokenizer, texts: list[str]) -> list[tuple[str, float]]:
     return [("one call per example", one), ("batched calls of 1000 (loraflow)", batched)]
 
 
+def scitldr_data(n_train: int, n_test: int, max_length: int):
+    """SmolLM2's folder and tokenizer, and SciTLDR rows drawn into `runs/bench-levers-data`: (model folder, tokenizer,
+    {"train", "test": rows}, the train rows as examples {input_ids, labels}, the test rows' generation prompts)."""
+    from loraflow.config import PromptConfig
+    from loraflow.store.sources import resolve_model_dir
+    from loraflow.stages.tokenize import bos_prefix, encode_batch, load_tokenizer
+
+    model_dir = str(resolve_model_dir("smollm2-gguf", None, None, False))
+    data = REPO / "runs" / "bench-levers-data"
+    write_examples("scitldr", model_dir, data, n_train, n_test, max_length)
+    tokenizer = load_tokenizer(model_dir)
+    prompt = PromptConfig(style="chat", template=INSTRUCTIONS["scitldr"], max_length=max_length)
+    rows = {s: [json.loads(x) for x in (data / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "test")}
+    cols = lambda rs: {"input": [r["input"] for r in rs], "target": [r["target"][0] for r in rs]}  # noqa: E731
+    enc = encode_batch(cols(rows["train"]), prompt, tokenizer, bos_prefix(tokenizer))
+    examples = [{"input_ids": i, "labels": lab} for i, lab in zip(enc["input_ids"], enc["labels"])]
+    prompts = encode_batch(cols(rows["test"]), prompt, tokenizer, bos_prefix(tokenizer))["prompt_ids"]
+    return model_dir, tokenizer, rows, examples, prompts
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8, help="timed steps per case and round")
@@ -266,21 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
 
-    from loraflow.config import PromptConfig
-    from loraflow.store.sources import resolve_model_dir
-    from loraflow.stages.tokenize import bos_prefix, encode_batch, load_tokenizer
-
-    model_dir = str(resolve_model_dir("smollm2-gguf", None, None, False))
-    data = REPO / "runs" / "bench-levers-data"
-    write_examples("scitldr", model_dir, data, a.steps * a.batch_size, a.eval_examples, a.max_length)
-    tokenizer = load_tokenizer(model_dir)
-    prompt = PromptConfig(style="chat", template=INSTRUCTIONS["scitldr"], max_length=a.max_length)
-    rows = {s: [json.loads(x) for x in (data / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "test")}
-    cols = lambda rs: {"input": [r["input"] for r in rs], "target": [r["target"][0] for r in rs]}  # noqa: E731
-    enc = encode_batch(cols(rows["train"]), prompt, tokenizer, bos_prefix(tokenizer))
-    examples = [{"input_ids": i, "labels": lab} for i, lab in zip(enc["input_ids"], enc["labels"])]
-    prompts = encode_batch(cols(rows["test"]), prompt, tokenizer, bos_prefix(tokenizer))["prompt_ids"]
-
+    model_dir, tokenizer, rows, examples, prompts = scitldr_data(a.steps * a.batch_size, a.eval_examples,
+                                                                 a.max_length)
     from loraflow.hardware import machine, matmul_peaks
 
     partial = set(a.parts) != {"train", "eval", "tokenize"} or a.cases

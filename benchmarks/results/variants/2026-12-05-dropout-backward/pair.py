@@ -4,23 +4,13 @@ alternating three rounds each. 3-5x faster alone on a (4, 400, d) tensor, no fas
 
     uv run python benchmarks/results/variants/2026-12-05-dropout-backward/pair.py   # about 3 min
 """
-import json, statistics, time, torch
-from benchmarks.data import INSTRUCTIONS, REPO, write_examples
-from benchmarks.levers import _load
-from loraflow.config import PromptConfig
-from loraflow.store.sources import resolve_model_dir
-from loraflow.stages.tokenize import bos_prefix, encode_batch, load_tokenizer
+import statistics, time, torch
+from benchmarks.levers import _load, scitldr_data
 from loraflow.stages.train.collators import CompletionCollator
 from loraflow.stages.train.trainer import body_and_head, label_only_loss
 from loraflow.stages.train.dropout import use_cpu_dropout, _module_class
-model_dir = str(resolve_model_dir("smollm2-gguf", None, None, False))
-data = REPO / "runs" / "bench-levers-data"
-write_examples("scitldr", model_dir, data, 32, 12, 512)
-tok = load_tokenizer(model_dir)
-prompt = PromptConfig(style="chat", template=INSTRUCTIONS["scitldr"], max_length=512)
-rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
-enc = encode_batch({"input": [r["input"] for r in rows], "target": [r["target"][0] for r in rows]}, prompt, tok, bos_prefix(tok))
-ex = sorted([{"input_ids": i, "labels": l} for i, l in zip(enc["input_ids"], enc["labels"])], key=lambda e: len(e["input_ids"]))
+model_dir, _, _, ex, _ = scitldr_data(32, 12, 512)
+ex = sorted(ex, key=lambda e: len(e["input_ids"]))
 batches = [ex[i*4:(i+1)*4] for i in range(8)]
 m = _load(model_dir, upcast=False, checkpointing=True, dropout=0.05)
 print("replaced", use_cpu_dropout(m))
