@@ -71,9 +71,10 @@ def _with_lora(model, dropout: float = 0.0):
 
 
 def _enable_selective(model, dtype) -> None:
-    """Non-reentrant checkpointing as loraflow turns it on, but selective (torch's `create_selective_checkpoint_contexts`):
-    each layer keeps the outputs of its matmuls in `dtype` (the frozen base's; the fp32 LoRA path is recomputed) and
-    of the fused attention, and recomputes the rest (norms, rotary, activations, the LoRA path and its dropout).
+    """Non-reentrant checkpointing as loraflow turns it on, but selective (torch's
+    `create_selective_checkpoint_contexts`): each layer keeps the outputs of its matmuls in `dtype` (the frozen
+    base's; the fp32 LoRA path is recomputed) and of the fused attention, and recomputes the rest (norms, rotary,
+    activations, the LoRA path and its dropout).
     Checked once (2-layer Llama, bf16, LoRA dropout 0.2): the gradients of full checkpointing bit for bit, with 14
     fewer bf16 matmuls in the backward."""
     import functools
@@ -142,21 +143,29 @@ def _models(model_dir: str, names: set[str]) -> dict:
         _checkpoint_all_but(model, unchecked)
         return model
 
+    def lora_in_bf16():
+        model = cpu_dropout("sfc64")
+        for module in model.modules():  # the LoRA path in bf16 under autocast: no cast of its input to fp32
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
+        return model
+
     loaders = {"upcast": lambda: _load(model_dir), "kept": lambda: _load(model_dir, upcast=False),
                "checkpointed": lambda: _load(model_dir, upcast=False, checkpointing=True),
                "dequantized": lambda: _with_lora(_load(model_dir, dequantize=True)),
                "dropout": lambda: _load(model_dir, upcast=False, checkpointing=True, dropout=0.05),
                "torch draws": lambda: cpu_dropout("torch"), "cpu dropout": lambda: cpu_dropout("sfc64"),
                "partial": lambda: cpu_dropout("sfc64", PARTIAL),
-               "selective": lambda: cpu_dropout("sfc64", selective=True)}
+               "selective": lambda: cpu_dropout("sfc64", selective=True), "autocast": lora_in_bf16}
     return {name: loaders[name]() for name in names}
 
 
 def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, max_length: int,
                  rounds: int = 2, only: list[int] | None = None) -> list[tuple]:
     """[(lever, seconds/step median, min, max, loss of the last batch, MB saved for backward on the 4 longest
-    examples, the median over batches of the row above's time / this row's on the same batch (None where the rows
-    run other batches))] over the same `steps` batches; `only`: the cases (0-based, in order) to measure."""
+    examples, the median over batches of the row above's (or the case's named row's) time / this row's on the same
+    batch (None where that row was not measured or runs other batches))] over the same `steps` batches; `only`: the
+    cases (0-based, in order) to measure."""
     import torch
     from transformers import DataCollatorWithFlattening
 
@@ -169,12 +178,21 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
     everything = lambda b: {**b, "labels": torch.where(b["attention_mask"] == 1, b["input_ids"], -100)}  # noqa: E731
     full = lambda m: lambda b: m(**b, use_cache=False).loss  # noqa: E731
     label_only = lambda m: (lambda parts: lambda b: label_only_loss(*parts, b)[0])(body_and_head(m))  # noqa: E731
+
+    def autocast(m):  # the forward under CPU bf16 autocast (the checkpointed layers' recomputation replays it)
+        step = label_only(m)
+
+        def run(b):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return step(b)
+        return run
     rand = [examples[i * batch:(i + 1) * batch] for i in range(steps)]
     # length-grouped: the same examples, sorted by length, so each batch holds similar lengths
     pool = sorted(sum(rand, []), key=lambda e: len(e["input_ids"]))
     grouped = [pool[i * batch:(i + 1) * batch] for i in range(steps)]
     dtype = resolve_compute_dtype("auto")
-    cases = [  # (name, model, batches, collate, loss)
+    # (name, model, batches, collate, loss[, the 0-based row the per-batch column compares with; default: the one above])
+    cases = [
         ("plain script: pad to max_length, loss and logits on every token", "upcast", rand,
          lambda b: everything(to_512(b)), full),
         ("pad to the batch's longest, completion-only loss", "upcast", rand, pad, full),
@@ -194,12 +212,14 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
         (f"+ the last {PARTIAL} layers not checkpointed (transformers' per-layer flag)", "partial", grouped, pad,
          label_only),
         ("row 11, checkpointing selective (torch's): the base's matmul and attention outputs kept, the rest recomputed",
-         "selective", grouped, pad, label_only),
+         "selective", grouped, pad, label_only, 10),
+        ("row 11 under CPU bf16 autocast, peft's fp32 cast of the LoRA input off (the LoRA path in bf16)", "autocast",
+         grouped, pad, autocast, 10),
     ]
     picked = [i for i in range(len(cases)) if only is None or i in only]
     models = _models(model_dir, {cases[i][1] for i in picked})
-    cases = [(name, models[m], batches, collate, loss(models[m]), i)
-             for i, (name, m, batches, collate, loss) in enumerate(cases) if i in picked]
+    cases = [(name, models[m], batches, collate, loss(models[m]), i, *ref)
+             for i, (name, m, batches, collate, loss, *ref) in enumerate(cases) if i in picked]
     times: dict[str, list[float]] = {name: [] for name, *_ in cases}
     losses: dict[str, float] = {}
     saved: dict[str, float] = {}
@@ -219,13 +239,13 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
                 times[name].append(time.perf_counter() - t)
                 model.zero_grad()
             losses[name] = float(loss)
-    out, above = [], None
-    for name, _, batches, _, _, i in cases:
-        paired = (statistics.median(a / b for a, b in zip(times[above[0]], times[name], strict=True))
-                  if above is not None and above[1] == i - 1 and above[2] is batches else None)
+    out, measured = [], {i: (name, batches) for name, _, batches, _, _, i, *_ in cases}
+    for name, _, batches, _, _, i, *ref in cases:
+        other = measured.get(ref[0] if ref else i - 1)
+        paired = (statistics.median(a / b for a, b in zip(times[other[0]], times[name], strict=True))
+                  if other is not None and other[1] is batches else None)
         out.append((name, statistics.median(times[name]), min(times[name]), max(times[name]), losses[name],
                     saved[name], paired))
-        above = (name, i, batches)
     for row in out:
         print(f"train  {row[0]}: {row[1]:.2f} s/step ({row[2]:.2f}-{row[3]:.2f}, n={len(times[row[0]])}), "
               f"{row[5]:.0f} MB saved for backward" + (f", {row[6]:.3f}x the row above per batch" if row[6] else ""),
