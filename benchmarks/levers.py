@@ -31,7 +31,7 @@ def _load(model_dir: str, dequantize: bool = False, upcast: bool = True, checkpo
     (loraflow's train.upcast_frozen=auto in bf16). `dequantize`: the base dequantized to the compute dtype,
     no adapter (for evaluation: merged into it afterwards). `checkpointing`: activation checkpointing on, as
     loraflow turns it on (`loraflow.stages.model.enable_checkpointing`: non-reentrant), in training mode;
-    `selective`: keeping the base's matmul and attention outputs (`keep_base_matmuls`).
+    `selective`: keeping the base's matmul and attention outputs (`_selective_context`).
     `dropout`: the LoRA dropout (peft's `nn.Dropout`)."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -51,10 +51,9 @@ def _load(model_dir: str, dequantize: bool = False, upcast: bool = True, checkpo
     if checkpointing:
         from loraflow.stages.model import enable_checkpointing
 
-        if selective:
-            _enable_selective(model, dtype)
-        else:
-            enable_checkpointing(model)
+        # respect_saved_tensors_hooks: what selective keeps is counted by `saved_for_backward_mb` like any saved tensor
+        enable_checkpointing(model, **({"context_fn": _selective_context(dtype), "respect_saved_tensors_hooks": True}
+                                       if selective else {}))
         return _with_lora(model, dropout).train()  # checkpointing (and dropout) act in training mode only
     return _with_lora(model, dropout)
 
@@ -70,8 +69,8 @@ def _with_lora(model, dropout: float = 0.0):
                                             task_type="CAUSAL_LM"))
 
 
-def _enable_selective(model, dtype) -> None:
-    """Non-reentrant checkpointing as loraflow turns it on, but selective (torch's
+def _selective_context(dtype):
+    """The `context_fn` that makes non-reentrant checkpointing selective (torch's
     `create_selective_checkpoint_contexts`): each layer keeps the outputs of its matmuls in `dtype` (the frozen
     base's; the fp32 LoRA path is recomputed) and of the fused attention, and recomputes the rest (norms, rotary,
     activations, the LoRA path and its dropout).
@@ -82,8 +81,6 @@ def _enable_selective(model, dtype) -> None:
     import torch
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-    from loraflow.stages.model import CHECKPOINTING_KWARGS
-
     aten = torch.ops.aten
     attention = {getattr(aten, name).default for name in (
         "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
@@ -93,14 +90,7 @@ def _enable_selective(model, dtype) -> None:
         keep = func in attention or (func in (aten.mm.default, aten.addmm.default) and args[-1].dtype == dtype)
         return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
-    # respect_saved_tensors_hooks: what it keeps is counted by `saved_for_backward_mb` like any saved tensor
-    kwargs = {**CHECKPOINTING_KWARGS, "context_fn": functools.partial(create_selective_checkpoint_contexts, policy),
-              "respect_saved_tensors_hooks": True}
-    enable = getattr(model, "activation_checkpointing_enable", None)  # as loraflow's enable_checkpointing
-    if enable is not None:
-        enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
 PARTIAL = 8  # layers left unchecked in the partial-checkpointing row
@@ -191,7 +181,7 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
     pool = sorted(sum(rand, []), key=lambda e: len(e["input_ids"]))
     grouped = [pool[i * batch:(i + 1) * batch] for i in range(steps)]
     dtype = resolve_compute_dtype("auto")
-    # (name, model, batches, collate, loss[, the 0-based row the per-batch column compares with; default: the one above])
+    # (name, model, batches, collate, loss[, 0-based row its per-batch column compares with; default: the row above])
     cases = [
         ("plain script: pad to max_length, loss and logits on every token", "upcast", rand,
          lambda b: everything(to_512(b)), full),
@@ -248,7 +238,7 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
                     saved[name], paired))
     for row in out:
         print(f"train  {row[0]}: {row[1]:.2f} s/step ({row[2]:.2f}-{row[3]:.2f}, n={len(times[row[0]])}), "
-              f"{row[5]:.0f} MB saved for backward" + (f", {row[6]:.3f}x the row above per batch" if row[6] else ""),
+              f"{row[5]:.0f} MB saved for backward" + (f", {row[6]:.3f}x its paired row per batch" if row[6] else ""),
               flush=True)
     return out
 
@@ -366,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     a.out.write_text(json.dumps(report, indent=2))
     if "train" in report:
         base = report["train"][0][1]
-        print("\n| training lever | s/step, median (min–max) | vs plain script | vs the row above, per batch "
+        print("\n| training lever | s/step, median (min–max) | vs plain script "
+              "| vs the row above (or the row it names), per batch "
               "| saved for backward, 4 longest, MB |\n|---|---|---|---|---|")
         for name, sec, low, high, _, mb, *paired in report["train"]:
             above = f"{paired[0]:.3f}x" if paired and paired[0] else "–"

@@ -265,12 +265,14 @@ def prepare_for_training(base, quant: QuantizationConfig, gradient_checkpointing
 CHECKPOINTING_KWARGS = {"use_reentrant": False}
 
 
-def enable_checkpointing(model) -> None:
+def enable_checkpointing(model, **extra) -> None:
     """Turn activation checkpointing on: here, once. Training passes `activation_checkpointing=False` to
     TrainingArguments (`loraflow.stages.train.stage`), because Trainer would otherwise enable it a second time, with its own
-    arguments, over the same layers; peft's prepare_model_for_kbit_training is asked not to either."""
+    arguments, over the same layers; peft's prepare_model_for_kbit_training is asked not to either. `extra`: more
+    arguments for torch's `checkpoint` beside `CHECKPOINTING_KWARGS` (benchmarks.levers' selective row)."""
+    kwargs = {**CHECKPOINTING_KWARGS, **extra}
     enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: the old name
     if enable is not None:
-        enable(activation_checkpointing_kwargs=CHECKPOINTING_KWARGS)
+        enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
