@@ -31,7 +31,7 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-from script_args import checkpointing_args, common_parser, step_timer, stop_ids  # noqa: E402 - a sibling: this runs as a script
+from script_args import checkpointing_args, common_parser, mixed_precision, step_timer, stop_ids  # noqa: E402 - a sibling: this runs as a script
 
 
 def main() -> None:
@@ -116,7 +116,8 @@ def main() -> None:
         args=TrainingArguments(
             output_dir=args.output_dir, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
             learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=args.warmup_steps,
-            optim="paged_adamw_8bit" if cuda else "adamw_torch", bf16=cuda and torch.cuda.is_bf16_supported(),
+            optim="paged_adamw_8bit" if cuda else "adamw_torch", bf16=mixed_precision(args.bf16),
+            use_cpu=not cuda,  # what transformers asks for before it allows bf16 without a GPU
             logging_steps=1, save_strategy="no", report_to="none", seed=args.seed,
             **checkpointing_args(args.gradient_checkpointing)),  # TrainingArguments' default: off
         train_dataset=train_tok,

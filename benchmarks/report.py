@@ -137,7 +137,8 @@ def runs(d: dict, side: str, report: dict) -> list[dict[str, float]]:
 def summary(report: dict) -> dict:
     """benchmarks/results/summary.json: per dataset, the ratios of medians and the ROUGE-L comparisons the docs quote."""
     out: dict[str, Any] = {"date": report["date"], "machine": report["machine"]["cpu"],
-                           "compute_dtype": report["machine"]["compute_dtype_auto"]}
+                           "compute_dtype": report["machine"]["compute_dtype_auto"],
+                           "bf16_autocast": report["machine"].get("bf16_autocast_auto")}
     for name, d in report["datasets"].items():
         t = side_table(d, report["model_shape"], _peak(report))
         lf, base, trl = t.get("loraflow"), t.get("baseline"), t.get("trl")
@@ -224,13 +225,20 @@ def _cell(s: dict | None, digits: int, center: str = "median") -> str:
     return mid if s["n"] == 1 or s["min"] == s["max"] else f"{mid} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
 
+def _autocast(machine: dict) -> str:
+    """How the run trained in its compute dtype (bf16 autocast since 2026-12-06; unrecorded before, when it was off
+    on a CPU)."""
+    on = machine.get("bf16_autocast_auto")
+    return "" if on is None else (", bf16 autocast" if on else ", no autocast")
+
+
 def markdown(report: dict) -> str:
     m, before, after = report["machine"], report["matmul_peaks"], report.get("matmul_peaks_after") or {}
     peaks = {k: max(before[k], after.get(k, 0)) for k in before}
     flags = ", ".join(f for f, on in m["cpu_flags"].items() if on) or "none of " + ", ".join(m["cpu_flags"])
     lines = [f"Run {report['date']} on {m['cpu']} (flags: {flags}), {m['cores']} cores, torch {m['torch']} "
              f"({m['torch_threads']} threads){', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}; compute dtype "
-             f"{m['compute_dtype_auto']} on every side; matmul peak fp32 {peaks['float32_gflops']:.1f}, bf16 "
+             f"{m['compute_dtype_auto']}{_autocast(m)} on every side; matmul peak fp32 {peaks['float32_gflops']:.1f}, bf16 "
              f"{peaks['bfloat16_gflops']:.1f} GFLOP/s.", ""]
     for name, d in report["datasets"].items():
         stats, t = d["data"], side_table(d, report["model_shape"], _peak(report))

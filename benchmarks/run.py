@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.data import INSTRUCTIONS, REPO, write_examples
-from loraflow.hardware import resolve_compute_dtype
+from loraflow.hardware import resolve_compute_dtype, resolve_mixed_precision
 
 
 SIDES = ["baseline", "trl", "loraflow"]  # alternated; "baseline-naive" (--naive) runs once, after the first seed
@@ -136,7 +136,9 @@ def script_side(script: str, tag: str, data_dir: Path, out: Path, model_dir: str
            "--instruction", INSTRUCTIONS[name], "--max-length", str(a.max_length), "--steps", str(a.steps),
            "--batch-size", str(a.batch_size), "--learning-rate", str(a.learning_rate),
            "--max-new-tokens", str(a.max_new_tokens), "--output-dir", str(out / f"{tag}-out"), "--seed", str(seed),
-           "--compute-dtype", resolve_compute_dtype("auto"), *extra]  # loraflow's rule: every side computes alike
+           # loraflow's rules: every side computes alike
+           "--compute-dtype", resolve_compute_dtype("auto"),
+           "--bf16" if resolve_mixed_precision("auto", "auto") else "--no-bf16", *extra]
     proc = run_measured(cmd, env, out / f"{tag}.log")
     return {**proc, **json.loads(result.read_text())}
 

@@ -23,7 +23,19 @@ def common_parser(output_dir: str) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=output_dir)
     p.add_argument("--gradient-checkpointing", choices=["default", "on", "off"], default="default",
                    help="the side's own default, or forced on / off (the like-for-like memory rows)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (TrainingArguments' bf16); default: on a CUDA GPU with bf16 only. The harness "
+                   "passes loraflow's choice (`train.bf16: auto`), as it passes the compute dtype")
     return p
+
+
+def mixed_precision(choice: bool | None) -> bool:
+    """TrainingArguments' `bf16` for `--bf16`: as given, else on a CUDA GPU with bf16."""
+    import torch
+
+    if choice is not None:
+        return choice
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def checkpointing_args(choice: str) -> dict:

@@ -18,7 +18,7 @@ import resource
 import time
 
 
-from script_args import checkpointing_args, common_parser, step_timer, stop_ids  # noqa: E402 - a sibling: this runs as a script
+from script_args import checkpointing_args, common_parser, mixed_precision, step_timer, stop_ids  # noqa: E402 - a sibling: this runs as a script
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def main() -> None:
         output_dir=args.output_dir, max_length=args.max_length, per_device_train_batch_size=args.batch_size,
         max_steps=args.steps, learning_rate=args.learning_rate, lr_scheduler_type="cosine",
         warmup_steps=args.warmup_steps, optim="paged_adamw_8bit" if cuda else "adamw_torch",
-        bf16=cuda and torch.cuda.is_bf16_supported(), logging_steps=1, save_strategy="no", report_to="none",
+        bf16=mixed_precision(args.bf16), use_cpu=not cuda, logging_steps=1, save_strategy="no", report_to="none",
         seed=args.seed, **checkpointing_args(args.gradient_checkpointing))  # SFTConfig's default: on
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)  # SFTTrainer builds the LoRA model before Trainer seeds anything: seed its init here

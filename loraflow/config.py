@@ -240,7 +240,9 @@ class TrainConfig(Section):
         "auto", description="Optimizer; 'auto' = paged_adamw_8bit on CUDA, adamw_torch on CPU."
     )
     bf16: Literal["auto", True, False] = Field(
-        "auto", description="bf16 mixed precision; 'auto' = on for CUDA with bf16 support (fp16 is never used)."
+        "auto", description="bf16 mixed precision (autocast: the LoRA weights and AdamW stay fp32, their matmuls run in "
+        "bf16); 'auto' = on when the compute dtype is bfloat16, on a GPU or a CPU (fp16 is never used). Resolved before "
+        "the cache keys (loraflow/hardware.py)."
     )
     logging_steps: int = Field(10, ge=1, description="Log loss every N steps (run-only: not in the cache key).")
     eval_steps: int | None = Field(

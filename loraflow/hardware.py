@@ -92,6 +92,15 @@ def resolve_compute_dtype(name: str) -> str:
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
+def resolve_mixed_precision(bf16: bool | str, compute_dtype: str) -> bool:
+    """`train.bf16` resolved: 'auto' = bf16 autocast when the compute dtype (resolved) is bfloat16, on a GPU and on
+    a CPU alike. The LoRA weights and AdamW stay fp32; the LoRA matmuls and their gradients run in bf16 like the
+    frozen base's (docs/benchmarks.md, "Each lever alone": the autocast row)."""
+    if bf16 != "auto":
+        return bool(bf16)
+    return resolve_compute_dtype(compute_dtype) == "bfloat16"
+
+
 def resolve_quantization(quant):
     """A `QuantizationConfig` with `compute_dtype: auto` replaced by the dtype it means here (for keys)."""
     return quant.model_copy(update={"compute_dtype": resolve_compute_dtype(quant.compute_dtype)})
@@ -149,6 +158,7 @@ def machine() -> dict[str, object]:
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "compute_dtype_auto": resolve_compute_dtype("auto"),
+        "bf16_autocast_auto": resolve_mixed_precision("auto", "auto"),
     }
     return info
 
@@ -176,12 +186,13 @@ def resolve_processes(value: int | str) -> int:
 def resolve(cfg: PipelineConfig) -> PipelineConfig:
     """`cfg` with the machine-dependent 'auto' settings replaced by what they mean here, in one place, before any
     cache key is made and before any stage runs: the compute dtype (`resolve_quantization`), the export dtype
-    (the compute dtype the model was trained and scored in) and the number of training processes
-    (`resolve_processes`). 'auto' and what it stands for are then one setting: one key, one folder.
+    (the compute dtype the model was trained and scored in), bf16 autocast in training (`resolve_mixed_precision`)
+    and the number of training processes (`resolve_processes`). 'auto' and what it stands for are then one setting: one key, one folder.
     `gradient_checkpointing: auto` is decided when training starts (`loraflow.stages.train.stage`), from the
     memory free then. Idempotent."""
     quant = resolve_quantization(cfg.quantization)
-    train = cfg.train.model_copy(update={"num_processes": resolve_processes(cfg.train.num_processes)})
+    train = cfg.train.model_copy(update={"num_processes": resolve_processes(cfg.train.num_processes),
+                                         "bf16": resolve_mixed_precision(cfg.train.bf16, quant.compute_dtype)})
     export = cfg.export.model_copy(update={"dtype": quant.compute_dtype if cfg.export.dtype == "auto" else cfg.export.dtype})
     return cfg.model_copy(update={"quantization": quant, "train": train, "export": export})
 

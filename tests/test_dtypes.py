@@ -130,3 +130,41 @@ def test_training_with_in_training_evaluation_matches_training_without_it(prepar
     b = load_file(f"{evaluated.path}/adapter/adapter_model.safetensors")
     for name, w in a.items():
         torch.testing.assert_close(b[name], w, msg=name)
+
+
+def test_a_bf16_training_step_runs_the_lora_path_in_bf16_and_leaves_peft_as_it_was(prepared, tmp_path):
+    """`train.bf16` (auto: on with a bf16 compute dtype, on a CPU too) is autocast over the whole step: the LoRA
+    layers see bf16 input in the forward and in the checkpointed layers' recomputation during the backward (peft's
+    cast to the fp32 LoRA weights off for the step), the weights and their gradients stay fp32, the loss is the fp32
+    path's to bf16 rounding, and after the step peft casts again, so generation outside autocast works."""
+    from loraflow.hardware import resolve
+    from loraflow.stages.model import enable_checkpointing
+    from loraflow.stages.train.collators import CompletionCollator
+    from loraflow.stages.train.stage import training_arguments
+    from loraflow.stages.train.trainer import CompletionTrainer
+
+    _, stages = prepared
+    stage = stages["bfloat16"]
+    cfg = resolve(stage[0])
+    assert cfg.train.bf16 is True
+    inputs = batch(stage[1])
+    reference, _ = loss_and_grads(trainable_model(stage), inputs)  # no autocast: the LoRA path in fp32
+    model = trainable_model(stage)
+    enable_checkpointing(model)
+    seen: list[torch.dtype] = []
+    lora_a = [m for n, m in model.named_modules() if n.endswith("lora_A.default")]
+    for module in lora_a:
+        module.register_forward_hook(lambda mod, args, out: seen.append(args[0].dtype))
+    trainer = CompletionTrainer(model=model, args=training_arguments(cfg.train, tmp_path, has_eval=False),
+                                data_collator=CompletionCollator(pad_token_id=0))
+    model.train()
+    loss = trainer.training_step(model, dict(inputs))
+    assert len(seen) == 2 * len(lora_a)  # the forward, and the recomputation in the backward
+    assert set(seen) == {torch.bfloat16}, seen
+    assert float(loss) == pytest.approx(reference, rel=2e-2)
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and bool(g.abs().sum() > 0) for g in grads)
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert layers and all(m.cast_input_dtype_enabled for m in layers)
+    model.eval()
+    model.generate(input_ids=inputs["input_ids"][:1, :8], max_new_tokens=2, do_sample=False)

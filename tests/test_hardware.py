@@ -70,6 +70,29 @@ def test_the_resolved_dtype_is_in_the_model_key(cpu_only, monkeypatch, tiny_llam
     assert on_fp32_cpu.info["compute_dtype"] == "float32" and on_fp32_cpu.fingerprint != on_bf16_cpu.fingerprint
 
 
+@pytest.mark.parametrize("flags, dtype, bf16, want", [
+    ("avx2 avx512_bf16", "auto", "auto", True),  # a bf16 CPU: autocast, as on a GPU with bf16
+    ("avx2", "auto", "auto", False),  # fp32 compute: nothing to autocast to
+    ("avx2 avx512_bf16", "float32", "auto", False),  # the dtype set in the config decides, not the CPU
+    ("avx2", "auto", True, True),  # set: kept
+    ("avx2 avx512_bf16", "auto", False, False),
+])
+def test_bf16_autocast_follows_the_compute_dtype_and_is_resolved_into_the_train_key(cpu_only, monkeypatch, flags,
+                                                                                   dtype, bf16, want):
+    from loraflow import store
+    from loraflow.config import build_config
+    from loraflow.hardware import resolve
+
+    monkeypatch.setenv(FLAGS_ENV, flags)
+    cfg = build_config({"quantization": {"compute_dtype": dtype}, "train": {"bf16": bf16}})
+    assert resolve(cfg).train.bf16 is want
+    explicit = build_config({"quantization": {"compute_dtype": dtype}, "train": {"bf16": want}})
+    # 'auto' and what it stands for are one setting: one train key
+    assert store.train_key(resolve(cfg), "t", "m").key == store.train_key(resolve(explicit), "t", "m").key
+    other = build_config({"quantization": {"compute_dtype": dtype}, "train": {"bf16": not want}})
+    assert store.train_key(resolve(other), "t", "m").key != store.train_key(resolve(cfg), "t", "m").key
+
+
 GROWTH = """
 import torch
 from loraflow.hardware import heap_in_use

@@ -58,10 +58,11 @@ def test_cpu_defaults(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv("LORAFLOW_CPU_FLAGS", "avx2 avx512f")  # a CPU without native bf16
     assert compute_dtype("auto") == torch.float32 and compute_dtype("bfloat16") == torch.bfloat16
+    assert training_arguments(TrainConfig(), Path("/tmp/x"), has_eval=False).bf16 is False  # no bf16 autocast in fp32
     monkeypatch.setenv("LORAFLOW_CPU_FLAGS", "avx2 avx512f avx512_bf16")
     assert compute_dtype("auto") == torch.bfloat16 and compute_dtype("float32") == torch.float32
     args = training_arguments(TrainConfig(extra_args={"adam_beta2": 0.99}), Path("/tmp/x"), has_eval=True)
-    assert args.optim == "adamw_torch" and args.bf16 is False and args.fp16 is False
+    assert args.optim == "adamw_torch" and args.bf16 is True and args.fp16 is False  # bf16 autocast, as on a GPU
     assert args.activation_checkpointing is False  # on the model already when asked for (enable_checkpointing)
     assert args.eval_strategy == "no" and args.adam_beta2 == 0.99 and args.ddp_find_unused_parameters is False
     args = training_arguments(TrainConfig(eval_steps=5, optim="paged_adamw_8bit"), Path("/tmp/x"), has_eval=True)

@@ -3,7 +3,8 @@
 `estimate` counts, for the longest batch (length-grouped batching puts the longest rows together):
 - the weights: the linear layers in 4 bits (+ their block constants) or the compute dtype, the rest
   (embeddings, norms, LM head) in the compute dtype or fp32 (`train.upcast_frozen`);
-- LoRA: its parameters, gradients and the two AdamW moments, all fp32;
+- LoRA: its parameters, gradients and the two AdamW moments, all fp32 (+ autocast's bf16 copy of the weights for
+  the step, with `train.bf16`);
 - activations kept for the backward pass: per layer and token about 10 x hidden + 4 x intermediate values
   (norm inputs and outputs, q/k/v, attention output, the MLP's gate/up/product), + LoRA dropout's input
   copies when `lora.dropout` > 0, + the attention probabilities (heads x length²) of the math kernel; with
@@ -130,10 +131,11 @@ def _lora_params(cfg: PipelineConfig, s: dict[str, Any]) -> int:
 def training(cfg: PipelineConfig, s: dict[str, Any], batch: int, length: int, label_tokens: int, cuda: bool,
              checkpointing: bool) -> dict[str, float]:
     """Bytes per part for training `batch` rows of `length` tokens, `label_tokens` of them labelled."""
-    from loraflow.hardware import resolve_compute_dtype
+    from loraflow.hardware import resolve_compute_dtype, resolve_mixed_precision
     from loraflow.stages.model import upcasts
 
     dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
+    autocast = resolve_mixed_precision(cfg.train.bf16, cfg.quantization.compute_dtype)
     width = 4 if dtype == "float32" else 2
     quantized = cfg.quantization.mode != "none"
     linear_params = sum(i * o for _, i, o in s["linear"])
@@ -153,7 +155,7 @@ def training(cfg: PipelineConfig, s: dict[str, Any], batch: int, length: int, la
     else:
         activations = layers * (tokens * per_token + attention)
     logit_rows = label_tokens if cfg.train.label_only_logits else tokens
-    return {"weights": linear_params * per_weight + s["other_params"] * other_width, "lora+adam": lora * 16,
+    return {"weights": linear_params * per_weight + s["other_params"] * other_width, "lora+adam": lora * (18 if autocast else 16),
             "activations": activations, "logits": logit_rows * s["vocab"] * 4 * 3,
             "runtime": RUNTIME_GPU if cuda else RUNTIME_CPU_TRAIN}
 

@@ -37,11 +37,11 @@ def resolve_optim(train: TrainConfig, cuda: bool) -> str:
 
 
 def resolve_bf16(train: TrainConfig) -> bool:
-    import torch
+    """bf16 autocast: `train.bf16` as `hardware.resolve` leaves it ('auto' here only for a config not resolved,
+    with the compute dtype's 'auto' rule)."""
+    from loraflow.hardware import resolve_mixed_precision
 
-    if train.bf16 == "auto":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    return bool(train.bf16)
+    return resolve_mixed_precision(train.bf16, "auto")
 
 
 def training_arguments(train: TrainConfig, checkpoint_dir: Path, has_eval: bool):

@@ -175,7 +175,19 @@ class CompletionTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.through_forward and model.training:  # `model` is DDP's wrapper here: see __init__
             return forward_label_only_loss(model, inputs, num_items_in_batch)[0]
-        return label_only_loss(*self.parts, inputs, num_items_in_batch)[0]
+        with self.accelerator.autocast():  # the body is called directly, not through the forward accelerate wraps
+            return label_only_loss(*self.parts, inputs, num_items_in_batch)[0]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Under bf16 autocast, peft's LoRA layers keep their input in bf16 for the whole step: forward, and the
+        backward that recomputes checkpointed layers outside any context around the forward. On a CUDA device
+        peft skips its cast to the LoRA weights' fp32 under autocast by itself; on a CPU it does not (it asks only
+        CUDA's autocast), and the casts to fp32 and back cost CPU step time (docs/benchmarks.md, the autocast
+        row). Outside the step (evaluation, generation) the cast is on, as peft leaves it."""
+        from peft.helpers import disable_input_dtype_casting
+
+        with disable_input_dtype_casting(model, active=self.args.bf16):
+            return super().training_step(model, inputs, num_items_in_batch)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
@@ -197,6 +209,6 @@ class CompletionTrainer(Trainer):
         import torch
 
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():
             loss, _ = label_only_loss(*self.parts, inputs)
         return loss.detach(), None, None
