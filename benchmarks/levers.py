@@ -203,7 +203,8 @@ def train_levers(model_dir: str, examples: list[dict], batch: int, steps: int, m
          label_only),
         ("row 11, checkpointing selective (torch's): the base's matmul and attention outputs kept, the rest recomputed",
          "selective", grouped, pad, label_only, 10),
-        ("row 11 under CPU bf16 autocast, peft's fp32 cast of the LoRA input off (the LoRA path in bf16)", "autocast",
+        ("row 11 under CPU bf16 autocast, peft's fp32 cast of the LoRA input off (the LoRA path in bf16; loraflow's "
+         "default with bf16 compute since 2026-12-06, `train.bf16: auto`)", "autocast",
          grouped, pad, autocast, 10),
     ]
     picked = [i for i in range(len(cases)) if only is None or i in only]

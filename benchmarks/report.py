@@ -225,11 +225,16 @@ def _cell(s: dict | None, digits: int, center: str = "median") -> str:
     return mid if s["n"] == 1 or s["min"] == s["max"] else f"{mid} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
 
-def _autocast(machine: dict) -> str:
-    """How the run trained in its compute dtype (bf16 autocast since 2026-12-06; unrecorded before, when it was off
-    on a CPU)."""
-    on = machine.get("bf16_autocast_auto")
-    return "" if on is None else (", bf16 autocast" if on else ", no autocast")
+def _autocast(report: dict) -> str:
+    """How the sides trained in their compute dtype (bf16 autocast since 2026-12-06; unrecorded before, when no side
+    autocast on a CPU); the script's and TRL's unless forced (`--peer-bf16`) as loraflow's."""
+    on = report["machine"].get("bf16_autocast_auto")
+    if on is None:
+        return ""
+    forced = report["args"].get("peer_bf16", "auto")
+    peers = on if forced == "auto" else forced == "on"
+    word = lambda v: "with bf16 autocast" if v else "without autocast"  # noqa: E731
+    return f", {word(on)}" if peers == on else f"; loraflow {word(on)}, the script and TRL {word(peers)}"
 
 
 def markdown(report: dict) -> str:
@@ -238,7 +243,7 @@ def markdown(report: dict) -> str:
     flags = ", ".join(f for f, on in m["cpu_flags"].items() if on) or "none of " + ", ".join(m["cpu_flags"])
     lines = [f"Run {report['date']} on {m['cpu']} (flags: {flags}), {m['cores']} cores, torch {m['torch']} "
              f"({m['torch_threads']} threads){', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}; compute dtype "
-             f"{m['compute_dtype_auto']}{_autocast(m)} on every side; matmul peak fp32 {peaks['float32_gflops']:.1f}, bf16 "
+             f"{m['compute_dtype_auto']} on every side{_autocast(report)}; matmul peak fp32 {peaks['float32_gflops']:.1f}, bf16 "
              f"{peaks['bfloat16_gflops']:.1f} GFLOP/s.", ""]
     for name, d in report["datasets"].items():
         stats, t = d["data"], side_table(d, report["model_shape"], _peak(report))

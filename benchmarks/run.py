@@ -127,6 +127,11 @@ def loraflow_side(name: str, data_dir: Path, out: Path, a: argparse.Namespace, e
             "mean_prediction_words": round(sum(len(p.split()) for p in preds) / len(preds), 2), "predictions": preds}
 
 
+def peer_bf16(a: argparse.Namespace) -> bool:
+    """bf16 autocast for the script and TRL: loraflow's `train.bf16: auto` on this machine, unless forced."""
+    return resolve_mixed_precision("auto", "auto") if a.peer_bf16 == "auto" else a.peer_bf16 == "on"
+
+
 def script_side(script: str, tag: str, data_dir: Path, out: Path, model_dir: str, name: str, a: argparse.Namespace,
                 env: dict, seed: int, *extra: str) -> dict:
     """One run of benchmarks/<script> (the baseline or the TRL peer), its process measured."""
@@ -136,9 +141,8 @@ def script_side(script: str, tag: str, data_dir: Path, out: Path, model_dir: str
            "--instruction", INSTRUCTIONS[name], "--max-length", str(a.max_length), "--steps", str(a.steps),
            "--batch-size", str(a.batch_size), "--learning-rate", str(a.learning_rate),
            "--max-new-tokens", str(a.max_new_tokens), "--output-dir", str(out / f"{tag}-out"), "--seed", str(seed),
-           # loraflow's rules: every side computes alike
-           "--compute-dtype", resolve_compute_dtype("auto"),
-           "--bf16" if resolve_mixed_precision("auto", "auto") else "--no-bf16", *extra]
+           # loraflow's rules: every side computes alike (`--peer-bf16` forces the other sides' autocast on or off)
+           "--compute-dtype", resolve_compute_dtype("auto"), "--bf16" if peer_bf16(a) else "--no-bf16", *extra]
     proc = run_measured(cmd, env, out / f"{tag}.log")
     return {**proc, **json.loads(result.read_text())}
 
@@ -179,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="training seeds, paired across sides (data order and LoRA initialisation)")
     p.add_argument("--sides", nargs="+", choices=SIDES, default=SIDES)
     p.add_argument("--naive", action="store_true", help="also run the naive script, once per dataset")
+    p.add_argument("--peer-bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast for the script and TRL: auto = as loraflow's train.bf16: auto decides here")
     p.add_argument("--loraflow-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a `loraflow run --set` override for the loraflow side (repeatable)")
     p.add_argument("--carve-validation", action="store_true",

@@ -169,6 +169,13 @@ def test_the_memory_estimate_counts_what_each_setting_changes(tiny_llama_dir):
     assert memory.training(cfg, shapes, 8, 500, 256, False, False) == memory.training(cfg, shapes, 8, 512, 256, False, False)
     exact = cfg.model_copy(update={"train": cfg.train.model_copy(update={"pad_to_multiple_of": 1})})
     assert memory.training(exact, shapes, 8, 500, 256, False, False)["activations"] < plain["activations"]
+    # bf16 autocast (train.bf16: auto with bf16 compute): a bf16 copy of the LoRA weights for the step, and the CPU
+    # runtime measured under autocast; without it, the fp32 LoRA path's
+    params = sum(cfg.lora.r * (i + o) for _, i, o in shapes["linear"])
+    no_autocast = cfg.model_copy(update={"train": cfg.train.model_copy(update={"bf16": False})})
+    off = memory.training(no_autocast, shapes, 8, 512, 256, False, False)
+    assert plain["lora+adam"] == params * 18 and off["lora+adam"] == params * 16
+    assert plain["runtime"] == memory.RUNTIME_CPU_TRAIN_AUTOCAST and off["runtime"] == memory.RUNTIME_CPU_TRAIN
 
     # evaluation, as loraflow.stages.evaluate decides: on a CPU the weights dequantized to bf16 and the fp32 adapter beside
     # them; merged (eval.merge) no adapter; on a GPU the 4-bit weights

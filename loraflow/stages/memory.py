@@ -16,7 +16,8 @@ them (fp32; merged into them only with `eval.merge`) and one generation batch's 
 
 It is an estimate. The CPU training runtime constant is calibrated on measured peaks of the training process
 (2-core CPU, bf16, SmolLM2-135M; docs/benchmarks.md, "Where the memory goes"): with checkpointing, as `auto` trains
-on a CPU since 2026-12-04, and without. The GPU and evaluation constants are not measured yet. `loraflow validate
+on a CPU since 2026-12-04, and without; with bf16 autocast (on a bf16 CPU since 2026-12-06) and without. The GPU
+and evaluation constants are not measured yet. `loraflow validate
 --probe` measures one real step instead. The model is built on torch's meta device (shapes, no memory, no
 weights read).
 """
@@ -31,8 +32,11 @@ from loraflow.config import PipelineConfig
 
 GIB = 2**30
 # A CPU training process beyond the counted parts: imports (~0.9 GiB), the dataset, the Trainer, temporaries and the
-# allocator's cache of freed blocks (~1 GB at the peak, with or without checkpointing: benchmarks/memory.py).
+# allocator's cache of freed blocks (~1 GB at the peak, with or without checkpointing: benchmarks/memory.py). Under
+# bf16 autocast (`train.bf16`) the LoRA path's temporaries are bf16, not fp32 copies of its inputs: the same 24 demo
+# steps peaked ~0.5 GB lower (docs/benchmarks.md, 2026-12-06).
 RUNTIME_CPU_TRAIN = 2.0 * GIB
+RUNTIME_CPU_TRAIN_AUTOCAST = 1.85 * GIB
 RUNTIME_CPU = 0.9 * GIB  # a process's RSS after its imports (evaluation, in the flow process)
 RUNTIME_GPU = 0.6 * GIB  # CUDA context + kernels (not measured here)
 
@@ -157,7 +161,7 @@ def training(cfg: PipelineConfig, s: dict[str, Any], batch: int, length: int, la
     logit_rows = label_tokens if cfg.train.label_only_logits else tokens
     return {"weights": linear_params * per_weight + s["other_params"] * other_width, "lora+adam": lora * (18 if autocast else 16),
             "activations": activations, "logits": logit_rows * s["vocab"] * 4 * 3,
-            "runtime": RUNTIME_GPU if cuda else RUNTIME_CPU_TRAIN}
+            "runtime": RUNTIME_GPU if cuda else RUNTIME_CPU_TRAIN_AUTOCAST if autocast else RUNTIME_CPU_TRAIN}
 
 
 def evaluation(cfg: PipelineConfig, s: dict[str, Any], length: int, cuda: bool) -> dict[str, float]:
