@@ -51,6 +51,22 @@ def test_gradients_go_through_the_same_mask_and_eval_mode_is_the_identity():
         cpu_dropout(0.1, "numpy")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_products_are_torchs_dropout_products_to_the_bit(dtype):
+    """Both products run in the input's dtype (the mask converted through uint8) and give the bits of the formulas
+    they replace: `x * keep * scale` forward and `aten.native_dropout_backward` backward, in bf16 as under autocast."""
+    torch.manual_seed(2)
+    drop = cpu_dropout(0.05).train()
+    x = torch.randn(3, 40, 576, dtype=dtype, requires_grad=True)
+    y = drop(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    keep = (y != 0) | (x == 0)
+    assert y.dtype == dtype and x.grad.dtype == dtype and 0.03 < 1 - keep.float().mean() < 0.07
+    assert torch.equal(y, x.detach().mul(keep).mul_(drop.scale))
+    assert torch.equal(x.grad, torch.ops.aten.native_dropout_backward(grad, keep, drop.scale))
+
+
 def test_the_same_seed_gives_the_same_mask_and_another_seed_another():
     """torch's seed decides the mask, also where the draws come from SFC64 (seeded by one draw of torch's)."""
     drop = cpu_dropout(0.5).train()

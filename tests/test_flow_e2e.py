@@ -33,7 +33,7 @@ def tiny_config(tmp_path: Path, data_file: Path, model_dir: Path, **train):
     )
 
 
-def test_flow_trains_and_scores_tiny_model(tmp_path, tiny_llama_dir, prefect_harness, monkeypatch):
+def test_flow_trains_and_scores_tiny_model(tmp_path, tiny_llama_dir, prefect_harness, monkeypatch, capfd):
     from collections import Counter
 
     import torch
@@ -65,6 +65,8 @@ def test_flow_trains_and_scores_tiny_model(tmp_path, tiny_llama_dir, prefect_har
     assert train["compute_dtype"] == resolve_compute_dtype("auto")  # what 'auto' means on this CPU
     assert train["process"]["started_early"] is True  # its imports overlapped the pre-flight and the stages before it
     assert train["process"]["model_built_here"] is True  # the model stage ran in it: the base is loaded once per run
+    assert train["process"]["frozen_objects"] > 100_000  # its imports out of the collector's sight (`worker`)
+    assert "leaked" not in capfd.readouterr().err  # and back in it at exit: nanobind reported none as leaked
 
     adapter = Path(result["adapter"])
     assert (adapter / "adapter_model.safetensors").is_file()

@@ -62,6 +62,20 @@ def _import_early() -> None:
         pass
 
 
+def _freeze_imports() -> int:
+    """Move what the imports created (~590k objects) out of the cyclic collector's sight (`gc.freeze`): every later
+    full collection (the one before training, accelerate's at the loop's start, the automatic ones in the steps)
+    then skips them, 0.24 s each on a 2-core Xeon. Refcounting still frees them; they are unfrozen at exit
+    (`atexit`), so that the shutdown collection sees everything (nanobind reports what it misses as leaks).
+    Returns how many objects were frozen."""
+    import atexit
+    import gc
+
+    gc.freeze()
+    atexit.register(gc.unfreeze)
+    return gc.get_freeze_count()
+
+
 def _check_ahead(folder: str) -> None:
     """`sources.check_converted`: the pre-flight then finds the folder checked (or waits for this check)."""
     from loraflow.store.sources import check_converted
@@ -81,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(argv) > 1:  # the run's converted model folder: checked while the main thread imports
             threading.Thread(target=_check_ahead, args=(argv[1],), daemon=True).start()
         _import_early()
+        process["frozen_objects"] = _freeze_imports()
         process["imported_at"] = time.time()
         print("train worker: started early, imports done", file=sys.stderr, flush=True)
         served = _serve(process)

@@ -74,12 +74,19 @@ def _module_class():
         def forward(ctx, x, keep, scale):
             ctx.save_for_backward(keep)  # one byte an element (torch's CPU dropout keeps one in x's dtype)
             ctx.scale = scale
-            return x.mul(keep).mul_(scale)
+            return x.mul(as_factor(keep, x.dtype)).mul_(scale)
 
         @staticmethod
         def backward(ctx, grad):
             (keep,) = ctx.saved_tensors
-            return torch.ops.aten.native_dropout_backward(grad, keep, ctx.scale), None, None
+            return grad.mul(as_factor(keep, grad.dtype)).mul_(ctx.scale), None, None
+
+    def as_factor(keep, dtype):
+        """The mask as 0/1 in `dtype`, so that each product has one dtype. A bool mask times a bf16 tensor (and
+        `aten.native_dropout_backward`, and bool -> bf16) runs torch's per-element casting loop on a CPU: 3-10x
+        slower than converting through uint8 and multiplying alike, with the same bits (`tests/test_dropout.py`;
+        under bf16 autocast the LoRA input is bf16)."""
+        return keep.view(torch.uint8).to(dtype)
 
     class CpuDropout(torch.nn.Module):
         def __init__(self, p: float, source: str = "sfc64") -> None:
