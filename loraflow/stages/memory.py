@@ -17,9 +17,8 @@ them (fp32; merged into them only with `eval.merge`) and one generation batch's 
 It is an estimate. The CPU training runtime constant is calibrated on measured peaks of the training process
 (2-core CPU, bf16, SmolLM2-135M; docs/benchmarks.md, "Where the memory goes"): with checkpointing, as `auto` trains
 on a CPU since 2026-12-04, and without; with bf16 autocast (on a bf16 CPU since 2026-12-06) and without. The GPU
-and evaluation constants are not measured yet. `loraflow validate
---probe` measures one real step instead. The model is built on torch's meta device (shapes, no memory, no
-weights read).
+and evaluation constants are not measured yet. `loraflow validate --probe` measures one real step instead. The model
+is built on torch's meta device (shapes, no memory, no weights read).
 """
 
 from __future__ import annotations
