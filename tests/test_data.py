@@ -199,6 +199,38 @@ def test_empty_rows_are_dropped_and_counted(tmp_path):
 # ------------------------------------------------------------------ sources
 
 
+_NETWORK: dict[int, list[str]] = {}  # thread id -> the socket events it raised, while a test listens (`_listen`)
+_HOOKED: list = []  # the audit hook, once added (it cannot be removed)
+
+
+def _listen(event: str, args: tuple) -> None:
+    import threading
+
+    if event.startswith("socket.") and (seen := _NETWORK.get(threading.get_ident())) is not None:
+        seen.append(f"{event}{args[:2]}")
+
+
+def test_reading_local_files_sends_nothing_over_the_network(tmp_path, monkeypatch):
+    """`datasets.load_dataset("json", ...)` asks the hub to count a download of its json builder before reading a
+    local file: a round trip per split on the way to the first step (and a DNS wait offline)."""
+    import threading
+
+    import datasets
+    from loraflow.stages.data import build_splits
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # as on a user's machine
+    if not _HOOKED:
+        sys.addaudithook(_listen)  # for the process's life: it records only while a thread is listed
+        _HOOKED.append(_listen)
+    seen = _NETWORK[threading.get_ident()] = []
+    try:
+        splits, _, _ = build_splits(cfg(write_jsonl(tmp_path / "d.jsonl", rows(30)), test_size=0.2), tmp_path / "cache")
+    finally:
+        _NETWORK.pop(threading.get_ident())
+    assert len(splits["train"]) + len(splits["validation"]) + len(splits["test"]) == 30
+    assert seen == []
+
+
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "json"])
 def test_csv_parquet_and_json_array_files(tmp_path, fmt):
     import pandas as pd

@@ -112,3 +112,23 @@ def test_every_task_waiting_on_a_process_that_ended_gets_its_failure_not_a_close
     finally:
         launch._EARLY.pop("k3", None)
         launch._ANSWERS.pop("k3", None)
+
+
+def test_an_answer_another_thread_wrote_into_before_its_newline_still_reaches_its_task(capsys):
+    """The process prints an answer while another of its threads draws a progress bar or logs (the model stage's
+    error while the tokenize stage maps): a write can land between the answer and its newline. The answer must
+    still reach its task; it was lost there, and the model task waited for it forever (an everyday-tier hang,
+    2026-12-06)."""
+    answers = [DONE_MARK + json.dumps({"id": f"model-{i}", "result": i}) + tail
+               for i, tail in enumerate(["\rMap:  50%|#####     | 4/8 [00:00<00:00]", "a log line", " 100%|##########| 8/8"])]
+    proc = _process(*answers, "the end")
+    launch._EARLY["k4"] = proc
+    try:
+        assert [launch._await("k4", proc, f"model-{i}", "model") for i in range(3)] == [0, 1, 2]
+        assert launch._forward(launch._output(proc), [], []) is None
+    finally:
+        launch._EARLY.pop("k4", None)
+        launch._ANSWERS.pop("k4", None)
+    err = capsys.readouterr().err  # what was written after each answer is shown as its own line: nothing is lost
+    assert "\rMap:  50%|#####     | 4/8 [00:00<00:00]\n" in err and "a log line\n" in err and "8/8\n" in err, err
+    assert "the end\n" in err and "loraflow-" not in err

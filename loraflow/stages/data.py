@@ -133,11 +133,14 @@ def load_source(cfg: DataConfig, cache_dir: str | Path | None = None):
         # Each split on its own: a train file with one target string per row and a test file with a list of
         # references (the usual shape) have different types, which one load would refuse. `_normalise` makes
         # both a list of references.
+        # `Dataset.from_json` (csv, parquet) reads with the same builder as `load_dataset` without resolving a module
+        # for it first, and without the download-count request `load_dataset` sends the hub for a packaged builder
+        # (a network round trip, per split, on the way to the first step, to read a local file).
+        read = getattr(datasets.Dataset, f"from_{builder}")
         out = {}
         for split, files in data_files.items():
             try:
-                out[split] = datasets.load_dataset(builder, data_files={split: files}, split=split,
-                                                   cache_dir=str(cache_dir) if cache_dir else None)
+                out[split] = read(files, split=split, cache_dir=str(cache_dir) if cache_dir else None)
             except Exception as err:  # e.g. a column that is a string in one row and a list in another
                 raise DataError(f"data.source: could not read the {split} split of '{cfg.source}' as {builder} "
                                 f"({type(err).__name__}: {_first_line(err)}): check that every row of "

@@ -28,7 +28,7 @@ import weakref
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from loraflow.store.artifacts import Handle
 from loraflow.config import LoraConfig, ModelConfig, PipelineConfig, QuantizationConfig
@@ -114,26 +114,28 @@ def _forward(out: _Output, tail: deque, errors: list[dict], on_progress: Callabl
             while b"\n" in out.buf:
                 raw, out.buf = out.buf.split(b"\n", 1)
                 shown, out.shown = out.shown, 0
-                at = min([i for i in (raw.find(mark) for mark in _MARKS) if i >= 0], default=-1)
-                _show(raw[shown:] + b"\n" if at < 0 else raw[shown:at])
-                line = raw.decode(errors="replace").split("\r")[-1].rstrip()
-                # A progress bar drawn without a newline may precede our marked lines on the same line.
-                progress, error = line.find(PROGRESS_MARK), line.find(ERROR_MARK)
-                if until is not None and (found := line.find(until)) >= 0:
-                    return json.loads(line[found + len(until):])  # the process now waits for its next request
-                if progress >= 0:
-                    if on_progress is not None:
-                        try:
-                            on_progress(json.loads(line[progress + len(PROGRESS_MARK):]))
-                        except Exception as err:  # noqa: BLE001 - a report must never stop training
-                            log.warning("train: progress report failed (%s)", err)
-                elif error >= 0:
-                    report = json.loads(line[error + len(ERROR_MARK):])
-                    errors.append(report)
-                    log.error("%s", report["error"])
-                elif line and not _PROGRESS.search(line):
-                    tail.append(line)
-                    log.info("%s", line)
+                marked = _marked(raw)
+                if marked is None:
+                    _show(raw[shown:] + b"\n")
+                    line = raw.decode(errors="replace").split("\r")[-1].rstrip()
+                    if line and not _PROGRESS.search(line):
+                        tail.append(line)
+                        log.info("%s", line)
+                    continue
+                at, mark, value, rest = marked
+                _show(raw[shown:at])  # a progress bar drawn without a newline may precede a marked line
+                if rest.strip():  # another thread of the process wrote after it before its newline: a line of its own
+                    out.buf = rest + b"\n" + out.buf
+                if mark == until:
+                    return value  # the process now waits for its next request
+                if mark == PROGRESS_MARK and on_progress is not None:
+                    try:
+                        on_progress(value)
+                    except Exception as err:  # noqa: BLE001 - a report must never stop training
+                        log.warning("train: progress report failed (%s)", err)
+                elif mark == ERROR_MARK:
+                    errors.append(value)
+                    log.error("%s", value["error"])
             showable = _showable(out.buf)  # a progress bar redrawn with \r shows as it is drawn
             if showable > out.shown:
                 _show(out.buf[out.shown:showable])
@@ -145,6 +147,25 @@ def _forward(out: _Output, tail: deque, errors: list[dict], on_progress: Callabl
             if not chunk:
                 return None
             out.buf += chunk
+
+
+_JSON = json.JSONDecoder()
+
+
+def _marked(raw: bytes) -> tuple[int, str, Any, bytes] | None:
+    """The first marked object on a line of the training process's output: where its mark starts, the mark, the JSON
+    value after it, and what follows that value (another thread may write there before the line's newline); None
+    for a line with no mark, or whose value does not parse (it is then an ordinary line)."""
+    found = [(at, mark) for mark in _MARKS if (at := raw.find(mark)) >= 0]
+    if not found:
+        return None
+    at, mark = min(found)
+    body = raw[at + len(mark):].decode(errors="replace")
+    try:
+        value, end = _JSON.raw_decode(body)
+    except ValueError:
+        return None
+    return at, mark.decode(), value, body[end:].encode()
 
 
 # Training processes started early, by train key, until the train stage claims its own (loraflow.stages.launch.early_start).

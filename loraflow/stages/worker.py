@@ -153,7 +153,8 @@ def _answer(request: dict, built: dict) -> None:
         answer = {"id": request["id"], "error": {"type": type(err).__name__, "module": type(err).__module__,
                                                  "message": str(err)}}
     with _PRINT:
-        print(DONE_MARK + json.dumps(answer), file=sys.stderr, flush=True)
+        sys.stderr.write(DONE_MARK + json.dumps(answer) + "\n")  # one write: another thread's lands before or after it
+        sys.stderr.flush()
 
 
 def _log_to_stderr() -> None:
@@ -176,7 +177,8 @@ def _report(err: BaseException) -> None:
 
     where = f"rank {rank()}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     report = {"at": time.time(), "error": f"{where}{type(err).__name__}: {err}".replace("\n", " ")}
-    print(ERROR_MARK + json.dumps(report), file=sys.stderr, flush=True)
+    sys.stderr.write(ERROR_MARK + json.dumps(report) + "\n")  # one write, as `_answer`'s
+    sys.stderr.flush()
 
 
 def _preflight(request: dict) -> dict:

@@ -10,6 +10,7 @@ MLflow, `mlflow_curves` (every logged number into that MLflow run, as it comes).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Callable
 
@@ -69,7 +70,8 @@ def progress():
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs and "loss" in logs:
                 line = {"step": state.global_step, "max_steps": state.max_steps, "loss": logs["loss"]}
-                print(PROGRESS_MARK + json.dumps(line), flush=True)
+                sys.stdout.write(PROGRESS_MARK + json.dumps(line) + "\n")  # one write: nothing lands before its newline
+                sys.stdout.flush()
 
     return ReportProgress()
 
