@@ -152,9 +152,10 @@ def _answer(request: dict, built: dict) -> None:
     except Exception as err:  # noqa: BLE001 - the stage's task raises it
         answer = {"id": request["id"], "error": {"type": type(err).__name__, "module": type(err).__module__,
                                                  "message": str(err)}}
+    from loraflow.stages.train.callbacks import print_marked
+
     with _PRINT:
-        sys.stderr.write(DONE_MARK + json.dumps(answer) + "\n")  # one write: another thread's lands before or after it
-        sys.stderr.flush()
+        print_marked(DONE_MARK, answer, sys.stderr)
 
 
 def _log_to_stderr() -> None:
@@ -173,12 +174,12 @@ def _log_to_stderr() -> None:
 def _report(err: BaseException) -> None:
     """One line the launcher can quote: under torchrun, every rank that fails reports, and the earliest is the cause
     (the others typically fail because a peer's connection closed)."""
+    from loraflow.stages.train.callbacks import print_marked
     from loraflow.stages.train.distributed import ERROR_MARK, rank
 
     where = f"rank {rank()}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     report = {"at": time.time(), "error": f"{where}{type(err).__name__}: {err}".replace("\n", " ")}
-    sys.stderr.write(ERROR_MARK + json.dumps(report) + "\n")  # one write, as `_answer`'s
-    sys.stderr.flush()
+    print_marked(ERROR_MARK, report, sys.stderr)
 
 
 def _preflight(request: dict) -> dict:

@@ -61,6 +61,13 @@ def stop_on_request(requested: Callable[[], bool]):
     return SaveAndStop()
 
 
+def print_marked(mark: str, value: object, stream) -> None:
+    """Print one machine-readable line for the launcher (`launch._marked` reads it): `mark`, then `value` as JSON, in
+    one write, so that another thread's output lands before or after it, never between it and its newline."""
+    stream.write(mark + json.dumps(value) + "\n")
+    stream.flush()
+
+
 def progress():
     """Print one machine-readable line per logging step (`PROGRESS_MARK`); the launcher turns it into a progress
     artifact."""
@@ -70,8 +77,7 @@ def progress():
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs and "loss" in logs:
                 line = {"step": state.global_step, "max_steps": state.max_steps, "loss": logs["loss"]}
-                sys.stdout.write(PROGRESS_MARK + json.dumps(line) + "\n")  # one write: nothing lands before its newline
-                sys.stdout.flush()
+                print_marked(PROGRESS_MARK, line, sys.stdout)
 
     return ReportProgress()
 
