@@ -14,11 +14,11 @@ from typing import Any
 from prefect.logging import get_run_logger
 
 from loraflow import store
-from loraflow.config import PipelineConfig, build_config, check_run_overrides, deep_merge, default_config, over_defaults
+from loraflow.config import DataConfig, PipelineConfig, build_config, check_run_overrides, deep_merge, default_config, over_defaults
 from loraflow.hardware import resolve, why_dtype
 from loraflow.ops import tracking
 from loraflow.stages.launch import early_start, start_model_build
-from loraflow.store.artifacts import Handle, ensure_writable
+from loraflow.store.artifacts import Handle, ensure_writable, is_complete
 from loraflow.store.remote import check_writable, is_url
 from tasks.stages import (data_task, evaluate_task, export_task, for_run, model_task, preflight_task, tokenize_task,
                           train_task, workspace)
@@ -132,8 +132,10 @@ def run_stages(cfg: PipelineConfig) -> Stages:
     # training that need torch run in it (pre-flight, tokenize, model), so this process imports torch only after
     # training. It writes nothing before the pre-flight passes, and a failed pre-flight ends it. `early`: its train
     # key, or None (no process, or another run of this config in this process started it and asks it).
-    with early_start(cfg, workspace(cfg.run), keys["train"].key if keys else None) as early, _ready_beside(early):
-        preflight_task.with_options(result_storage=storage)(cfg, preflight, early)  # errors fail the run here
+    data_ahead = cfg.data if keys and _misses(cfg, keys["data"]) else None
+    with early_start(cfg, workspace(cfg.run), keys["train"].key if keys else None) as early, \
+            _ready_beside(early, data_ahead) as beside:  # errors fail the run here:
+        preflight_task.with_options(result_storage=storage)(cfg, preflight, early, beside.data_folder)
         if keys is None:
             raise unreadable
         start_model_build(cfg, workspace(cfg.run), early, keys["model"].key)  # loads while data, tokenize run
@@ -145,19 +147,42 @@ def run_stages(cfg: PipelineConfig) -> Stages:
     return Stages(data, tokenized, model, trained, scores, storage)
 
 
+def _misses(cfg: PipelineConfig, key: store.StageKey) -> bool:
+    """Whether this run builds the stage of `key` (refreshed, or no complete folder for it in the workspace)."""
+    return cfg.run.refreshes(key.stage) or not is_complete(store.folder(workspace(cfg.run), key.stage, key.key))
+
+
+@dataclass
+class Beside:
+    """What `_ready_beside` does while the flow waits: its thread (None: nothing to do), and the folder it builds
+    the data stage's splits in, for the pre-flight to read (None: not built ahead)."""
+    thread: threading.Thread | None = None
+    data_folder: str | None = None
+
+
 @contextmanager
-def _ready_beside(early: str | None, modules: tuple[str, ...] = ("datasets",)) -> Iterator[threading.Thread | None]:
+def _ready_beside(early: str | None, data: DataConfig | None = None,
+                  modules: tuple[str, ...] = ("datasets",)) -> Iterator[Beside]:
     """While the training process started early (`early`: its train key) imports torch and runs the pre-flight, this
-    process only waits, on a core of its own. A thread uses that core: it imports `modules` (what the data stage
-    imports: `datasets`, 0.5 s on a 2-core CPU), then collects and freezes what is alive (`gc.freeze`), so that the
-    full collection after each stage before training (`store.build`'s `return_freed_memory`: 0.07-0.1 s each over
-    Prefect's, pydantic's and datasets' objects, on the way to the first step) skips them. Unfrozen when training
-    is over: a process that runs many flows (a test session, a served deployment) keeps no run's objects out of the
-    collector. Nothing to do without an early training process, or where something else froze objects already."""
-    if early is None or gc.get_freeze_count():
-        yield None
+    process only waits, on a core of its own. A thread uses that core:
+    - it imports `modules` (what the data stage imports: `datasets`, 0.5 s on a 2-core CPU), then collects and
+      freezes what is alive (`gc.freeze`), so that the full collection after each stage before training
+      (`store.build`'s `return_freed_memory`: 0.07-0.1 s each over Prefect's, pydantic's and datasets' objects, on
+      the way to the first step) skips them; not where something else froze objects already;
+    - given the config of a data stage that will run (`data`), it builds its splits (`data.build_ahead`: local
+      sources only, in a private folder, nothing written to the workspace). The pre-flight reads them when they
+      are ready before it needs them, and the data stage saves them instead of building them again.
+    When training is over, it unfreezes (a process that runs many flows, a test session or a served deployment,
+    keeps no run's objects out of the collector) and drops splits no stage took. Nothing to do without an early
+    training process."""
+    if early is None:
+        yield Beside()
         return
+    freeze = not gc.get_freeze_count()
     frozen = threading.Event()
+    from loraflow.stages import data as data_stage
+
+    folder = data_stage.reserve_ahead(data) if data is not None else None
 
     def prepare() -> None:
         for name in modules:
@@ -165,18 +190,23 @@ def _ready_beside(early: str | None, modules: tuple[str, ...] = ("datasets",)) -
                 importlib.import_module(name)
             except Exception:  # noqa: BLE001 - reported by the stage that needs it
                 break
-        gc.collect()  # what is garbage now is not frozen
-        gc.freeze()
-        frozen.set()
+        if freeze:
+            gc.collect()  # what is garbage now is not frozen
+            gc.freeze()
+            frozen.set()
+        if folder is not None:
+            data_stage.build_ahead(data)
 
     thread = threading.Thread(target=prepare, name="loraflow-ready-beside", daemon=True)
     thread.start()
     try:
-        yield thread
+        yield Beside(thread, str(folder) if folder else None)
     finally:
         thread.join(timeout=60)
         if frozen.is_set():
             gc.unfreeze()
+        if folder is not None:
+            data_stage.drop_ahead(data)
 
 
 def export_stage(cfg: PipelineConfig, stages: Stages) -> Handle:

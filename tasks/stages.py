@@ -115,19 +115,22 @@ def _preflight_key(_ctx: Any, parameters: dict[str, Any]) -> str | None:
 
 @task(name="preflight", cache_policy=CacheKeyFnPolicy(cache_key_fn=_preflight_key), persist_result=True,
       result_serializer="json")
-def preflight_task(cfg: PipelineConfig, key: store.StageKey | None, train_key: str | None = None) -> list[str]:
+def preflight_task(cfg: PipelineConfig, key: store.StageKey | None, train_key: str | None = None,
+                   data_ahead: str | None = None) -> list[str]:
     """The checks `loraflow validate` makes, before any stage: fail in seconds, publish the report as an
     artifact. It reads the data, the tokenizer and the model's config, never weights; a pass is cached under
     everything it read (`store.preflight_key`), a failure is not. In the training process started early for
-    `train_key` when there is one (`launch.ask`: this process imports no torch before training), else here."""
+    `train_key` when there is one (`launch.ask`: this process imports no torch before training), else here.
+    `data_ahead`: where the flow builds the splits meanwhile (`data.reserve_ahead`), read if ready in time."""
     from prefect.artifacts import create_markdown_artifact
 
     from loraflow.stages.preflight import Report, run_checks
     from loraflow.stages.launch import ask
 
     checked_as = f"the config of flow run {flow_run_name()}"
-    asked = ask(train_key, "preflight", {"cfg": cfg.model_dump(mode="json"), "checked_as": checked_as})
-    report = Report(**asked) if asked is not None else run_checks(cfg, checked_as=checked_as)
+    asked = ask(train_key, "preflight", {"cfg": cfg.model_dump(mode="json"), "checked_as": checked_as,
+                                         "data_ahead": data_ahead})
+    report = Report(**asked) if asked is not None else run_checks(cfg, checked_as=checked_as, data_ahead=data_ahead)
     create_markdown_artifact(report.markdown(), key="pre-flight", description=f"Pre-flight checks: {report.summary()}")
     logger = get_run_logger()
     for level, text in report.lines:

@@ -365,3 +365,26 @@ def test_the_preflight_hands_its_tokenizer_to_the_stages_after_it(tmp_path, tiny
     tokenizer_loads.clear()
     take_tokenizer(model)
     assert tokenizer_loads == []
+
+
+def test_the_pre_flight_reads_the_splits_the_flow_built_ahead_for_its_data_config_and_no_others(tmp_path, tiny_llama_dir):
+    from loraflow.config import load_config
+    from loraflow.stages import data
+    from loraflow.stages.preflight import run_checks
+
+    source = write_examples(tmp_path / "toy.jsonl")
+    cfg = load_config(write_config(tmp_path, tiny_llama_dir, source))
+    folder = data.reserve_ahead(cfg.data)
+    try:
+        data.build_ahead(cfg.data)
+        shutil.copy(source, tmp_path / "copy.jsonl")
+        with source.open("a") as f:  # the file changed after the build: what the checks read tells which they used
+            f.writelines((tmp_path / "copy.jsonl").read_text().splitlines(keepends=True)[:16])
+        lines = lambda report: [text for _, text in report.lines if text.startswith("data:")]  # noqa: E731
+        assert lines(run_checks(cfg, "test", data_ahead=str(folder)))[0].startswith("data: 78 train / 8 validation")
+        assert not lines(run_checks(cfg, "test"))[0].startswith("data: 78 train / 8 validation")
+        other = cfg.model_copy(update={"data": cfg.data.model_copy(update={"seed": cfg.data.seed + 1})})
+        assert not lines(run_checks(other, "test", data_ahead=str(folder)))[0].startswith("data: 78 train / 8 valid")
+    finally:
+        data.drop_ahead(cfg.data)
+    assert not folder.exists()

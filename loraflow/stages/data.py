@@ -26,6 +26,9 @@ import json
 import logging
 import re
 import shutil
+import tempfile
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -352,17 +355,105 @@ def build_splits(cfg: DataConfig, cache_dir: str | Path | None = None) -> tuple[
     return out, dropped, origin
 
 
+# Splits built ahead (`reserve_ahead`, `build_ahead`), by the data config as JSON: the result (or error) to come,
+# and the folder it is built in.
+_AHEAD: dict[str, tuple[Future, Path]] = {}
+_AHEAD_LOCK = threading.Lock()
+_AHEAD_FILE = "ahead.json"  # written last: {config, dropped, origin} beside `dataset/`, once the splits are saved
+
+
+def reserve_ahead(cfg: DataConfig) -> Path | None:
+    """A private folder outside the workspace (`tempfile.mkdtemp`) that `build_ahead` will build `cfg`'s splits in,
+    for a local source (a file, a folder, aclsum); None for a hub source (the pre-flight downloads it) or when one
+    is reserved already. The training process's pre-flight reads them there (`splits_ahead`), and the data stage's
+    `run` of an equal config in this process saves them instead of building them again."""
+    if not (cfg.source == "aclsum" or is_local(cfg.source)):
+        return None
+    key = cfg.model_dump_json()
+    with _AHEAD_LOCK:
+        if key in _AHEAD:
+            return None
+        folder = Path(tempfile.mkdtemp(prefix="loraflow-data-ahead-"))
+        _AHEAD[key] = (Future(), folder)
+    return folder
+
+
+def build_ahead(cfg: DataConfig) -> None:
+    """Build the splits of a config `reserve_ahead` reserved a folder for, and save them there for the pre-flight.
+    The flow calls it on an idle core while the training process imports torch; like the pre-flight, it writes
+    nothing to the workspace. An error is not raised here: `run` builds again and raises it as the stage's."""
+    with _AHEAD_LOCK:
+        entry = _AHEAD.get(cfg.model_dump_json())
+    if entry is None or not entry[0].set_running_or_notify_cancel():
+        return
+    future, folder = entry
+    try:
+        splits, dropped, origin = build_splits(cfg, folder / "scratch")
+        splits.save_to_disk(str(folder / "dataset"))
+        done = folder / f"{_AHEAD_FILE}.partial"
+        write_json(done, {"config": cfg.model_dump_json(), "dropped": dropped, "origin": origin})
+        done.replace(folder / _AHEAD_FILE)
+        future.set_result((splits, dropped, origin))
+    except BaseException as err:  # noqa: BLE001 - `run` builds again and raises it as the stage's error
+        future.set_exception(err)
+
+
+def splits_ahead(cfg: DataConfig, folder: str | Path | None) -> tuple[Any, int, dict[str, str]] | None:
+    """`build_splits`' answer for `cfg` where `build_ahead` has finished it in `folder` (another process's), else
+    None: the caller builds them itself, never waits."""
+    import datasets
+
+    if folder is None or not (Path(folder) / _AHEAD_FILE).is_file():
+        return None
+    done = json.loads((Path(folder) / _AHEAD_FILE).read_text())
+    if done["config"] != cfg.model_dump_json():
+        return None
+    return datasets.load_from_disk(str(Path(folder) / "dataset")), done["dropped"], done["origin"]
+
+
+def drop_ahead(cfg: DataConfig) -> None:
+    """Forget splits built ahead that no `run` took (a cache hit, a failed pre-flight), and remove their folder."""
+    with _AHEAD_LOCK:
+        entry = _AHEAD.pop(cfg.model_dump_json(), None)
+    if entry is not None:
+        entry[0].cancel()
+        shutil.rmtree(entry[1], ignore_errors=True)
+
+
+def _take_ahead(cfg: DataConfig) -> tuple[tuple[Any, int, dict[str, str]], Path] | None:
+    """What `build_ahead` built for `cfg` (waiting for it to finish), and its folder; None when nothing is built
+    ahead, or its build failed or never began."""
+    with _AHEAD_LOCK:
+        entry = _AHEAD.pop(cfg.model_dump_json(), None)
+    if entry is None:
+        return None
+    future, folder = entry
+    try:
+        if future.cancel():  # reserved, never built (no thread to build it): build here
+            raise LookupError
+        return future.result(), folder
+    except BaseException:  # noqa: BLE001 - built again by the caller, which raises the error as the stage's
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
 def run(cfg: DataConfig, out: Path) -> dict[str, Any]:
-    """Load, map, validate and split the source into `out/dataset`; returns the summary (`info.json`)."""
-    scratch = out / "scratch"
-    splits, dropped, origin = build_splits(cfg, scratch)
+    """Load, map, validate and split the source into `out/dataset`; returns the summary (`info.json`). Splits
+    `build_ahead` built for this config are saved as they are, not built again."""
+    ahead = _take_ahead(cfg)
+    if ahead is None:
+        scratch = out / "scratch"
+        splits, dropped, origin = build_splits(cfg, scratch)
+    else:
+        (splits, dropped, origin), scratch = ahead
+        log.info("data: the splits built while the pre-flight ran")
     if dropped:
         log.warning("data: dropped %d rows with an empty input or target", dropped)
     info = {"n_train": len(splits["train"]), "n_validation": len(splits["validation"]),
             "n_test": len(splits["test"]), "source": cfg.source, "dropped": dropped, "format": cfg.format}
     splits.save_to_disk(str(out / "dataset"))
     write_json(out / "splits.json", origin)
-    del splits  # memory-maps files in scratch/
+    del splits, ahead  # memory-map files in scratch/
     shutil.rmtree(scratch, ignore_errors=True)  # parsed copies of local files: not part of the artifact
     log.info("data: %d train / %d validation / %d test rows", info["n_train"], info["n_validation"], info["n_test"])
     return info

@@ -81,15 +81,17 @@ def histogram(values: list[int], bins: int = 8, width: int = 30) -> list[str]:
             for b in range((hi - lo) // step + 1)]
 
 
-def run_checks(cfg: PipelineConfig, checked_as: str, sample: int = SAMPLE_ROWS, probe: bool = False) -> Report:
+def run_checks(cfg: PipelineConfig, checked_as: str, sample: int = SAMPLE_ROWS, probe: bool = False,
+               data_ahead: str | None = None) -> Report:
     """Every check that needs no weights (and, with `probe`, one real training step); stops early where a later
-    check has nothing to read. `cfg` as given by `loraflow validate`, or the run's, already resolved."""
+    check has nothing to read. `cfg` as given by `loraflow validate`, or the run's, already resolved. `data_ahead`:
+    the folder the flow builds the splits in while this runs (`data.reserve_ahead`): read when they are ready."""
     from loraflow.hardware import resolve
 
     cfg = resolve(cfg)
     report = Report(checked_as)
     with tempfile.TemporaryDirectory(prefix="loraflow-preflight-") as scratch:
-        splits = _data(cfg, report, scratch)
+        splits = _data(cfg, report, scratch, data_ahead)
         model = _model(cfg, report)
         if splits is None or model is None:
             return report
@@ -109,11 +111,11 @@ def run_checks(cfg: PipelineConfig, checked_as: str, sample: int = SAMPLE_ROWS, 
     return report
 
 
-def _data(cfg: PipelineConfig, report: Report, scratch: str):
-    from loraflow.stages.data import DataError, build_splits
+def _data(cfg: PipelineConfig, report: Report, scratch: str, ahead: str | None = None):
+    from loraflow.stages.data import DataError, build_splits, splits_ahead
 
     try:
-        splits, dropped, origin = build_splits(cfg.data, scratch)
+        splits, dropped, origin = splits_ahead(cfg.data, ahead) or build_splits(cfg.data, scratch)
     except DataError as err:
         report.add(ERROR, str(err))
         return None
@@ -288,14 +290,13 @@ def _chat_consistency(report: Report, pairs: list[tuple[str, str]], tokenizer) -
     """The conversation with its answer must begin with the prompt rendered for generation, as text and as tokens:
     a template that rewrites history (drops a system prompt, strips reasoning) trains on another prompt, and a
     token merged across the boundary makes generation start from other ids than training saw."""
-    text_diff = token_diff = 0
-    for before, full in pairs:
-        if not full.startswith(before):
-            text_diff += 1
-            continue
-        ids = tokenizer(before, add_special_tokens=False)["input_ids"]
-        if tokenizer(full, add_special_tokens=False)["input_ids"][:len(ids)] != ids:
-            token_diff += 1
+    same_text = [(before, full) for before, full in pairs if full.startswith(before)]
+    text_diff = len(pairs) - len(same_text)
+    token_diff = 0
+    if same_text:  # two batched calls (Rust, for fast tokenizers), not two per row
+        befores = tokenizer([b for b, _ in same_text], add_special_tokens=False)["input_ids"]
+        fulls = tokenizer([f for _, f in same_text], add_special_tokens=False)["input_ids"]
+        token_diff = sum(full[:len(ids)] != ids for ids, full in zip(befores, fulls))
     n = len(pairs)
     if text_diff:
         report.add(WARNING, f"prompt: for {text_diff} of {n} rows the chat template renders the conversation before "

@@ -221,6 +221,31 @@ def _stats(prompt_lens: list[int], target_lens: list[int], truncated: int, dropp
     }
 
 
+class _Lengths:
+    """Per row, as `encode` returns a batch: prompt and target (label) tokens, whether the input was cut, and whether
+    the row fits. For training rows the prompt is the one trained on, fitted around the row's own target; for the
+    others it is the generation prompt, one budget for every row."""
+
+    def __init__(self, train: bool) -> None:
+        self.train = train
+        self.prompt: list[int] = []
+        self.target: list[int] = []
+        self.truncated: list[bool] = []
+        self.fits: list[bool] = []
+
+    def note(self, enc: dict[str, list]) -> dict[str, list]:
+        target = [sum(1 for x in lab if x != IGNORE_INDEX) for lab in enc["labels"]]
+        self.target += target
+        if self.train:
+            self.prompt += [len(lab) - n for lab, n in zip(enc["labels"], target)]
+            fits, self.truncated = enc["input_ids"], self.truncated + list(enc["truncated"])
+        else:
+            self.prompt += [len(p) for p in enc["prompt_ids"]]
+            fits, self.truncated = enc["prompt_ids"], self.truncated + list(enc["prompt_truncated"])
+        self.fits += [bool(ids) and bool(full) for ids, full in zip(fits, enc["input_ids"])]
+        return enc
+
+
 def _run(data: Handle, prompt: PromptConfig, tokenizer_dir: Path, out: Path) -> dict[str, dict[str, Any]]:
     tokenizer = take_tokenizer(tokenizer_dir)
     try:
@@ -246,19 +271,18 @@ def _encode_splits(data: Handle, prompt: PromptConfig, tokenizer, out: Path) -> 
             raise ValueError(f"the data stage's {name} split is empty: check data.max_{name}_samples and the source")
         # keep_in_memory: never write cache files into the data stage's folder. new_fingerprint: skip
         # datasets' hashing of the closure, which pickles the whole tokenizer (seconds per call).
+        # Each row's lengths are taken from the batch as it is encoded: reading the columns back out of Arrow
+        # afterwards costs as much again as the encoding on the way to the first step.
+        facts = _Lengths(train=name == "train")
         started = time.perf_counter()
-        enc = ds.map(lambda rows: encode(rows, prompt, tokenizer, prefix), batched=True, batch_size=1000,
+        enc = ds.map(lambda rows: facts.note(encode(rows, prompt, tokenizer, prefix)), batched=True, batch_size=1000,
                      keep_in_memory=True, new_fingerprint=f"{uuid.uuid4().hex}-{name}", desc=f"tokenize {name}")
         seconds = time.perf_counter() - started
-        labels = enc["labels"]
-        target_lens = [sum(1 for x in lab if x != IGNORE_INDEX) for lab in labels]
-        if name == "train":  # the prompt trained on, fitted around each row's own target
-            prompt_lens = [len(lab) - n for lab, n in zip(labels, target_lens)]
-            fits, truncated = enc["input_ids"], list(enc["truncated"])
-        else:  # the generation prompt, one budget for every row
-            prompt_lens = [len(p) for p in enc["prompt_ids"]]
-            fits, truncated = enc["prompt_ids"], list(enc["prompt_truncated"])
-        kept = [i for i, ids in enumerate(fits) if ids and enc["input_ids"][i]]
+        if len(facts.fits) != len(ds):  # datasets called the function on more (or fewer) rows than the split has
+            raise RuntimeError(f"tokenize: {len(facts.fits)} rows encoded for the {len(ds)} of {name}; this is a bug, "
+                               "please report it with your datasets version")
+        prompt_lens, target_lens, truncated = facts.prompt, facts.target, facts.truncated
+        kept = [i for i, fits in enumerate(facts.fits) if fits]
         if not kept:
             raise PromptError(_nothing_fits(ds[0], prompt, tokenizer, prefix, name, len(ds)) if encode is encode_batch
                               else f"tokenize: none of the {len(ds)} {name} conversations fits prompt.max_length="

@@ -189,7 +189,8 @@ def _preflight(request: dict) -> dict:
     from loraflow.config import PipelineConfig
     from loraflow.stages.preflight import run_checks
 
-    return asdict(run_checks(PipelineConfig.model_validate(request["cfg"]), request["checked_as"]))
+    return asdict(run_checks(PipelineConfig.model_validate(request["cfg"]), request["checked_as"],
+                             data_ahead=request.get("data_ahead")))
 
 
 def _tokenize(request: dict) -> dict:
