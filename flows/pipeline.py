@@ -18,7 +18,7 @@ from loraflow.config import DataConfig, PipelineConfig, build_config, check_run_
 from loraflow.hardware import resolve, why_dtype
 from loraflow.ops import tracking
 from loraflow.stages.launch import early_start, start_model_build
-from loraflow.store.artifacts import Handle, ensure_writable, is_complete
+from loraflow.store.artifacts import Handle, ensure_writable
 from loraflow.store.remote import check_writable, is_url
 from tasks.stages import (data_task, evaluate_task, export_task, for_run, model_task, preflight_task, tokenize_task,
                           train_task, workspace)
@@ -132,7 +132,8 @@ def run_stages(cfg: PipelineConfig) -> Stages:
     # training that need torch run in it (pre-flight, tokenize, model), so this process imports torch only after
     # training. It writes nothing before the pre-flight passes, and a failed pre-flight ends it. `early`: its train
     # key, or None (no process, or another run of this config in this process started it and asks it).
-    data_ahead = cfg.data if keys and _misses(cfg, keys["data"]) else None
+    data_ahead = cfg.data if keys and store.will_build(workspace(cfg.run), "data", keys["data"].key,
+                                                       cfg.run.refreshes("data")) else None
     with early_start(cfg, workspace(cfg.run), keys["train"].key if keys else None) as early, \
             _ready_beside(early, data_ahead) as beside:  # errors fail the run here:
         preflight_task.with_options(result_storage=storage)(cfg, preflight, early, beside.data_folder)
@@ -145,11 +146,6 @@ def run_stages(cfg: PipelineConfig) -> Stages:
         trained = stage(train_task, cfg, storage, cfg, tokenized, model, keys["train"], early)
     scores = stage(evaluate_task, cfg, storage, cfg, tokenized, model, trained, keys["evaluate"])
     return Stages(data, tokenized, model, trained, scores, storage)
-
-
-def _misses(cfg: PipelineConfig, key: store.StageKey) -> bool:
-    """Whether this run builds the stage of `key` (refreshed, or no complete folder for it in the workspace)."""
-    return cfg.run.refreshes(key.stage) or not is_complete(store.folder(workspace(cfg.run), key.stage, key.key))
 
 
 @dataclass

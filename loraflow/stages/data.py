@@ -428,13 +428,13 @@ def _take_ahead(cfg: DataConfig) -> tuple[tuple[Any, int, dict[str, str]], Path]
     if entry is None:
         return None
     future, folder = entry
-    try:
-        if future.cancel():  # reserved, never built (no thread to build it): build here
-            raise LookupError
-        return future.result(), folder
-    except BaseException:  # noqa: BLE001 - built again by the caller, which raises the error as the stage's
-        shutil.rmtree(folder, ignore_errors=True)
-        return None
+    if not future.cancel():  # cancelled: reserved, never begun (no thread built it): the caller builds
+        try:
+            return future.result(), folder
+        except Exception:  # noqa: BLE001 - built again by the caller, which raises the error as the stage's
+            pass
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
 
 
 def run(cfg: DataConfig, out: Path) -> dict[str, Any]:

@@ -201,11 +201,10 @@ def _spawn_waiting(cfg: PipelineConfig) -> subprocess.Popen:
 
 
 def _will_run(cfg: PipelineConfig, output_dir: str | Path, stage: str, key: str) -> bool:
-    """Whether stage `stage` (key `key`) will compute: a refresh is asked for, or its folder is not complete."""
+    """Whether stage `stage` (key `key`) will compute (`store.will_build`, with this run's refresh)."""
     from loraflow import store
-    from loraflow.store.artifacts import is_complete
 
-    return cfg.run.refreshes(stage) or not is_complete(store.folder(output_dir, stage, key))
+    return store.will_build(output_dir, stage, key, cfg.run.refreshes(stage))
 
 
 def _early_key(cfg: PipelineConfig, output_dir: str | Path, train_key: str) -> str | None:

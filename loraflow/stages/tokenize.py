@@ -238,10 +238,11 @@ class _Lengths:
         self.target += target
         if self.train:
             self.prompt += [len(lab) - n for lab, n in zip(enc["labels"], target)]
-            fits, self.truncated = enc["input_ids"], self.truncated + list(enc["truncated"])
+            fits, truncated = enc["input_ids"], enc["truncated"]
         else:
             self.prompt += [len(p) for p in enc["prompt_ids"]]
-            fits, self.truncated = enc["prompt_ids"], self.truncated + list(enc["prompt_truncated"])
+            fits, truncated = enc["prompt_ids"], enc["prompt_truncated"]
+        self.truncated += truncated
         self.fits += [bool(ids) and bool(full) for ids, full in zip(fits, enc["input_ids"])]
         return enc
 

@@ -203,6 +203,11 @@ def remember(output_dir: str | Path, sk: StageKey) -> None:
               {"stage": sk.stage, "key": sk.key, "parts": sk.parts, "created": time.time(), "made_by": _made_by()})
 
 
+def will_build(output_dir: str | Path, stage: str, key: str, refresh: bool) -> bool:
+    """Whether `build` computes the stage of `key`: a refresh is asked for, or its folder is not complete."""
+    return refresh or not is_complete(folder(output_dir, stage, key))
+
+
 def build(output_dir: str | Path, sk: StageKey, refresh: bool, run: Callable[[Path], dict[str, Any]],
           info_file: str = INFO) -> Handle:
     """The one hit/miss protocol of a stage's folder, and the stage's handle: a complete folder for `sk` is reused
@@ -211,7 +216,7 @@ def build(output_dir: str | Path, sk: StageKey, refresh: bool, run: Callable[[Pa
     (`artifacts.atomic_dir`: a crash leaves nothing half-written) and `sk` is recorded. The stage never sees its
     key or the final folder."""
     final = folder(output_dir, sk.stage, sk.key)
-    if not refresh and is_complete(final):
+    if not will_build(output_dir, sk.stage, sk.key, refresh):
         logging.getLogger("loraflow").info("%s: reusing %s", sk.stage, final)
         touch(output_dir, sk.stage, sk.key)
     else:

@@ -348,9 +348,9 @@ def longest_batch_estimate(cfg: PipelineConfig, base_dir: str, stats_file: Path,
 def finished_train(cfg: PipelineConfig, output_dir: str | Path, key: str) -> Handle | None:
     """The train stage's handle when its folder (train key `key`) is complete and no refresh is asked for (marked
     as used), else None: the one check both the training process and its launcher make."""
-    final = store.folder(output_dir, "train", key)
-    if cfg.run.refreshes("train") or not is_complete(final):
+    if store.will_build(output_dir, "train", key, cfg.run.refreshes("train")):
         return None
+    final = store.folder(output_dir, "train", key)
     if rank() == 0:
         store.touch(output_dir, "train", key)
     return Handle(stage="train", path=str(final), fingerprint=key,
